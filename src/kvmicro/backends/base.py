@@ -1,0 +1,133 @@
+"""The backend contract: what every implementation of the ops provides, and nothing more.
+
+A :class:`Backend` says whether it can run here (and why not), what device it is on, which cases it
+supports, and prepares a case: it uploads the host arrays once, validates, picks its kernel, and
+returns a :class:`Prepared` whose ``run()`` only dispatches. The harness times ``Prepared`` objects
+through ``run``/``sync`` (host and batched timers) or through the backend's own device clocks
+(``device_times``/``graph_times``), and never imports a framework.
+
+Backends never compute statistics and never compare against the oracle themselves.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import Unsupported
+from ..workload import Case
+
+#: every timer kind a record may name (docs/methodology.md says what one sample of each is)
+TIMERS: tuple[str, ...] = ("host", "batched", "device", "graph")
+
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    reason: str = ""  # why not, when not available; a short note (versions) otherwise
+
+    def __bool__(self) -> bool:
+        return self.available
+
+
+@dataclass
+class DeviceInfo:
+    """What a backend knows of its device; goes into the run's provenance."""
+
+    name: str                      # "NVIDIA H100 80GB HBM3", "AMD EPYC 7B13 (2 threads)"
+    kind: str                      # "cpu", "cuda", "mps", "metal", "gpu"
+    cache_bytes: int = 0           # last-level cache the cold policy must defeat (L2 / SLC / L3)
+    memory_bytes: int = 0          # device memory (0 if unknown or shared with the host)
+    extra: dict[str, Any] = field(default_factory=dict)  # versions, SM count, clocks, flags
+
+
+class Prepared(ABC):
+    """One case, uploaded and planned on a device. ``run()`` dispatches one op and returns without
+    waiting; nothing on the timed path allocates, validates or converts."""
+
+    #: the timers this prepared case can take samples with (a subset of TIMERS)
+    timers: tuple[str, ...] = ("host", "batched")
+    #: independent input sets uploaded (for cache rotation); ``select`` picks the current one
+    copies: int = 1
+
+    def __init__(self, case: Case) -> None:
+        self.case = case
+
+    @abstractmethod
+    def run(self) -> None:
+        """Dispatch the op once on the current copy; do not wait for it."""
+
+    @abstractmethod
+    def sync(self) -> None:
+        """Wait until every dispatched op has completed."""
+
+    @abstractmethod
+    def output(self) -> Any:
+        """The result of the last run as numpy carrier arrays, by the oracle's conventions:
+        attention -> [B, Hq, q_len, D]; gather -> (k_dense, v_dense); append -> (k_pool, v_pool)."""
+
+    def select(self, copy: int) -> None:
+        """Make input set ``copy`` (0 <= copy < copies) current."""
+        if not 0 <= copy < self.copies:
+            raise IndexError(f"copy {copy} outside [0, {self.copies})")
+
+    def flush_cache(self, nbytes: int) -> None:
+        """Evict the working set from the last-level cache by writing ``nbytes`` of scratch on the
+        device. Devices with their own memory override this; the default writes host memory."""
+        scratch = getattr(self, "_flush_scratch", None)
+        if scratch is None or scratch.nbytes < nbytes:
+            scratch = np.empty(max(nbytes, 1), dtype=np.uint8)
+            self._flush_scratch = scratch
+        scratch[:nbytes] += 1
+
+    def device_times(self, reps: int, flush_bytes: int = 0) -> list[float]:
+        """``reps`` samples of one op each, in µs, between device-side timestamps; before each,
+        flush ``flush_bytes`` of cache outside the timed window. Only where ``device`` in timers."""
+        raise Unsupported(f"{self.case.backend} has no device timer")
+
+    def graph_times(self, reps: int, k: int) -> list[float]:
+        """``reps`` samples of the per-op time of ``k`` ops captured once and replayed (cycling
+        through the copies), in µs. Only where ``graph`` in timers."""
+        raise Unsupported(f"{self.case.backend} has no graph timer")
+
+    def release(self) -> None:
+        """Free device buffers now rather than at garbage collection."""
+
+
+class Backend(ABC):
+    """An implementation of the ops on one device. Instances are cheap; frameworks are imported
+    lazily, so that ``availability()`` can say why an import failed."""
+
+    #: "torch:cpu", "native:cuda", ...
+    name: str = ""
+    ops: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = ("float16", "bfloat16", "float32")
+
+    @abstractmethod
+    def availability(self) -> Availability:
+        """Whether this backend can run here; when not, the reason."""
+
+    @abstractmethod
+    def device_info(self) -> DeviceInfo:
+        ...
+
+    def supports(self, case: Case) -> None:
+        """Raise :class:`Unsupported` naming the reason unless this backend can run ``case``."""
+        if case.op not in self.ops:
+            raise Unsupported(f"{self.name} does not implement {case.op}")
+        if case.dtype not in self.dtypes:
+            raise Unsupported(f"{self.name} does not support dtype {case.dtype}")
+        if case.q_len != 1:
+            raise Unsupported(f"{self.name} implements decode only (q_len 1, got {case.q_len})")
+
+    @abstractmethod
+    def prepare(self, case: Case, arrays: dict[str, np.ndarray], copies: int = 1) -> Prepared:
+        """Upload ``arrays`` (``copies`` independent sets), validate and plan; the result's
+        ``run()`` is ready to be timed."""
+
+    def versions(self) -> dict[str, str]:
+        """Framework and library versions for provenance."""
+        return {}

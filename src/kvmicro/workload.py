@@ -1,0 +1,365 @@
+"""What to measure: shapes, pool layouts, block placements, cases, and the host arrays of a case.
+
+Everything here is pure numpy and deterministic for a seed. ``materialize(case)`` is the only source
+of input data for backends and for the oracle, so every backend sees exactly the same numbers.
+
+The pool's *logical* axes are N (physical block), S (slot in the block), H (kv head), D (head dim).
+A :class:`Layout` is the order in which those axes are stored, outermost first: ``NSHD`` stores
+``pool[n, s, h, d]``, ``HNSD`` stores ``pool[h, n, s, d]``. ``csrc/common/layout.h`` mirrors it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from itertools import permutations
+from typing import Any
+
+import numpy as np
+
+from .dtypes import DTYPES, ITEMSIZE, check_dtype, to_carrier
+from .errors import InvalidCase
+
+OPS: tuple[str, ...] = ("sdpa_contiguous", "gather", "gather_sdpa", "paged_sdpa", "append")
+ATTENTION_OPS: tuple[str, ...] = ("sdpa_contiguous", "gather_sdpa", "paged_sdpa")
+AXES = "NSHD"
+PRESET_LAYOUTS: tuple[str, ...] = ("NSHD", "HNSD", "NHSD")
+ALL_LAYOUTS: tuple[str, ...] = tuple("".join(p) for p in permutations(AXES))
+PLACEMENTS: tuple[str, ...] = ("contiguous", "reverse", "random", "fragmented")
+DEFAULT_SLACK = 2.0
+
+
+# ----------------------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A pool's axis order: a permutation of the letters N, S, H, D, outermost first."""
+
+    order: str
+
+    def __post_init__(self) -> None:
+        order = self.order
+        if not isinstance(order, str) or len(order) != 4 or sorted(order) != sorted(AXES):
+            bad = [c for c in str(order) if c not in AXES]
+            repeated = sorted({c for c in str(order) if str(order).count(c) > 1})
+            detail = []
+            if bad:
+                detail.append(f"unknown letters {''.join(bad)!r}")
+            if repeated:
+                detail.append(f"repeated letters {''.join(repeated)!r}")
+            if len(str(order)) != 4:
+                detail.append(f"{len(str(order))} letters instead of 4")
+            raise InvalidCase(
+                f"layout {order!r} is not a permutation of N, S, H, D"
+                + (f" ({'; '.join(detail)})" if detail else "")
+                + f"; presets: {', '.join(PRESET_LAYOUTS)}"
+            )
+
+    @classmethod
+    def parse(cls, value: str | Layout) -> Layout:
+        return value if isinstance(value, Layout) else cls(str(value).upper())
+
+    def __str__(self) -> str:
+        return self.order
+
+    @property
+    def is_preset(self) -> bool:
+        return self.order in PRESET_LAYOUTS
+
+    @property
+    def d_innermost(self) -> bool:
+        return self.order[-1] == "D"
+
+    def physical_shape(self, num_blocks: int, block_size: int, kv_heads: int,
+                       head_dim: int) -> tuple[int, ...]:
+        sizes = {"N": num_blocks, "S": block_size, "H": kv_heads, "D": head_dim}
+        return tuple(sizes[a] for a in self.order)
+
+    def strides(self, num_blocks: int, block_size: int, kv_heads: int,
+                head_dim: int) -> dict[str, int]:
+        """Element stride of each logical axis (N, S, H, D) in a contiguous pool of this layout."""
+        sizes = {"N": num_blocks, "S": block_size, "H": kv_heads, "D": head_dim}
+        strides: dict[str, int] = {}
+        step = 1
+        for axis in reversed(self.order):
+            strides[axis] = step
+            step *= sizes[axis]
+        return {a: strides[a] for a in AXES}
+
+    def elem_offset(self, strides: dict[str, int], n: int, s: int, h: int, d: int) -> int:
+        return n * strides["N"] + s * strides["S"] + h * strides["H"] + d * strides["D"]
+
+    def from_logical(self, pool_nshd: np.ndarray) -> np.ndarray:
+        """A logical ``[N, S, H, D]`` array stored in this layout (C-contiguous copy)."""
+        return np.ascontiguousarray(np.transpose(pool_nshd, [AXES.index(a) for a in self.order]))
+
+    def to_logical(self, pool: np.ndarray) -> np.ndarray:
+        """A pool in this layout viewed as logical ``[N, S, H, D]`` (a view, no copy)."""
+        return np.transpose(pool, [self.order.index(a) for a in AXES])
+
+
+# -------------------------------------------------------------------------------------- placement
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+def place_blocks(placement: str, blocks_per_seq: list[int], slack: float,
+                 rng: np.random.Generator) -> tuple[int, list[list[int]]]:
+    """Physical block ids for every sequence's logical blocks.
+
+    Returns ``(num_blocks, ids)``: the pool size ``max(needed, ceil(needed * slack))`` and, per
+    sequence, its physical block ids in logical order. Ids are distinct across the whole batch.
+    """
+    if placement not in PLACEMENTS:
+        raise InvalidCase(f"unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)}")
+    if not slack >= 1.0:
+        raise InvalidCase(f"slack {slack!r} must be >= 1.0 (pool size over blocks needed)")
+    needed = sum(blocks_per_seq)
+    num_blocks = max(needed, math.ceil(needed * slack))
+    if placement == "contiguous":
+        flat = list(range(needed))
+    elif placement == "reverse":
+        flat = list(range(num_blocks - 1, num_blocks - 1 - needed, -1))
+    elif placement == "random":
+        flat = [int(i) for i in rng.permutation(num_blocks)[:needed]]
+    else:
+        return num_blocks, _fragmented(blocks_per_seq, num_blocks, rng)
+    ids, start = [], 0
+    for n in blocks_per_seq:
+        ids.append(flat[start:start + n])
+        start += n
+    return num_blocks, ids
+
+
+def _fragmented(blocks_per_seq: list[int], num_blocks: int,
+                rng: np.random.Generator) -> list[list[int]]:
+    """A LIFO free-list allocator with churn: filler sequences grow and finish while the measured
+    sequences grow one block at a time, interleaved, as in a running engine. What filler frees
+    leaves holes that later allocations reuse in a scattered order."""
+    free = list(range(num_blocks - 1, -1, -1))  # pop() hands out the lowest id first
+    fillers: list[list[int]] = []
+    ids: list[list[int]] = [[] for _ in blocks_per_seq]
+    spare = num_blocks - sum(blocks_per_seq)
+    pending = [(b, i) for i in range(max(blocks_per_seq, default=0))
+               for b, n in enumerate(blocks_per_seq) if i < n]
+    for b, _ in pending:
+        # churn: sometimes start filler work, sometimes finish some (its blocks return to the list)
+        if spare > 0 and rng.random() < 0.5:
+            grab = int(rng.integers(1, max(2, min(spare, 8)) + 1))
+            grab = min(grab, spare, len(free))
+            fillers.append([free.pop() for _ in range(grab)])
+            spare -= grab
+        if fillers and rng.random() < 0.4:
+            done = fillers.pop(int(rng.integers(len(fillers))))
+            order = rng.permutation(len(done))
+            free.extend(done[i] for i in order)
+            spare += len(done)
+        ids[b].append(free.pop())
+    return ids
+
+
+# ------------------------------------------------------------------------------------------- case
+
+
+def _ctx_tuple(ctx: Any, batch: int) -> tuple[int, ...]:
+    if isinstance(ctx, (int, np.integer)):
+        values = (int(ctx),) * batch
+    else:
+        values = tuple(int(c) for c in ctx)
+        if len(values) != batch:
+            raise InvalidCase(f"ctx has {len(values)} entries {list(values)} but batch is {batch}")
+    for c in values:
+        if c <= 0:
+            raise InvalidCase(f"ctx {c} must be a positive number of tokens")
+    return values
+
+
+@dataclass(frozen=True)
+class Case:
+    """One point to compute: an op on a backend for a shape, layout, placement and dtype.
+
+    ``ctx`` is an int (every sequence) or one int per sequence (ragged). ``scale`` defaults to
+    ``1/sqrt(head_dim)``. Validation happens here, once; an invalid case raises :class:`InvalidCase`
+    naming the bad value.
+    """
+
+    op: str = "paged_sdpa"
+    backend: str = "native:cpu"
+    batch: int = 1
+    q_heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    ctx: int | tuple[int, ...] = 1024
+    block_size: int = 16
+    layout: str = "NSHD"
+    placement: str = "contiguous"
+    slack: float = DEFAULT_SLACK
+    dtype: str = "float16"
+    q_len: int = 1
+    scale: float | None = None
+    seed: int = 0
+    ctx_list: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise InvalidCase(f"unknown op {self.op!r}; expected one of {', '.join(OPS)}")
+        for name in ("batch", "q_heads", "kv_heads", "head_dim", "block_size", "q_len"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+                raise InvalidCase(f"{name} {value!r} must be a positive integer")
+        if self.q_heads % self.kv_heads:
+            raise InvalidCase(f"q_heads {self.q_heads} is not a multiple of kv_heads {self.kv_heads}")
+        check_dtype(self.dtype)
+        layout = Layout.parse(self.layout)
+        object.__setattr__(self, "layout", layout.order)
+        if self.placement not in PLACEMENTS:
+            raise InvalidCase(
+                f"unknown placement {self.placement!r}; expected one of {', '.join(PLACEMENTS)}")
+        if not float(self.slack) >= 1.0:
+            raise InvalidCase(f"slack {self.slack!r} must be >= 1.0 (pool size over blocks needed)")
+        ctx = _ctx_tuple(self.ctx, self.batch)
+        if not isinstance(self.ctx, (int, np.integer)):
+            object.__setattr__(self, "ctx", ctx)
+        object.__setattr__(self, "ctx_list", ctx)
+        if self.q_len > min(ctx):
+            raise InvalidCase(f"q_len {self.q_len} exceeds the shortest ctx {min(ctx)}")
+        if self.scale is not None and not math.isfinite(self.scale):
+            raise InvalidCase(f"scale {self.scale!r} must be finite")
+
+    # derived quantities ----------------------------------------------------------------------
+    @property
+    def group(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def ragged(self) -> bool:
+        return len(set(self.ctx_list)) > 1
+
+    @property
+    def stored_tokens(self) -> tuple[int, ...]:
+        """Tokens each sequence's blocks must hold: ctx, plus the slot an append writes."""
+        extra = 1 if self.op == "append" else 0
+        return tuple(c + extra for c in self.ctx_list)
+
+    @property
+    def blocks_per_seq(self) -> tuple[int, ...]:
+        return tuple(blocks_for(t, self.block_size) for t in self.stored_tokens)
+
+    @property
+    def max_blocks(self) -> int:
+        return max(self.blocks_per_seq)
+
+    @property
+    def ctx_pad(self) -> tuple[int, ...]:
+        return tuple(blocks_for(c, self.block_size) * self.block_size for c in self.ctx_list)
+
+    @property
+    def max_ctx_pad(self) -> int:
+        return self.max_blocks * self.block_size
+
+    @property
+    def frag_pct(self) -> float:
+        """Internal fragmentation: padded slots over allocated slots, in percent."""
+        pad = sum(self.ctx_pad)
+        return 100.0 * (pad - sum(self.ctx_list)) / pad
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.dtype]
+
+    def with_(self, **changes: Any) -> Case:
+        return replace(self, **changes)
+
+    def flat(self) -> dict[str, Any]:
+        """The case as flat JSON-ready fields (for records and pytest extra_info)."""
+        return {
+            "backend": self.backend, "op": self.op, "batch": self.batch,
+            "q_heads": self.q_heads, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+            "ctx": self.ctx if isinstance(self.ctx, int) else list(self.ctx_list),
+            "q_len": self.q_len, "block_size": self.block_size, "layout": self.layout,
+            "placement": self.placement, "slack": float(self.slack), "dtype": self.dtype,
+            "scale": self.softmax_scale, "seed": self.seed, "frag_pct": round(self.frag_pct, 3),
+        }
+
+    @classmethod
+    def from_flat(cls, fields: dict[str, Any]) -> Case:
+        ctx = fields["ctx"]
+        return cls(
+            op=fields["op"], backend=fields["backend"], batch=int(fields["batch"]),
+            q_heads=int(fields["q_heads"]), kv_heads=int(fields["kv_heads"]),
+            head_dim=int(fields["head_dim"]), ctx=ctx if isinstance(ctx, int) else tuple(ctx),
+            block_size=int(fields["block_size"]), layout=fields["layout"],
+            placement=fields["placement"], slack=float(fields.get("slack", DEFAULT_SLACK)),
+            dtype=fields["dtype"], q_len=int(fields.get("q_len", 1)),
+            seed=int(fields.get("seed", 0)),
+        )
+
+
+# ------------------------------------------------------------------------------------ materialize
+
+
+ARRAY_KEYS: tuple[str, ...] = ("q", "k_pool", "v_pool", "block_table", "ctx", "k_dense",
+                               "v_dense", "k_new", "v_new")
+
+
+def materialize(case: Case, seed: int | None = None) -> dict[str, np.ndarray]:
+    """Host arrays for ``case``, deterministic for ``seed`` (default ``case.seed``).
+
+    Keys: ``q`` [B, Hq, q_len, D]; ``k_pool``/``v_pool`` in the case's layout; ``block_table``
+    int32 [B, max_blocks] padded with -1; ``ctx`` int32 [B]; ``k_dense``/``v_dense``
+    [B, Hkv, max_ctx_pad, D] (what gather produces: whole blocks, zeros past a sequence's last
+    block); ``k_new``/``v_new`` [B, Hkv, D] (what append writes). Values are standard normal,
+    rounded to the dtype (bfloat16 in its float32 carrier); every pool slot, used or not, is
+    filled, so a wrong block id changes the answer.
+    """
+    rng = np.random.default_rng(case.seed if seed is None else seed)
+    B, Hq, Hkv, D, bs = case.batch, case.q_heads, case.kv_heads, case.head_dim, case.block_size
+    num_blocks, ids = place_blocks(case.placement, list(case.blocks_per_seq), float(case.slack), rng)
+    table = np.full((B, case.max_blocks), -1, dtype=np.int32)
+    for b, row in enumerate(ids):
+        table[b, :len(row)] = row
+
+    def normal(*shape: int) -> np.ndarray:
+        return to_carrier(rng.standard_normal(shape, dtype=np.float32), case.dtype)
+
+    q = normal(B, Hq, case.q_len, D)
+    k_logical = normal(num_blocks, bs, Hkv, D)
+    v_logical = normal(num_blocks, bs, Hkv, D)
+    layout = Layout(case.layout)
+    k_dense = np.zeros((B, Hkv, case.max_ctx_pad, D), dtype=k_logical.dtype)
+    v_dense = np.zeros_like(k_dense)
+    for b, row in enumerate(ids):
+        # [n_blocks, S, H, D] -> [H, n_blocks * S, D]
+        span = len(row) * bs
+        k_dense[b, :, :span] = k_logical[row].reshape(span, Hkv, D).transpose(1, 0, 2)
+        v_dense[b, :, :span] = v_logical[row].reshape(span, Hkv, D).transpose(1, 0, 2)
+    return {
+        "q": q,
+        "k_pool": layout.from_logical(k_logical),
+        "v_pool": layout.from_logical(v_logical),
+        "block_table": table,
+        "ctx": np.asarray(case.ctx_list, dtype=np.int32),
+        "k_dense": k_dense,
+        "v_dense": v_dense,
+        "k_new": normal(B, Hkv, D),
+        "v_new": normal(B, Hkv, D),
+    }
+
+
+def pool_bytes(case: Case) -> int:
+    """Bytes of one K pool plus one V pool on a device."""
+    num_blocks = max(sum(case.blocks_per_seq), math.ceil(sum(case.blocks_per_seq) * case.slack))
+    return 2 * num_blocks * case.block_size * case.kv_heads * case.head_dim * case.itemsize
+
+
+__all__ = [
+    "ALL_LAYOUTS", "ARRAY_KEYS", "ATTENTION_OPS", "AXES", "Case", "DTYPES", "Layout", "OPS",
+    "PLACEMENTS", "PRESET_LAYOUTS", "blocks_for", "materialize", "place_blocks", "pool_bytes",
+]
