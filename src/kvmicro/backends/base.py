@@ -131,3 +131,28 @@ class Backend(ABC):
     def versions(self) -> dict[str, str]:
         """Framework and library versions for provenance."""
         return {}
+
+    def bandwidth(self) -> dict[str, float]:
+        """The device's measured memory ceilings in decimal GB/s: ``read_gbps`` (a large reduction)
+        and ``copy_gbps`` (a large copy, bytes read plus bytes written). Measured once per run; the
+        default measures host memory with numpy, which is right for CPU backends."""
+        return host_bandwidth()
+
+
+def host_bandwidth(nbytes: int = 256 * 1024 * 1024, reps: int = 5) -> dict[str, float]:
+    """Host memory read and copy bandwidth, best of ``reps``, over buffers far larger than any L3."""
+    import time
+
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    read, copy = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        src.sum(dtype=np.float32)
+        t1 = time.perf_counter()
+        np.copyto(dst, src)
+        t2 = time.perf_counter()
+        read.append(nbytes / (t1 - t0) / 1e9)
+        copy.append(2 * nbytes / (t2 - t1) / 1e9)
+    return {"read_gbps": max(read), "copy_gbps": max(copy), "method": "numpy sum / copyto, "
+            f"{nbytes / 1e6:.0f} MB, best of {reps}"}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Build kvmicro._native in place for development: the extension lands in src/kvmicro/, so
+# `PYTHONPATH=src python -m pytest` sees every source edit at once. Usage:
+#   scripts/dev-build.sh [BUILD_DIR] [extra cmake args...]   (KVMICRO_CUDA=OFF to skip CUDA)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+build=${1:-$root/build/dev}
+shift || true
+pybind11_dir=$(python3 -c 'import pybind11; print(pybind11.get_cmake_dir())')
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -Dpybind11_DIR="$pybind11_dir" -DPython_EXECUTABLE="$(command -v python3)" \
+  -DKVMICRO_CUDA="${KVMICRO_CUDA:-AUTO}" "$@" >/dev/null
+cmake --build "$build" -j "$(nproc)"
+cp "$build"/_native*.so "$root/src/kvmicro/"
