@@ -1,0 +1,536 @@
+"""Reports over result files: Compare-style tables (text or Markdown), CSV, and plots.
+
+Reads records only (``results.read_results``: kvmicro JSONL and pytest-benchmark JSON alike) and
+never measures. One table per backend, shape (heads, head_dim, placement, slack), dtype, timer and
+cache policy; rows are ctx, batch, block and frag%; columns are op x layout. A cell is the median in
+µs (the unit is stated once, under the table), marked ``(! 12%)`` when the sample spread is above
+``NOISY_PCT`` and ``?`` when the stopping rule did not converge; ``*`` marks the fastest layout of
+an op in its row. ``ovh%`` is the overhead against ``sdpa_contiguous`` of the same shape.
+Skipped and error records are listed after the tables with their reasons.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidCase
+from .workload import PRESET_LAYOUTS
+
+#: a cell whose spread% is above this is marked ``(! XX%)`` (the record's ``noisy`` flag uses the
+#: same threshold, results.SPREAD_FLAG_PCT)
+NOISY_PCT = 10.0
+#: derived figures a column may name, besides every statistic
+DERIVED_FIELDS: tuple[str, ...] = ("bytes", "gbps", "pct_of_peak", "overhead_pct")
+DEFAULT_COLUMNS: tuple[str, ...] = ("median_us", "overhead_pct")
+#: ops whose overhead against sdpa_contiguous means something
+OVERHEAD_OPS: tuple[str, ...] = ("gather_sdpa", "paged_sdpa")
+OP_ORDER: tuple[str, ...] = ("sdpa_contiguous", "gather", "gather_sdpa", "paged_sdpa", "append")
+
+_LABELS = {"median_us": "µs", "overhead_pct": "ovh%", "gbps": "GB/s", "pct_of_peak": "%peak",
+           "bytes": "bytes", "spread_pct": "spread%", "n": "n", "outliers": "outliers"}
+#: the case fields every CSV row starts with, in this order
+CASE_FIELDS: tuple[str, ...] = ("backend", "device", "op", "layout", "placement", "slack", "batch",
+                                "q_heads", "kv_heads", "head_dim", "ctx", "q_len", "block_size",
+                                "dtype", "frag_pct", "seed")
+
+
+def stat_fields() -> tuple[str, ...]:
+    from .harness.stats import Stats
+
+    return tuple(Stats.FIELDS)
+
+
+def valid_columns() -> tuple[str, ...]:
+    return (*stat_fields(), *DERIVED_FIELDS)
+
+
+def parse_columns(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``--columns``: a comma-separated list of statistics and derived figures; an unknown name
+    raises InvalidCase listing the valid ones."""
+    if text is None:
+        return DEFAULT_COLUMNS
+    items = [c.strip() for c in (text.split(",") if isinstance(text, str) else text) if c.strip()]
+    valid = valid_columns()
+    for item in items:
+        if item not in valid:
+            raise InvalidCase(f"--columns: unknown column {item!r}; expected some of "
+                              f"{', '.join(valid)}")
+    if not items:
+        raise InvalidCase(f"--columns: empty list; expected some of {', '.join(valid)}")
+    return tuple(dict.fromkeys(items))
+
+
+# ------------------------------------------------------------------------------ record access
+
+
+def load(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run headers and case records of every file, in order."""
+    from .results import read_results
+
+    runs: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+    for path in paths:
+        r, c = read_results(path)
+        runs.extend(r)
+        records.extend(c)
+    return runs, records
+
+
+def timer_of(rec: dict[str, Any]) -> str:
+    timer = rec.get("timer", "")
+    return timer.get("name", "") if isinstance(timer, dict) else str(timer or "")
+
+
+def cache_of(rec: dict[str, Any]) -> str:
+    cache = rec.get("cache", "")
+    return cache.get("name", "") if isinstance(cache, dict) else str(cache or "")
+
+
+def stat(rec: dict[str, Any], name: str) -> Any:
+    stats = rec.get("stats") or {}
+    return stats.get(name)
+
+
+def derived(rec: dict[str, Any], name: str) -> Any:
+    return (rec.get("derived") or {}).get(name)
+
+
+def converged(rec: dict[str, Any]) -> bool | None:
+    value = stat(rec, "converged")
+    if value is None:
+        crit = rec.get("criterion")
+        value = crit.get("converged") if isinstance(crit, dict) else None
+    return value
+
+
+def is_noisy(rec: dict[str, Any]) -> bool:
+    """The record's ``noisy`` flag; for records without flags, its spread against NOISY_PCT."""
+    flags = rec.get("flags")
+    if isinstance(flags, list):
+        return "noisy" in flags
+    spread = stat(rec, "spread_pct")
+    return spread is not None and spread > NOISY_PCT
+
+
+def ctx_label(ctx: Any) -> str:
+    return "+".join(str(c) for c in ctx) if isinstance(ctx, (list, tuple)) else str(ctx)
+
+
+def _ctx_sort(ctx: Any) -> tuple[int, ...]:
+    return (sum(ctx), len(ctx)) if isinstance(ctx, (list, tuple)) else (int(ctx), 1)
+
+
+def shape_key(rec: dict[str, Any]) -> tuple[Any, ...]:
+    """What ``sdpa_contiguous`` of the same shape shares with an op (see sweep.shape_key), plus
+    the timer and cache policy: overheads compare like with like."""
+    ctx = rec.get("ctx")
+    return (rec.get("backend"), rec.get("batch"), rec.get("q_heads"), rec.get("kv_heads"),
+            rec.get("head_dim"), tuple(ctx) if isinstance(ctx, list) else ctx,
+            rec.get("block_size"), rec.get("dtype"), rec.get("slack"), rec.get("q_len", 1),
+            rec.get("seed", 0), timer_of(rec), cache_of(rec))
+
+
+def overhead(rec: dict[str, Any], contiguous: dict[tuple[Any, ...], float]) -> float | None:
+    """The record's overhead% against sdpa_contiguous: as recorded, else computed from the
+    sdpa_contiguous record of the same shape among those loaded (merged shards, benches)."""
+    if rec.get("op") not in OVERHEAD_OPS:
+        return None
+    value = derived(rec, "overhead_pct")
+    if value is not None:
+        return float(value)
+    base = contiguous.get(shape_key(rec))
+    median = stat(rec, "median_us")
+    if base and median is not None:
+        return 100.0 * (float(median) / base - 1.0)
+    return None
+
+
+def contiguous_medians(records: Iterable[dict[str, Any]]) -> dict[tuple[Any, ...], float]:
+    out: dict[tuple[Any, ...], float] = {}
+    for rec in records:
+        if rec.get("status") == "ok" and rec.get("op") == "sdpa_contiguous":
+            median = stat(rec, "median_us")
+            if median:
+                out[shape_key(rec)] = float(median)
+    return out
+
+
+def value(rec: dict[str, Any], column: str, contiguous: dict[tuple[Any, ...], float]) -> Any:
+    if column == "overhead_pct":
+        return overhead(rec, contiguous)
+    if column in DERIVED_FIELDS:
+        return derived(rec, column)
+    return stat(rec, column)
+
+
+# ------------------------------------------------------------------------------------- tables
+
+
+def fmt_number(x: Any) -> str:
+    """About four significant figures, no exponent for the magnitudes timings have."""
+    if x is None:
+        return ""
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return str(x)
+    x = float(x)
+    if not math.isfinite(x):
+        return str(x)
+    a = abs(x)
+    if a >= 1000:
+        return f"{x:.0f}"
+    if a >= 100:
+        return f"{x:.1f}"
+    if a >= 10:
+        return f"{x:.2f}"
+    if a >= 0.01 or a == 0:
+        return f"{x:.3f}"
+    return f"{x:.2e}"
+
+
+def table_key(rec: dict[str, Any]) -> tuple[Any, ...]:
+    return (rec.get("backend"), rec.get("q_heads"), rec.get("kv_heads"), rec.get("head_dim"),
+            rec.get("q_len", 1), rec.get("placement"), rec.get("slack"), rec.get("dtype"),
+            timer_of(rec), cache_of(rec))
+
+
+def table_title(key: tuple[Any, ...], device: str = "") -> str:
+    backend, hq, hkv, d, q_len, placement, slack, dtype, timer, cache = key
+    parts = [str(backend) + (f" ({device})" if device else ""), f"Hq {hq} Hkv {hkv} D {d}"]
+    if q_len != 1:
+        parts.append(f"q_len {q_len}")
+    parts += [str(dtype), f"{placement} placement, slack {float(slack or 0):g}",
+              f"timer {timer}", f"cache {cache}"]
+    return " · ".join(parts)
+
+
+class Table:
+    """One Compare-style table: header cells and rows of strings, plus notes."""
+
+    def __init__(self, title: str, header: list[tuple[str, str, str]], rows: list[list[str]],
+                 notes: list[str]) -> None:
+        # header cells: (first line, second line, full name for one-line formats)
+        self.title, self.header, self.rows, self.notes = title, header, rows, notes
+
+    def text(self) -> str:
+        top = [h[0] for h in self.header]
+        sub = [h[1] for h in self.header]
+        widths = [max(len(t), len(s), *(len(r[i]) for r in self.rows))
+                  for i, (t, s) in enumerate(zip(top, sub, strict=True))]
+        total = sum(widths) + 2 * (len(widths) - 1)
+        title = f" {self.title} "
+        pad = max(total - len(title), 4)
+        lines = ["[" + "-" * (pad // 2) + title + "-" * (pad - pad // 2) + "]"]
+
+        def line(cells: list[str], left: int) -> str:
+            out = [c.rjust(w) if i >= left else c.ljust(w)
+                   for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+            return "  ".join(out).rstrip()
+
+        lines.append(line(top, 0))
+        lines.append(line(sub, 0))
+        lines.append("-" * total)
+        lines += [line(r, 0) for r in self.rows]
+        lines += self.notes
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        names = [h[2] for h in self.header]
+        lines = [f"#### {self.title}", "", "| " + " | ".join(names) + " |",
+                 "|" + "|".join("---:" for _ in names) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in self.rows]
+        if self.notes:
+            lines += [""] + [f"_{n.strip()}_" for n in self.notes]
+        return "\n".join(lines)
+
+
+def build_tables(records: Sequence[dict[str, Any]],
+                 columns: Sequence[str] = DEFAULT_COLUMNS) -> list[Table]:
+    """The Compare-style tables of the ``ok`` records (see the module docstring)."""
+    ok = [r for r in records if r.get("status") == "ok" and stat(r, "median_us") is not None]
+    contiguous = contiguous_medians(ok)
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for rec in ok:
+        groups[table_key(rec)].append(rec)
+    tables = []
+    for key in sorted(groups, key=lambda k: tuple(str(x) for x in k)):
+        tables.append(_table(key, groups[key], columns, contiguous))
+    return tables
+
+
+def _layout_order(layout: str) -> tuple[int, str]:
+    """Preset layouts in their documented order (NSHD, HNSD, NHSD), then the others."""
+    return (PRESET_LAYOUTS.index(layout) if layout in PRESET_LAYOUTS else len(PRESET_LAYOUTS),
+            layout)
+
+
+def _table(key: tuple[Any, ...], recs: list[dict[str, Any]], columns: Sequence[str],
+           contiguous: dict[tuple[Any, ...], float]) -> Table:
+    ops_layouts: dict[str, list[str]] = defaultdict(list)
+    for rec in recs:
+        op, layout = rec.get("op", "?"), rec.get("layout", "?")
+        if layout not in ops_layouts[op]:
+            ops_layouts[op].append(layout)
+    ops = sorted(ops_layouts, key=lambda o: (OP_ORDER.index(o) if o in OP_ORDER else 99, o))
+    header: list[tuple[str, str, str]] = [(n, "", n) for n in ("ctx", "batch", "block", "frag%")]
+    cols: list[tuple[str, str, str]] = []   # (op, layout, column)
+    for op in ops:
+        layouts = sorted(ops_layouts[op], key=_layout_order)
+        for layout in layouts:
+            first = True
+            for column in columns:
+                if column == "overhead_pct" and op not in OVERHEAD_OPS:
+                    continue
+                label = _LABELS.get(column, column)
+                shown_layout = "" if (op == "sdpa_contiguous" and len(layouts) == 1) else layout
+                sub = f"{shown_layout} {label}".strip()
+                header.append((op if first else "", sub, f"{op} {sub}"))
+                cols.append((op, layout, column))
+                first = False
+    cells: dict[tuple[Any, ...], dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
+    for rec in recs:
+        ctx = rec.get("ctx")
+        row = (_ctx_sort(ctx), ctx_label(ctx), rec.get("batch"), rec.get("block_size"),
+               rec.get("frag_pct"))
+        cells[row][(rec.get("op"), rec.get("layout"))] = rec
+    noisy = unconverged = 0
+    rows = []
+    for row in sorted(cells, key=lambda r: (r[0], r[2] or 0, r[3] or 0)):
+        by_cell = cells[row]
+        best: dict[str, str] = {}
+        for op in ops:
+            medians = {lay: stat(rec, "median_us") for (o, lay), rec in by_cell.items()
+                       if o == op}
+            if len(medians) > 1:
+                best[op] = min(medians, key=lambda lay: medians[lay])
+        out = [row[1], str(row[2]), str(row[3]), fmt_number(row[4])]
+        for op, layout, column in cols:
+            rec = by_cell.get((op, layout))
+            if rec is None:
+                out.append("")
+                continue
+            text = fmt_number(value(rec, column, contiguous))
+            if column == "median_us":
+                if best.get(op) == layout:
+                    text += " *"
+                spread = stat(rec, "spread_pct")
+                if is_noisy(rec):
+                    text += f" (! {spread:.0f}%)"
+                    noisy += 1
+                if converged(rec) is False:
+                    text += " ?"
+                    unconverged += 1
+            out.append(text)
+        rows.append(out)
+    device = next((r.get("device") for r in recs if r.get("device")), "")
+    notes = ["  times in µs (median of the samples); * fastest layout of the op in its row"]
+    if any(c == "overhead_pct" for _, _, c in cols):
+        notes.append("  ovh% = median over sdpa_contiguous of the same shape, minus 1, in %")
+    if noisy:
+        notes.append(f"  (! XX%) = spread above {NOISY_PCT:.0f}% ({noisy} cells): read with care")
+    if unconverged:
+        notes.append(f"  ? = the stopping rule did not converge ({unconverged} cells)")
+    return Table(table_title(key, device), header, rows, notes)
+
+
+def problems(records: Sequence[dict[str, Any]]) -> list[tuple[str, str, str, int, list[str]]]:
+    """Skipped and error records grouped by (status, backend, reason): with a count and the ops."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for rec in records:
+        status = rec.get("status")
+        if status != "ok":
+            groups[(str(status), str(rec.get("backend")), str(rec.get("reason", "")))].append(rec)
+    out = []
+    for (status, backend, reason), recs in sorted(groups.items()):
+        ops = sorted({str(r.get("op")) for r in recs})
+        out.append((status, backend, reason, len(recs), ops))
+    return out
+
+
+def render_problems(records: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    rows = problems(records)
+    if not rows:
+        return ""
+    lines = ["#### Skipped and failed cases" if markdown else "Skipped and failed cases:"]
+    if markdown:
+        lines += ["", "| status | backend | count | ops | reason |", "|---|---|---:|---|---|"]
+        lines += [f"| {s} | {b} | {n} | {', '.join(ops)} | {r.replace('|', '/')} |"
+                  for s, b, r, n, ops in rows]
+    else:
+        lines += [f"  {s:<7} {b:<16} x{n:<4} {','.join(ops)}: {r}" for s, b, r, n, ops in rows]
+    return "\n".join(lines)
+
+
+def render(records: Sequence[dict[str, Any]], fmt: str = "table",
+           columns: Sequence[str] = DEFAULT_COLUMNS) -> str:
+    """The whole report in ``fmt`` (``table``, ``markdown`` or ``csv``)."""
+    if fmt == "csv":
+        return render_csv(records, None if columns == DEFAULT_COLUMNS else columns)
+    if fmt not in ("table", "markdown"):
+        raise InvalidCase(f"--format: unknown format {fmt!r}; expected one of table, markdown, csv")
+    tables = build_tables(records, columns)
+    parts = [t.markdown() if fmt == "markdown" else t.text() for t in tables]
+    if not tables:
+        parts.append("no ok records to tabulate")
+    extra = render_problems(records, markdown=fmt == "markdown")
+    if extra:
+        parts.append(extra)
+    return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------- csv
+
+
+def csv_columns(records: Sequence[dict[str, Any]],
+                columns: Sequence[str] | None = None) -> list[str]:
+    stats = list(columns) if columns else [*stat_fields(), *DERIVED_FIELDS]
+    stats = [c for c in stats if c in stat_fields() or c in DERIVED_FIELDS]
+    head = [*CASE_FIELDS, "timer", "cache", "cache_bytes", "cache_pools", "status", "reason"]
+    tail = ["converged", "criterion", "check_max_abs_err", "check_tolerance", "check_passed"]
+    return head + stats + tail
+
+
+def csv_row(rec: dict[str, Any], names: Sequence[str],
+            contiguous: dict[tuple[Any, ...], float]) -> dict[str, Any]:
+    cache = rec.get("cache")
+    cache = cache if isinstance(cache, dict) else {}
+    check = rec.get("check") or {}
+    crit = rec.get("criterion")
+    out: dict[str, Any] = {}
+    for name in names:
+        if name == "ctx":
+            out[name] = ctx_label(rec.get("ctx"))
+        elif name in CASE_FIELDS or name in ("status", "reason"):
+            out[name] = rec.get(name, "")
+        elif name == "timer":
+            out[name] = timer_of(rec)
+        elif name == "cache":
+            out[name] = cache_of(rec)
+        elif name in ("cache_bytes", "cache_pools"):
+            value_ = rec.get(name)
+            out[name] = value_ if value_ is not None else cache.get(name.split("_", 1)[1], "")
+        elif name == "converged":
+            c = converged(rec)
+            out[name] = "" if c is None else c
+        elif name == "criterion":
+            out[name] = crit.get("name", "") if isinstance(crit, dict) else (crit or "")
+        elif name.startswith("check_"):
+            out[name] = check.get(name[len("check_"):], "")
+        else:
+            v = value(rec, name, contiguous)
+            out[name] = "" if v is None else v
+    return out
+
+
+def render_csv(records: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """Every record (ok, skipped and error) as one CSV row with all fields but the raw samples."""
+    names = csv_columns(records, columns)
+    contiguous = contiguous_medians(records)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    for rec in records:
+        writer.writerow(csv_row(rec, names, contiguous))
+    return buf.getvalue()
+
+
+# -------------------------------------------------------------------------------------- plots
+
+
+def plot(records: Sequence[dict[str, Any]], path: str | Path, max_rows: int = 8) -> list[Path]:
+    """Latency vs ctx (median with its 95% CI as error bars) per op and layout, and overhead% vs
+    ctx, one row of two panels per table and (batch, block). More than ``max_rows`` rows spill
+    into ``NAME-2.png``, ``NAME-3.png``... Returns the files written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise InvalidCase("--plot needs matplotlib, which is not installed "
+                          "(pip install 'kvmicro[plot]')") from exc
+    ok = [r for r in records if r.get("status") == "ok" and stat(r, "median_us") is not None]
+    contiguous = contiguous_medians(ok)
+    panels: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for rec in ok:
+        panels[(*table_key(rec), rec.get("batch"), rec.get("block_size"))].append(rec)
+    if not panels:
+        raise InvalidCase("--plot: no ok records to plot")
+    keys = sorted(panels, key=lambda k: tuple(str(x) for x in k))
+    path = Path(path)
+    written = []
+    for page, first in enumerate(range(0, len(keys), max_rows)):
+        chunk = keys[first:first + max_rows]
+        fig, axes = plt.subplots(len(chunk), 2, figsize=(13, 3.6 * len(chunk)), squeeze=False)
+        for (lat_ax, ovh_ax), key in zip(axes, chunk, strict=True):
+            _plot_panel(lat_ax, ovh_ax, key, panels[key], contiguous)
+        fig.tight_layout()
+        target = path if page == 0 else path.with_name(f"{path.stem}-{page + 1}{path.suffix}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(target, dpi=110)
+        plt.close(fig)
+        written.append(target)
+    return written
+
+
+def _plot_panel(lat_ax: Any, ovh_ax: Any, key: tuple[Any, ...], recs: list[dict[str, Any]],
+                contiguous: dict[tuple[Any, ...], float]) -> None:
+    lines: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for rec in recs:
+        if isinstance(rec.get("ctx"), (int, float)):   # ragged contexts have no x position
+            lines[(rec.get("op", "?"), rec.get("layout", "?"))].append(rec)
+    for (op, layout), pts in sorted(lines.items()):
+        pts.sort(key=lambda r: r["ctx"])
+        x = [r["ctx"] for r in pts]
+        y = [stat(r, "median_us") for r in pts]
+        lo = [max(0.0, m - (stat(r, "ci95_lo_us") or m)) for r, m in zip(pts, y, strict=True)]
+        hi = [max(0.0, (stat(r, "ci95_hi_us") or m) - m) for r, m in zip(pts, y, strict=True)]
+        label = op if op == "sdpa_contiguous" else f"{op} {layout}"
+        lat_ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        ovh = [(r["ctx"], overhead(r, contiguous)) for r in pts]
+        ovh = [(c, v) for c, v in ovh if v is not None]
+        if ovh:
+            ovh_ax.plot([c for c, _ in ovh], [v for _, v in ovh], marker="o", label=label)
+    title = f"{table_title(key[:-2])}\nbatch {key[-2]}, block {key[-1]}"
+    ctxs = sorted({r["ctx"] for pts in lines.values() for r in pts})
+    lat_ax.set(xscale="log", yscale="log", xlabel="ctx (tokens)", ylabel="median µs (95% CI)",
+               title=title)
+    lat_ax.title.set_fontsize(8)
+    lat_ax.grid(True, which="both", alpha=0.3)
+    lat_ax.legend(fontsize=7)
+    ovh_ax.set(xscale="log", xlabel="ctx (tokens)", ylabel="overhead vs sdpa_contiguous (%)",
+               title="overhead%")
+    ovh_ax.axhline(0.0, color="gray", linewidth=0.8)
+    for ax in (lat_ax, ovh_ax):
+        # label the measured contexts themselves, not powers of ten
+        ax.set_xticks(ctxs, [str(c) for c in ctxs])
+        ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
+    ovh_ax.grid(True, which="both", alpha=0.3)
+    if ovh_ax.get_legend_handles_labels()[0]:
+        ovh_ax.legend(fontsize=7)
+
+
+# ------------------------------------------------------------------------------------ summary
+
+
+def summary(records: Sequence[dict[str, Any]]) -> str:
+    """The end-of-sweep summary: counts by status, then the tables and the problems."""
+    counts: dict[str, int] = defaultdict(int)
+    for rec in records:
+        counts[str(rec.get("status"))] += 1
+    head = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no records"
+    return f"{len(records)} records: {head}\n\n" + render(records)
+
+
+__all__ = [
+    "DEFAULT_COLUMNS", "DERIVED_FIELDS", "NOISY_PCT", "Table", "build_tables", "load",
+    "parse_columns", "plot", "problems", "render", "render_csv", "render_problems", "summary",
+    "valid_columns",
+]

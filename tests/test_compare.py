@@ -1,0 +1,111 @@
+"""compare: records matched by key; the verdict is CI-aware (same when the intervals overlap or the
+change is within the threshold or the noise); exit 1 only on a real slowdown or a broken case;
+differing provenance is a warning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvmicro.cli import main
+from kvmicro.compare import compare_files, compare_records, noise_pct, verdict
+from kvmicro.harness.measure import Measurement
+from kvmicro.harness.stats import Stats
+from kvmicro.results import ResultsWriter, case_record
+from kvmicro.workload import Case
+
+
+def rec(median: float, rel_sd: float = 0.002, op: str = "gather", ctx: int = 1024,
+        status: str = "ok", seed: int = 0) -> dict[str, Any]:
+    """A record of 201 samples around ``median`` with relative spread ``rel_sd``."""
+    case = Case(op=op, backend="torch:cpu", ctx=ctx, q_heads=8, kv_heads=2, head_dim=64,
+                dtype="float32", placement="reverse")
+    if status != "ok":
+        return case_record(case, status=status, reason="boom",
+                           extra={"timer": "batched", "cache": "hot"})
+    x = median * (1 + rel_sd * np.random.default_rng(seed).standard_normal(201))
+    samples = [float(v) for v in x - np.median(x) + median]
+    m = Measurement(samples_us=samples, stats=Stats.from_samples(samples), timer="batched",
+                    cache={"name": "hot", "bytes": 0, "pools": 1},
+                    criterion={"name": "ci-median", "params": {}, "converged": True,
+                               "why_not": ""}, k=4, dropped=0, elapsed_s=0.1)
+    return case_record(case, status="ok", measurement=m)
+
+
+def test_identical_distributions_are_the_same() -> None:
+    c = verdict(rec(100.0, seed=1), rec(100.0, seed=2))
+    assert c.verdict == "same" and c.ratio == pytest.approx(1.0)
+
+
+def test_a_clear_slowdown_and_speedup_are_called() -> None:
+    slow = verdict(rec(100.0), rec(150.0))
+    assert slow.verdict == "slower" and slow.ratio == pytest.approx(1.5)
+    assert slow.change_pct == pytest.approx(50.0)
+    fast = verdict(rec(100.0), rec(60.0))
+    assert fast.verdict == "faster" and fast.change_pct == pytest.approx(-40.0)
+
+
+def test_a_small_change_is_the_same_under_the_threshold_and_called_above_it() -> None:
+    base, new = rec(100.0, rel_sd=0.001), rec(103.0, rel_sd=0.001)
+    assert noise_pct(base) < 1 and noise_pct(new) < 1       # tight: the CIs do not overlap
+    assert verdict(base, new, threshold_pct=5.0).verdict == "same"
+    assert verdict(base, new, threshold_pct=1.0).verdict == "slower"
+
+
+def test_overlapping_confidence_intervals_are_the_same_whatever_the_threshold() -> None:
+    base, new = rec(100.0, rel_sd=0.3, seed=3), rec(108.0, rel_sd=0.3, seed=4)
+    c = verdict(base, new, threshold_pct=0.0)
+    assert c.change_pct > c.noise_pct > 5      # beyond each noise, yet the intervals overlap
+    assert c.verdict == "same"
+
+
+def test_ok_to_error_is_broken_and_the_reverse_fixed() -> None:
+    assert verdict(rec(100.0), rec(0, status="error")).verdict == "broken"
+    assert verdict(rec(0, status="skipped"), rec(100.0)).verdict == "fixed"
+
+
+def test_exit_code_and_unmatched_cases() -> None:
+    base = [rec(100.0, ctx=1024), rec(100.0, ctx=2048), rec(100.0, ctx=4096)]
+    same = compare_records([], base, [], [rec(100.5, ctx=1024, seed=5), rec(99.0, ctx=2048)])
+    assert same.exit_code == 0 and same.counts["same"] == 2 and len(same.only_base) == 1
+    worse = compare_records([], base, [], [rec(100.0, ctx=1024), rec(180.0, ctx=4096),
+                                           rec(100.0, ctx=8192)])
+    assert worse.exit_code == 1 and worse.counts["slower"] == 1 and len(worse.only_new) == 1
+
+
+def _write(path: Path, records: list[dict[str, Any]], hostname: str) -> Path:
+    with ResultsWriter(path, {"host": {"hostname": hostname}, "argv": ["t"]}) as w:
+        for r in records:
+            w.write(r)
+    return path
+
+
+def test_compare_command_prints_verdicts_warns_on_provenance_and_sets_the_exit_code(
+        tmp_path: Path, capsys: Any) -> None:
+    base = _write(tmp_path / "base.jsonl", [rec(100.0, ctx=1024), rec(50.0, ctx=2048)], "a")
+    same = _write(tmp_path / "same.jsonl", [rec(100.2, ctx=1024, seed=3),
+                                            rec(50.1, ctx=2048, seed=4)], "a")
+    slower = _write(tmp_path / "slow.jsonl", [rec(100.0, ctx=1024), rec(80.0, ctx=2048)], "b")
+    assert main(["compare", str(base), str(same)]) == 0
+    captured = capsys.readouterr()
+    assert "2 matched cases: same 2" in captured.out and captured.err == ""
+    assert main(["compare", str(base), str(slower), "--threshold", "10"]) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert "SLOWER" in lines[2] and "+60.0%" in lines[2] and "1.600" in lines[2]
+    assert "slower 1, same 1" in captured.out
+    assert "warning: host.hostname: 'a' vs 'b'" in captured.err
+    result = compare_files(base, slower, threshold_pct=70.0)
+    assert result.exit_code == 0
+
+
+def test_compare_command_rejects_bad_input_in_one_line(tmp_path: Path, capsys: Any) -> None:
+    base = _write(tmp_path / "base.jsonl", [rec(100.0)], "a")
+    assert main(["compare", str(base), str(base), "--threshold", "-1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["kvmicro: error: --threshold -1.0 must be >= 0 (percent)"]
+    assert main(["compare", str(base)]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1

@@ -1,0 +1,163 @@
+"""The pytest plugin: --kv-backend/--kv-preset parametrize a bench over the sweep's cases with
+readable ids; each bench is checked against the oracle first (a mismatch fails it, a refusal
+skips it), grouped by shape, and carries the case and the derived figures in extra_info, so that
+`kvmicro report` reads the pytest-benchmark JSON. The plugin is inert for other tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvmicro.cli import main
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+
+FAKE_BACKEND = '''
+import os
+import numpy as np
+from kvmicro import oracle
+from kvmicro.backends.base import Availability, Backend, DeviceInfo, Prepared
+from kvmicro.dtypes import carrier
+
+
+class EchoPrepared(Prepared):
+    def __init__(self, case, arrays, copies):
+        super().__init__(case)
+        self.copies = copies
+        ref = oracle.run(case, arrays)
+        shift = 0.5 if case.op in os.environ.get("KVMICRO_ECHO_WRONG", "").split(",") else 0.0
+        dtype = carrier(case.dtype)
+        self._out = (tuple((r + shift).astype(dtype) for r in ref) if isinstance(ref, tuple)
+                     else (ref + shift).astype(dtype))
+        self._work = np.zeros(16)
+
+    def run(self):
+        self._work += 1.0
+
+    def sync(self):
+        pass
+
+    def output(self):
+        return self._out
+
+
+class EchoBackend(Backend):
+    name = "fake:cpu"
+    ops = ("sdpa_contiguous", "gather", "gather_sdpa", "append")
+
+    def availability(self):
+        return Availability(True)
+
+    def device_info(self):
+        return DeviceInfo("echo", "cpu", cache_bytes=1 << 16, memory_bytes=1 << 28)
+
+    def bandwidth(self):
+        return {"read_gbps": 5.0, "copy_gbps": 10.0}
+
+    def prepare(self, case, arrays, copies=1):
+        return EchoPrepared(case, arrays, copies)
+'''
+
+CONFTEST = '''
+from kvmicro.backends import registry
+
+registry._FACTORIES["fake:cpu"] = ("fakebk", "EchoBackend")
+'''
+
+BENCH = '''
+def test_op(kv_bench, kv_case):
+    kv_bench(kv_case)
+
+
+def test_plain():
+    assert 1 + 1 == 2
+'''
+
+
+def plugin_args() -> list[str]:
+    """``-p kvmicro.pytest_plugin`` unless the installed package's entry point loads it."""
+    autoload = any(ep.value == "kvmicro.pytest_plugin" for ep in entry_points(group="pytest11"))
+    return [] if autoload and not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") else \
+        ["-p", "kvmicro.pytest_plugin"]
+
+
+@pytest.fixture
+def bench_dir(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SRC), str(pytester.path)]))
+    pytester.makepyfile(fakebk=FAKE_BACKEND, conftest=CONFTEST, test_bench=BENCH)
+    return pytester
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(*plugin_args(), "-p", "no:cacheprovider",
+                                         "--kv-backend", "fake:cpu", "--kv-preset", "smoke",
+                                         "--kv-budget", "0.005", *args)
+
+
+def test_benches_are_parametrized_checked_grouped_and_readable_by_report(
+        bench_dir: pytest.Pytester, tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "bench.json"
+    result = run(bench_dir, "-v", f"--benchmark-json={out}")
+    # smoke: sdpa_contiguous once + 4 ops x 2 layouts, fake:cpu refuses paged_sdpa; + test_plain
+    result.assert_outcomes(passed=1 + 3 * 2 + 1, skipped=2)
+    result.stdout.fnmatch_lines([
+        "*test_op?sdpa_contiguous-fake:cpu-NSHD-ctx100-b2-bs16-float32? PASSED*",
+        "*test_op?paged_sdpa-fake:cpu-NSHD-ctx100-b2-bs16-float32? SKIPPED*",
+        "*test_op?gather_sdpa-fake:cpu-HNSD-ctx100-b2-bs16-float32? PASSED*",
+    ])
+    doc = json.loads(out.read_text())
+    benches = doc["benchmarks"]
+    assert len(benches) == 7
+    assert {b["group"] for b in benches} == {"ctx100 b2 bs16 Hq8:Hkv2 D64 float32 reverse slack2"}
+    by_name = {b["extra_info"]["case"]["op"] + "-" + b["extra_info"]["case"]["layout"]: b
+               for b in benches}
+    gs = by_name["gather_sdpa-NSHD"]["extra_info"]
+    assert gs["check"]["passed"] and gs["timer"] == "host" and gs["cache"] == "hot"
+    assert gs["derived"]["bytes"] > 0 and gs["derived"]["overhead_pct"] is not None
+    assert by_name["gather-HNSD"]["stats"]["rounds"] >= 5
+    assert main(["report", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "fake:cpu (echo)" in table and "timer host" in table and "cache hot" in table
+    assert "gather_sdpa" in table and "append" in table
+
+
+def test_a_wrong_answer_fails_the_bench_before_it_is_timed(bench_dir: pytest.Pytester,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVMICRO_ECHO_WRONG", "gather")
+    result = run(bench_dir, "-k", "gather and not sdpa")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*gather on fake:cpu disagrees with the float64 oracle*"])
+
+
+def test_the_plugin_leaves_other_tests_alone(bench_dir: pytest.Pytester) -> None:
+    result = run(bench_dir, "-k", "plain", "--benchmark-disable")
+    result.assert_outcomes(passed=1)
+
+
+def test_an_unknown_backend_is_a_usage_error(bench_dir: pytest.Pytester) -> None:
+    result = bench_dir.runpytest_subprocess(*plugin_args(), "--kv-backend", "cuda")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*kvmicro: --kv-backend: unknown backend 'cuda'*"])
+
+
+def test_the_repository_benches_collect_with_ids_from_the_preset() -> None:
+    pytest.importorskip("torch")
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "benches"), "-q",
+                           "--collect-only", "--kv-backend", "torch:cpu", "--kv-preset",
+                           "smoke", "-p", "no:cacheprovider"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "bench_ops.py::test_op[paged_sdpa-torch:cpu-NSHD-ctx100-b2-bs16-float32]" \
+        in proc.stdout
+    assert "9 tests collected" in proc.stdout
