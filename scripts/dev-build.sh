@@ -11,4 +11,9 @@ cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -Dpybind11_DIR="$pybind11_dir" -DPython_EXECUTABLE="$(command -v python3)" \
   -DKVMICRO_CUDA="${KVMICRO_CUDA:-AUTO}" "$@" >/dev/null
 cmake --build "$build" -j "$(nproc)"
-cp "$build"/_native*.so "$root/src/kvmicro/"
+# Install by rename, never by overwriting: a running process that has the old library mapped would
+# crash if its pages changed under it.
+for so in "$build"/_native*.so; do
+  cp "$so" "$root/src/kvmicro/.$(basename "$so").tmp"
+  mv -f "$root/src/kvmicro/.$(basename "$so").tmp" "$root/src/kvmicro/$(basename "$so")"
+done

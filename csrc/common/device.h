@@ -89,6 +89,8 @@ class PreparedOp {
   virtual std::vector<double> graph_times_us(int reps, int k) = 0;
   // Device timer's throttle guard: samples dropped since prepare (clock below threshold).
   virtual int64_t dropped_samples() const { return 0; }
+  // The kernel chosen at prepare and why (a fallback names its reason), for records and tests.
+  virtual std::string describe() const { return std::string(); }
 };
 
 struct DeviceOptions {

@@ -1,0 +1,318 @@
+"""kvmicro's own kernels, through the compiled extension ``kvmicro._native``.
+
+``native:cpu`` (threaded C++, AVX2/F16C/FMA where the CPU has them), ``native:cuda`` (when the
+extension was built with CUDA and a GPU is visible) and ``native:metal`` (macOS only; never here).
+The extension validates and times inside C++; this module only converts carrier arrays to what
+the extension takes (16-bit dtypes as uint16 bit patterns) and back.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import from_bits16, to_bits16
+from ..errors import InvalidCase, Unsupported
+from ..workload import OPS, Case
+from .base import Availability, Backend, DeviceInfo, Prepared
+
+_ARRAY_ARGS = ("q", "k_pool", "v_pool", "block_table", "ctx", "k_dense", "v_dense", "k_new",
+               "v_new")
+_DATA_ARGS = ("q", "k_pool", "v_pool", "k_dense", "v_dense", "k_new", "v_new")
+# the arrays each op reads; the rest are passed as None so that nothing unused is copied
+_READS: dict[str, tuple[str, ...]] = {
+    "sdpa_contiguous": ("q", "k_pool", "v_pool", "block_table", "ctx", "k_dense", "v_dense"),
+    "gather": ("k_pool", "v_pool", "block_table", "ctx"),
+    "gather_sdpa": ("q", "k_pool", "v_pool", "block_table", "ctx"),
+    "paged_sdpa": ("q", "k_pool", "v_pool", "block_table", "ctx"),
+    "append": ("k_pool", "v_pool", "block_table", "ctx", "k_new", "v_new"),
+}
+
+
+def load_native() -> ModuleType:
+    """Import ``kvmicro._native`` (raises ImportError when the extension is not built)."""
+    from .. import _native  # type: ignore[attr-defined]
+
+    return _native
+
+
+def _import_problem() -> str | None:
+    try:
+        load_native()
+    except ImportError as err:
+        return (f"kvmicro._native is not built or does not load ({err}); build it with "
+                "`pip install .` or scripts/dev-build.sh")
+    return None
+
+
+def to_native(array: np.ndarray, dtype: str, name: str) -> np.ndarray:
+    """A carrier array as the extension takes it: uint16 bits for 16-bit dtypes, float32, int32."""
+    if name not in _DATA_ARGS:
+        array = np.asarray(array)
+        if array.dtype != np.int32 and array.size and (
+                array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
+            raise InvalidCase(f"{name} holds values outside int32 (min {array.min()}, max "
+                              f"{array.max()})")
+        return np.ascontiguousarray(array, dtype=np.int32)
+    if dtype == "float32":
+        return np.ascontiguousarray(array, dtype=np.float32)
+    return to_bits16(array, dtype)
+
+
+def from_native(array: np.ndarray, dtype: str) -> np.ndarray:
+    """An extension result back in the carrier type of ``dtype``."""
+    return array if dtype == "float32" else from_bits16(array, dtype)
+
+
+class NativePrepared(Prepared):
+    """A case prepared by the extension: wraps its ``PreparedOp``."""
+
+    def __init__(self, case: Case, op: Any, timers: tuple[str, ...]) -> None:
+        super().__init__(case)
+        self._op = op
+        self.timers = timers
+        self.copies = op.copies
+
+    @property
+    def kernel(self) -> str:
+        """The kernel the extension chose at prepare, and why."""
+        return str(self._op.kernel)
+
+    def run(self) -> None:
+        self._op.run()
+
+    def sync(self) -> None:
+        self._op.sync()
+
+    def select(self, copy: int) -> None:
+        super().select(copy)
+        self._op.select(copy)
+
+    def output(self) -> Any:
+        results = tuple(from_native(a, self.case.dtype) for a in self._op.output())
+        return results[0] if len(results) == 1 else results
+
+    def flush_cache(self, nbytes: int) -> None:
+        self._op.flush(int(nbytes))
+
+    def device_times(self, reps: int, flush_bytes: int = 0) -> list[float]:
+        return list(self._op.device_times(int(reps), int(flush_bytes)))
+
+    def graph_times(self, reps: int, k: int) -> list[float]:
+        if "graph" not in self.timers:
+            raise Unsupported(f"{self.case.backend} has no graph timer")
+        return list(self._op.graph_times(int(reps), int(k)))
+
+    @property
+    def dropped_samples(self) -> int:
+        return int(self._op.dropped_samples)
+
+    def release(self) -> None:
+        # Dropping the only reference frees the buffers and joins the CPU threads now.
+        self._op = _Released(self.case.backend)
+
+
+class _Released:
+    """Stands in for a released op, so that a late call fails with a clear message."""
+
+    def __init__(self, backend: str) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"{self._backend}: this prepared case was released")
+
+
+class _NativeBackend(Backend):
+    ops = OPS
+    device = "cpu"
+    timers: tuple[str, ...] = ("host", "batched", "device")
+
+    def __init__(self, index: int = 0, threads: int = 0, priority: int = 0) -> None:
+        self.index = index
+        self.threads = threads
+        self.priority = priority
+
+    def versions(self) -> dict[str, str]:
+        if _import_problem():
+            return {}
+        info = load_native().build_info()
+        return {"kvmicro._native": str(info["version"]), "compiler": str(info["compiler"])}
+
+    def prepare(self, case: Case, arrays: dict[str, np.ndarray], copies: int = 1) -> Prepared:
+        availability = self.availability()
+        if not availability:
+            raise Unsupported(f"{self.name} is not available here: {availability.reason}")
+        self.supports(case)
+        reads = _READS[case.op]
+        args = [to_native(arrays[k], case.dtype, k) if k in reads else None for k in _ARRAY_ARGS]
+        op = load_native().prepare(
+            self.device, case.op, case.layout, case.dtype, case.block_size, case.softmax_scale,
+            *args, copies=copies, threads=self.threads, index=self.index, priority=self.priority)
+        return NativePrepared(case, op, self.timers)
+
+
+class NativeCpuBackend(_NativeBackend):
+    """Threaded C++ kernels on the host CPU."""
+
+    name = "native:cpu"
+
+    def availability(self) -> Availability:
+        problem = _import_problem()
+        if problem:
+            return Availability(False, problem)
+        features = load_native().cpu_features()
+        return Availability(True, f"{features['simd']} kernels, {features['threads']} threads")
+
+    def device_info(self) -> DeviceInfo:
+        threads = self.threads or os.cpu_count() or 1
+        extra: dict[str, Any] = {"machine": platform.machine()}
+        if not _import_problem():
+            extra["cpu_features"] = dict(load_native().cpu_features())
+            extra["build"] = dict(load_native().build_info())
+        return DeviceInfo(name=f"{cpu_name()} ({threads} threads)", kind="cpu",
+                          cache_bytes=last_level_cache_bytes(), memory_bytes=0, extra=extra)
+
+
+class NativeCudaBackend(_NativeBackend):
+    """kvmicro's CUDA kernels (built when nvcc was found at build time)."""
+
+    name = "native:cuda"
+    device = "cuda"
+    timers = ("host", "batched", "device", "graph")
+
+    def availability(self) -> Availability:
+        problem = _import_problem()
+        if problem:
+            return Availability(False, problem)
+        native = load_native()
+        if not native.build_info()["cuda"]:
+            return Availability(False, "kvmicro._native was built without CUDA (no nvcc at build "
+                                       "time, or KVMICRO_CUDA=OFF)")
+        count_fn = getattr(native, "cuda_device_count", None)
+        if count_fn is None:
+            return Availability(False, "kvmicro._native has CUDA but no cuda_device_count()")
+        count = int(count_fn())
+        if count == 0:
+            return Availability(False, "no CUDA device is visible (no GPU, or no driver)")
+        if self.index >= count:
+            return Availability(False, f"CUDA device {self.index} requested, {count} visible")
+        return Availability(True, f"{count} CUDA device(s)")
+
+    def device_info(self) -> DeviceInfo:
+        info_fn = None if _import_problem() else getattr(load_native(), "cuda_device_info", None)
+        if info_fn is None or not self.availability():
+            return DeviceInfo(name="unavailable", kind="cuda", extra={"index": self.index})
+        info = dict(info_fn(self.index))
+        name = str(info.pop("name", f"CUDA device {self.index}"))
+        cache = int(info.pop("l2_cache_bytes", info.pop("l2_bytes", 0)) or 0)
+        memory = int(info.pop("total_memory_bytes", info.pop("memory_bytes", 0)) or 0)
+        info["index"] = self.index
+        return DeviceInfo(name=name, kind="cuda", cache_bytes=cache, memory_bytes=memory,
+                          extra=info)
+
+    def bandwidth(self) -> dict[str, Any]:
+        measure = None if _import_problem() else getattr(load_native(), "cuda_bandwidth", None)
+        if measure is None:
+            # The host's numpy figure would be silently wrong for a GPU.
+            raise Unsupported("native:cuda: this kvmicro._native has no cuda_bandwidth()")
+        return dict(measure(self.index))
+
+
+class NativeMetalBackend(Backend):
+    """kvmicro's Metal kernels: Apple GPUs only."""
+
+    name = "native:metal"
+    ops = OPS
+
+    def __init__(self, index: int = 0) -> None:
+        self.index = index
+
+    def availability(self) -> Availability:
+        return Availability(False, "native:metal needs macOS with Metal; this build has none")
+
+    def device_info(self) -> DeviceInfo:
+        return DeviceInfo(name="unavailable", kind="metal")
+
+    def prepare(self, case: Case, arrays: dict[str, np.ndarray], copies: int = 1) -> Prepared:
+        raise Unsupported(self.availability().reason)
+
+
+# ---- host facts -----------------------------------------------------------------------------
+
+
+def _sysctl(key: str) -> str:
+    """A macOS sysctl value, or "" (elsewhere, or when it is not there)."""
+    if sys.platform != "darwin":
+        return ""
+    try:
+        done = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5,
+                              check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, sysctl on macOS, else what platform knows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return (_sysctl("machdep.cpu.brand_string") or platform.processor() or platform.machine()
+            or "unknown CPU")
+
+
+def _parse_size(text: str) -> int:
+    text = text.strip().upper()
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest (last-level) data or unified cache of CPU 0; 0 if unknown."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = sorted(os.listdir(base))
+    except OSError:
+        entries = []
+    for entry in entries:
+        if not entry.startswith("index"):
+            continue
+        try:
+            with open(f"{base}/{entry}/type", encoding="utf-8") as f:
+                if f.read().strip() == "Instruction":
+                    continue
+            with open(f"{base}/{entry}/size", encoding="utf-8") as f:
+                best = max(best, _parse_size(f.read()))
+        except (OSError, ValueError):
+            continue
+    if best:
+        return best
+    for key in ("hw.l3cachesize", "hw.l2cachesize"):
+        value = _sysctl(key)
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+        try:
+            value = os.sysconf(name)
+        except (ValueError, OSError, AttributeError):
+            continue
+        if value and value > 0:
+            return int(value)
+    return 0
+
+
+__all__ = ["NativeCpuBackend", "NativeCudaBackend", "NativeMetalBackend", "NativePrepared",
+           "cpu_name", "last_level_cache_bytes", "load_native"]
