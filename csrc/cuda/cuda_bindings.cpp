@@ -1,0 +1,62 @@
+// Converts only: the work is in cuda_device.cu (cuda_host.h).
+#include "cuda/cuda_bindings.h"
+
+#include "cuda/cuda_host.h"
+
+namespace py = pybind11;
+
+namespace kvmicro {
+
+void register_cuda(py::module_& m) {
+  m.def("cuda_device_count", &cuda::device_count,
+        "CUDA devices visible here (0 without a driver or GPU; never raises).");
+
+  m.def(
+      "cuda_device_info",
+      [](int index) {
+        const cuda::CudaDeviceInfo info = cuda::device_info(index);
+        py::dict d;
+        d["name"] = info.name;
+        d["index"] = info.index;
+        d["sm_count"] = info.sm_count;
+        d["l2_bytes"] = info.l2_bytes;
+        d["memory_bytes"] = info.memory_bytes;
+        d["clock_khz"] = info.clock_khz;
+        d["mem_clock_khz"] = info.mem_clock_khz;
+        d["bus_width"] = info.bus_width;
+        d["cc_major"] = info.cc_major;
+        d["cc_minor"] = info.cc_minor;
+        d["driver_version"] = info.driver_version;
+        d["runtime_version"] = info.runtime_version;
+        d["priority_least"] = info.priority_least;
+        d["priority_greatest"] = info.priority_greatest;
+        d["max_shared_per_block_optin"] = info.max_shared_per_block_optin;
+        return d;
+      },
+      py::arg("index") = 0, "Properties of CUDA device `index` (raises for a bad index).");
+
+  m.def(
+      "cuda_bandwidth",
+      [](int index) {
+        cuda::Bandwidth bw;
+        {
+          py::gil_scoped_release release;
+          bw = cuda::measure_bandwidth(index);
+        }
+        py::dict d;
+        d["read_gbps"] = bw.read_gbps;
+        d["copy_gbps"] = bw.copy_gbps;
+        d["memcpy_gbps"] = bw.memcpy_gbps;
+        d["copy_kernel_gbps"] = bw.copy_kernel_gbps;
+        d["bytes"] = bw.bytes;
+        d["reps"] = bw.reps;
+        d["method"] =
+            "CUDA events; read: 16-byte xor-reduction kernel; copy: max of cudaMemcpyAsync D2D "
+            "and a 16-byte copy kernel, bytes read + written; decimal GB/s; best of reps";
+        return d;
+      },
+      py::arg("index") = 0,
+      "Measured memory ceilings of CUDA device `index` in decimal GB/s (cached per device).");
+}
+
+}  // namespace kvmicro

@@ -1,0 +1,49 @@
+// Device queries and ceilings for Python (cuda_bindings.cpp) and provenance: plain structs, no CUDA
+// headers, so the binding file compiles as ordinary C++.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace kvmicro {
+namespace cuda {
+
+// Devices visible to the runtime; 0 (never an exception) when there is no driver or no GPU.
+int device_count();
+
+struct CudaDeviceInfo {
+  std::string name;
+  int index = 0;
+  int sm_count = 0;
+  int64_t l2_bytes = 0;
+  int64_t memory_bytes = 0;
+  int clock_khz = 0;
+  int mem_clock_khz = 0;
+  int bus_width = 0;
+  int cc_major = 0;
+  int cc_minor = 0;
+  int driver_version = 0;   // CUDA driver API version (e.g. 13000)
+  int runtime_version = 0;  // CUDA runtime this module was linked with
+  int priority_least = 0;   // cudaDeviceGetStreamPriorityRange: numerically largest = lowest
+  int priority_greatest = 0;
+  int max_shared_per_block_optin = 0;
+};
+
+CudaDeviceInfo device_info(int index);
+
+// Memory ceilings in decimal GB/s, measured once per device and cached: a large reduction kernel
+// (bytes read) and a large device-to-device copy (bytes read + bytes written) through both
+// cudaMemcpyAsync and a 16-byte copy kernel; copy_gbps is the larger of the two. Best of `reps`.
+struct Bandwidth {
+  double read_gbps = 0;
+  double copy_gbps = 0;
+  double memcpy_gbps = 0;
+  double copy_kernel_gbps = 0;
+  int64_t bytes = 0;  // buffer size each figure moved through
+  int reps = 0;
+};
+
+Bandwidth measure_bandwidth(int index);
+
+}  // namespace cuda
+}  // namespace kvmicro

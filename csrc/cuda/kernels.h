@@ -1,0 +1,175 @@
+// The host-facing side of the CUDA kernels: argument structs shared by host and kernels, and one
+// plan/launch pair per op family (paged_sdpa.cu, sdpa_contiguous.cu, gather.cu, append.cu).
+//
+// Plan once, run many: plan_*() validates what the kernels support, picks the instantiation and
+// the grid (split count from the SM count and occupancy) and never runs on the timed path;
+// launch_*() only enqueues kernels on a stream and checks the launch.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common/layout.h"
+#include "common/params.h"
+
+namespace kvmicro {
+namespace cuda {
+
+#if defined(__CUDACC__)
+#define KV_DEV __device__ __forceinline__
+#else
+#define KV_DEV inline
+#endif
+
+// What the plans need to know of the device, read once per op at prepare.
+struct DeviceProps {
+  int index = 0;
+  int sm_count = 0;
+  int cc_major = 0;
+  int cc_minor = 0;
+  int l2_bytes = 0;
+};
+
+// Dense K/V [B, Hkv, T, D], D innermost: the layout of sdpa_contiguous inputs and of what gather
+// produces.
+struct DenseView {
+  int32_t kv_heads;
+  int32_t t_pad;  // T: max_ctx_pad
+  int32_t head_dim;
+  KV_DEV int64_t row_offset(int64_t b, int64_t h, int64_t t) const {
+    return ((b * kv_heads + h) * t_pad + t) * head_dim;
+  }
+};
+
+// ---- attention (sdpa_contiguous, paged_sdpa, and the attention half of gather_sdpa) ------------
+
+// Where an attention kernel's K/V rows come from. row_offset() is the element offset of row
+// (b, h, t) in the k and v buffers; element d of that row sits stride_d() further per step.
+struct DenseSrc {
+  static constexpr bool kStrided = false;  // always D-innermost
+  const void* k;
+  const void* v;
+  DenseView view;
+  KV_DEV int64_t row_offset(int b, int h, int t) const { return view.row_offset(b, h, t); }
+  KV_DEV int64_t stride_d() const { return 1; }
+};
+
+struct PagedSrc {
+  static constexpr bool kStrided = true;  // any layout; D-innermost ones take the 16-byte path
+  const void* k;
+  const void* v;
+  PoolView pool;
+  const int32_t* table;  // [B, max_blocks], validated before prepare: ids inside the pool
+  int32_t max_blocks;
+  KV_DEV int64_t row_offset(int b, int h, int t) const {
+    TokenLocation loc = logical_to_physical(table + (int64_t)b * max_blocks, pool.block_size, t);
+    return pool.row_offset(loc.block, loc.slot, h);
+  }
+  KV_DEV int64_t stride_d() const { return pool.stride_d; }
+};
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct AttnArgs {
+  const void* q;     // [B, Hq, 1, D]
+  void* out;         // [B, Hq, 1, D]
+  float* part_o;     // [B, Hq, splits, D] unnormalised partial outputs (only when splits > 1)
+  float* part_ml;    // [B, Hq, splits, 2] partial (max in the log2 domain, sum of exp2)
+  const int32_t* ctx;  // [B]
+  int32_t q_heads;
+  int32_t group;       // q heads per kv head
+  int32_t head_tiles;  // thread blocks per GQA group (1 unless group > 8)
+  int32_t splits;      // thread blocks along the context
+  int32_t chunk;       // tokens per split (a multiple of the kernel's tile)
+  float scale_log2;    // softmax scale * log2(e): scores live in the log2 domain (exp2f)
+};
+
+struct AttnPlan {
+  const void* split = nullptr;    // __global__ void(AttnArgs, Src), type-erased
+  const void* combine = nullptr;  // __global__ void(AttnArgs, int head_dim)
+  dim3 grid;
+  int splits = 1;
+  int chunk = 0;
+  int tile = 0;          // tokens one pass of the thread block covers
+  int heads_per_block = 1;
+  int head_tiles = 1;
+  int blocks_per_sm = 0;  // occupancy of the split kernel
+  bool strided = false;   // generic (non D-innermost) path
+  bool tensor_cores = false;  // mma kernel (16-bit dtypes, D innermost, head_dim 64/96/128)
+  bool pipeline = false;      // mma kernel issues the next step's loads before this step's math
+  bool pdl = false;       // combine launched with programmatic dependent launch (sm_90+)
+  int combine_blocks = 0;
+  int head_dim = 0;
+};
+
+AttnPlan plan_paged_sdpa(const char* op, const OpParams& p, const DeviceProps& dev);
+void launch_paged_sdpa(const AttnPlan& plan, const AttnArgs& args, const PagedSrc& src,
+                       cudaStream_t stream);
+AttnPlan plan_sdpa_contiguous(const char* op, const OpParams& p, const DeviceProps& dev);
+void launch_sdpa_contiguous(const AttnPlan& plan, const AttnArgs& args, const DenseSrc& src,
+                            cudaStream_t stream);
+
+// ---- gather (pool -> dense) -------------------------------------------------------------------
+
+struct GatherArgs {
+  const void* k_pool;
+  const void* v_pool;
+  void* k_dense;
+  void* v_dense;
+  const int32_t* table;
+  const int32_t* ctx;
+  PoolView pool;
+  DenseView dense;
+  int32_t max_blocks;
+  int32_t row_vecs;  // 16-byte vectors per row (fast path)
+};
+
+struct GatherPlan {
+  const void* kernel = nullptr;  // __global__ void(GatherArgs)
+  dim3 grid;
+  int threads = 256;
+  bool strided = false;
+  int row_vecs = 0;
+};
+
+GatherPlan plan_gather(const char* op, const OpParams& p, const DeviceProps& dev);
+void launch_gather(const GatherPlan& plan, const GatherArgs& args, cudaStream_t stream);
+
+// ---- append (one token per sequence into the pool) --------------------------------------------
+
+struct AppendArgs {
+  void* k_pool;
+  void* v_pool;
+  const void* k_new;  // [B, Hkv, D]
+  const void* v_new;
+  const int32_t* table;
+  const int32_t* ctx;
+  PoolView pool;
+  int32_t max_blocks;
+  int32_t batch;
+  int32_t row_units;  // copy units per row: 16-byte vectors (fast) or elements (strided)
+};
+
+struct AppendPlan {
+  const void* kernel = nullptr;  // __global__ void(AppendArgs)
+  dim3 grid;
+  int threads = 128;
+  bool strided = false;
+  int row_units = 0;
+};
+
+AppendPlan plan_append(const char* op, const OpParams& p, const DeviceProps& dev);
+void launch_append(const AppendPlan& plan, const AppendArgs& args, cudaStream_t stream);
+
+// ---- tuning knobs (environment, read at prepare; for experiments, documented in docs/cuda.md) --
+// KVMICRO_CUDA_SPLITS=N forces the split count; KVMICRO_CUDA_MIN_CHUNK=T sets the fewest tokens
+// per split (default 64); KVMICRO_CUDA_PDL=0 turns programmatic dependent launch off.
+// KVMICRO_CUDA_KERNEL=simt forces the SIMT attention kernel where the tensor-core one would run;
+// KVMICRO_CUDA_PIPELINE=1 selects the tensor-core kernel that double-buffers its K/V loads.
+int env_int(const char* name, int fallback);
+std::string env_str(const char* name);
+
+}  // namespace cuda
+}  // namespace kvmicro

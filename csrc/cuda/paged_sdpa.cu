@@ -1,0 +1,25 @@
+// paged_sdpa: fused decode attention that reads K/V straight from the pool through the block
+// table (PagedSrc in kernels.h: logical_to_physical + PoolView, no copy). Kernels are the shared
+// templates of attention.cuh; this file is their paged instantiation list:
+//   dtype {float16, bfloat16, float32} x head_dim {64, 80, 96, 128, 256}
+//   x query heads per block {1, 4, 8} x {16-byte path (D innermost), strided path (any layout)}
+//   (SIMT), and float16/bfloat16 x head_dim {64, 96, 128} x {plain, pipelined} on tensor cores
+#include "cuda/attention.cuh"
+
+namespace kvmicro {
+namespace cuda {
+
+AttnPlan plan_paged_sdpa(const char* op, const OpParams& p, const DeviceProps& dev) {
+  // The 16-byte path needs D innermost: then every other stride is a multiple of head_dim, and
+  // head_dim * element size is a multiple of 16 for every supported head_dim, so rows are aligned.
+  const bool strided = !p.pool.d_contiguous();
+  return plan_attention<PagedSrc>(op, p, dev, strided);
+}
+
+void launch_paged_sdpa(const AttnPlan& plan, const AttnArgs& args, const PagedSrc& src,
+                       cudaStream_t stream) {
+  launch_attention<PagedSrc>(plan, args, src, stream);
+}
+
+}  // namespace cuda
+}  // namespace kvmicro

@@ -1,0 +1,334 @@
+"""native:cuda — kvmicro's CUDA kernels.
+
+On a machine with a GPU: every op in every dtype matches the float64 oracle over the odd-shape
+matrix and beyond it (head_dim 96, GQA groups wider than one thread block, block sizes 1/7/128,
+many splits, every layout); the kernels really read through the block table; the split count, the
+combine launch mode and the stream priority never change the answer; the device and graph timers
+return per-op samples. Without a GPU (CI) only the module-level checks run: a CUDA build must load
+and say "no device" rather than fail.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import kvmicro as kv
+from kvmicro.backends.native import NativeCudaBackend, load_native
+from kvmicro.check import check_matrix, compare
+from kvmicro.errors import InvalidCase, Unsupported
+from kvmicro.workload import ATTENTION_OPS, OPS, Case, Layout
+
+
+def _native_or_none() -> Any:
+    try:
+        return load_native()
+    except ImportError:
+        return None
+
+
+NATIVE = _native_or_none()
+HAS_CUDA_BUILD = bool(NATIVE is not None and NATIVE.build_info()["cuda"])
+DEVICES = int(NATIVE.cuda_device_count()) if HAS_CUDA_BUILD else 0
+
+needs_gpu = pytest.mark.skipif(DEVICES == 0,
+                               reason="needs a CUDA build of kvmicro._native and a GPU")
+
+MATRIX = [case.with_(backend="native:cuda") for case in check_matrix()]
+
+
+def case_id(case: Case) -> str:
+    return (f"{case.op}-{case.dtype}-{case.layout}-D{case.head_dim}-{case.q_heads}:{case.kv_heads}"
+            f"-bs{case.block_size}-{case.placement}-ctx{'/'.join(map(str, case.ctx_list))}")
+
+
+def run_case(case: Case, arrays: dict[str, np.ndarray] | None = None, copies: int = 1,
+             **backend_kw: Any) -> Any:
+    arrays = kv.materialize(case) if arrays is None else arrays
+    prepared = NativeCudaBackend(**backend_kw).prepare(case, arrays, copies=copies)
+    try:
+        prepared.run()
+        prepared.sync()
+        return prepared.output()
+    finally:
+        prepared.release()
+
+
+def assert_matches(case: Case, arrays: dict[str, np.ndarray] | None = None, **kw: Any) -> Any:
+    arrays = kv.materialize(case) if arrays is None else arrays
+    out = run_case(case, arrays, **kw)
+    result = compare(case, arrays, out)
+    assert result.passed, f"{case_id(case)}: {result}"
+    return out
+
+
+# ---- without a GPU ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAS_CUDA_BUILD, reason="this kvmicro._native was built without CUDA")
+def test_cuda_build_loads_and_counts_devices() -> None:
+    assert DEVICES >= 0  # a build with CUDA loads and answers, GPU or not
+    if DEVICES == 0:
+        with pytest.raises(Unsupported, match="no CUDA device"):
+            NATIVE.cuda_device_info(0)
+        availability = NativeCudaBackend().availability()
+        assert not availability and "no CUDA device" in availability.reason
+
+
+# ---- against the oracle --------------------------------------------------------------------------
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", MATRIX, ids=case_id)
+def test_matches_the_oracle(case: Case) -> None:
+    assert_matches(case)
+
+
+# Shapes the shared matrix does not reach: head_dim 96; GQA groups of 2, 3, 5, 8 and 16 (two
+# head tiles); block sizes 7 and 128; contexts long enough for many splits, ragged around them.
+EXTRA = [
+    Case(op=op, backend="native:cuda", batch=b, q_heads=hq, kv_heads=hkv, head_dim=d, ctx=ctx,
+         block_size=bs, layout=layout, placement=placement, dtype=dtype, seed=seed)
+    for op in ATTENTION_OPS
+    for (b, hq, hkv, d, ctx, bs, layout, placement, dtype, seed) in [
+        (2, 6, 3, 96, (77, 513), 16, "NSHD", "random", "float16", 1),
+        (3, 6, 2, 96, (1, 40, 300), 7, "HNSD", "fragmented", "bfloat16", 2),
+        (2, 10, 2, 64, (1500, 33), 32, "NHSD", "reverse", "float16", 3),
+        (1, 16, 2, 128, 2049, 128, "NSHD", "random", "float32", 4),
+        (2, 32, 2, 80, (700, 4099), 16, "NSHD", "fragmented", "float16", 5),
+        (5, 8, 8, 256, (1, 2, 3, 500, 9000), 64, "HNSD", "reverse", "bfloat16", 6),
+        (1, 4, 1, 128, 20000, 16, "NHSD", "random", "float16", 7),
+        (2, 8, 4, 128, (3000, 17), 1, "SHND", "random", "float32", 8),
+    ]
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", EXTRA, ids=case_id)
+def test_odd_shapes_match_the_oracle(case: Case) -> None:
+    assert_matches(case)
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["NSHD", "HNSD", "NHSD", "SNHD", "DNSH", "SDHN"])
+@pytest.mark.parametrize("op", ["gather", "append", "paged_sdpa"])
+def test_every_layout(layout: str, op: str) -> None:
+    case = Case(op=op, backend="native:cuda", batch=3, q_heads=12, kv_heads=3, head_dim=80,
+                ctx=(19, 250, 64), block_size=16, layout=layout, placement="random",
+                dtype="bfloat16", seed=21)
+    assert_matches(case)
+
+
+@needs_gpu
+@pytest.mark.parametrize("splits", ["1", "3", "64"])
+@pytest.mark.parametrize("pdl", ["0", "1"])
+def test_split_count_and_combine_mode_do_not_change_the_answer(
+        splits: str, pdl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVMICRO_CUDA_SPLITS", splits)
+    monkeypatch.setenv("KVMICRO_CUDA_PDL", pdl)
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=3, q_heads=28, kv_heads=4,
+                head_dim=128, ctx=(1000, 3, 2500), block_size=16, placement="reverse",
+                dtype="float32", seed=12)
+    prepared = NativeCudaBackend().prepare(case, kv.materialize(case))
+    assert f"splits {splits} x" in prepared.kernel or splits == "64"
+    prepared.release()
+    assert_matches(case)
+
+
+@needs_gpu
+def test_wrong_block_ids_give_a_wrong_answer() -> None:
+    # Negative control: the kernels read through the table. Pointing it at other valid blocks
+    # (the pool's unused ones) must change every op's result.
+    for op in ("paged_sdpa", "gather", "gather_sdpa"):
+        case = Case(op=op, backend="native:cuda", batch=2, q_heads=8, kv_heads=2, head_dim=64,
+                    ctx=(64, 40), block_size=16, placement="contiguous", dtype="float32", seed=4)
+        arrays = kv.materialize(case)
+        used = arrays["block_table"][arrays["block_table"] >= 0]
+        unused = np.setdiff1d(np.arange(Layout(case.layout).to_logical(arrays["k_pool"]).shape[0]),
+                              used)
+        wrong = dict(arrays)
+        table = arrays["block_table"].copy()
+        table[table >= 0] = unused[: used.size]
+        wrong["block_table"] = table
+        assert not compare(case, arrays, run_case(case, wrong)).passed
+        assert compare(case, arrays, run_case(case, arrays)).passed
+
+
+@needs_gpu
+def test_results_are_bitwise_repeatable() -> None:
+    # A moving result on the same inputs would be a race between threads or blocks.
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=4, q_heads=32, kv_heads=8,
+                head_dim=128, ctx=(4096, 1, 333, 2048), block_size=16, placement="random",
+                dtype="float16", seed=5)
+    arrays = kv.materialize(case)
+    prepared = NativeCudaBackend().prepare(case, arrays)
+    outputs = []
+    for _ in range(3):
+        prepared.run()
+        prepared.sync()
+        outputs.append(prepared.output())
+    prepared.release()
+    for out in outputs[1:]:
+        np.testing.assert_array_equal(out, outputs[0])
+    assert compare(case, arrays, outputs[0]).passed
+
+
+@needs_gpu
+def test_gather_copies_whole_blocks() -> None:
+    case = Case(op="gather", backend="native:cuda", batch=3, q_heads=4, kv_heads=2, head_dim=64,
+                ctx=(5, 70, 33), block_size=16, layout="HNSD", placement="reverse",
+                dtype="float16", seed=9)
+    arrays = kv.materialize(case)
+    k_dense, v_dense = run_case(case, arrays)
+    for b, ctx in enumerate(case.ctx_list):
+        copied = -(-ctx // case.block_size) * case.block_size
+        np.testing.assert_array_equal(k_dense[b, :, :copied], arrays["k_dense"][b, :, :copied])
+        np.testing.assert_array_equal(v_dense[b, :, :copied], arrays["v_dense"][b, :, :copied])
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["NSHD", "DHSN"])
+def test_append_is_idempotent_and_touches_one_slot(layout: str) -> None:
+    case = Case(op="append", backend="native:cuda", batch=3, q_heads=6, kv_heads=3, head_dim=64,
+                ctx=(15, 16, 1), block_size=16, layout=layout, placement="random",
+                dtype="float16", seed=1)
+    arrays = kv.materialize(case)
+    prepared = NativeCudaBackend().prepare(case, arrays)
+    for _ in range(3):
+        prepared.run()
+    prepared.sync()
+    k_pool, v_pool = prepared.output()
+    prepared.release()
+    assert compare(case, arrays, (k_pool, v_pool)).passed
+    changed = Layout(layout).to_logical(k_pool != arrays["k_pool"]).any(axis=(2, 3))
+    assert changed.sum() == case.batch  # one slot (all heads) per sequence, nothing else
+
+
+# ---- host code: copies, priority, timers, device queries -----------------------------------------
+
+
+@needs_gpu
+@pytest.mark.parametrize("op", OPS)
+def test_copies_timers_and_graphs_keep_the_answer(op: str) -> None:
+    case = Case(op=op, backend="native:cuda", batch=2, q_heads=8, kv_heads=2, head_dim=128,
+                ctx=(300, 129), block_size=16, placement="reverse", dtype="float16", seed=3)
+    arrays = kv.materialize(case)
+    prepared = NativeCudaBackend().prepare(case, arrays, copies=3)
+    assert prepared.copies == 3 and prepared.timers == ("host", "batched", "device", "graph")
+    device = prepared.device_times(5, flush_bytes=8 << 20)
+    graph = prepared.graph_times(4, 7)  # 7 ops over 3 copies: not a multiple
+    assert len(device) == 5 and all(0 < s < 1e5 for s in device)
+    assert len(graph) == 4 and all(0 < s < 1e5 for s in graph)
+    for copy in (2, 0, 1):
+        prepared.select(copy)
+        prepared.run()
+        assert compare(case, arrays, prepared.output()).passed
+    prepared.flush_cache(1 << 20)
+    assert prepared.dropped_samples == 0
+    with pytest.raises(IndexError, match="copy 3 outside"):
+        prepared.select(3)
+    with pytest.raises(InvalidCase, match="reps 0"):
+        prepared.device_times(0)
+    with pytest.raises(InvalidCase, match="k 0"):
+        prepared.graph_times(3, 0)
+    prepared.release()
+
+
+@needs_gpu
+@pytest.mark.parametrize("priority", [-1, 0, 1])
+def test_stream_priority_does_not_change_the_answer(priority: int) -> None:
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=2, q_heads=8, kv_heads=2,
+                head_dim=64, ctx=(100, 900), dtype="bfloat16", seed=2)
+    assert_matches(case, priority=priority)
+
+
+def kernel_of(case: Case) -> str:
+    prepared = NativeCudaBackend().prepare(case, kv.materialize(case))
+    try:
+        return prepared.kernel
+    finally:
+        prepared.release()
+
+
+@needs_gpu
+def test_kernel_description_names_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = Case(op="paged_sdpa", backend="native:cuda", batch=1, q_heads=32, kv_heads=8,
+                head_dim=128, ctx=4096, layout="NSHD")
+    kernel = kernel_of(fast)
+    assert "tensor cores, 16-byte path" in kernel and "8 q heads/block" in kernel
+    assert "SIMT, strided path" in kernel_of(fast.with_(layout="SDNH"))
+    assert "SIMT, 16-byte path" in kernel_of(fast.with_(dtype="float32"))
+    assert "SIMT" in kernel_of(fast.with_(head_dim=80))
+    monkeypatch.setenv("KVMICRO_CUDA_KERNEL", "simt")
+    assert "SIMT, 16-byte path" in kernel_of(fast) and "4 q heads/block" in kernel_of(fast)
+
+
+# Tensor-core-eligible shapes, run on both attention kernels: each must match the oracle.
+BOTH_KERNELS = [
+    Case(op=op, backend="native:cuda", batch=b, q_heads=hq, kv_heads=hkv, head_dim=d, ctx=ctx,
+         block_size=bs, layout=layout, placement="random", dtype=dtype, seed=13)
+    for op in ATTENTION_OPS
+    for (b, hq, hkv, d, ctx, bs, layout, dtype) in [
+        (3, 32, 8, 128, (1000, 17, 4000), 16, "NSHD", "float16"),
+        (2, 4, 4, 64, (63, 129), 1, "HNSD", "bfloat16"),
+        (2, 48, 3, 96, (300, 2222), 32, "NHSD", "float16"),
+        (1, 7, 1, 128, 4097, 64, "NSHD", "bfloat16"),
+    ]
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("kernel", ["", "pipeline", "simt"])
+@pytest.mark.parametrize("case", BOTH_KERNELS, ids=case_id)
+def test_tensor_core_and_simt_kernels_match_the_oracle(
+        case: Case, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVMICRO_CUDA_KERNEL", "simt" if kernel == "simt" else "")
+    monkeypatch.setenv("KVMICRO_CUDA_PIPELINE", "1" if kernel == "pipeline" else "0")
+    description = kernel_of(case)
+    assert ("tensor cores" in description) == (kernel != "simt")
+    assert ("pipelined" in description) == (kernel == "pipeline")
+    assert_matches(case)
+
+
+@needs_gpu
+def test_unsupported_head_dim_and_decode_only() -> None:
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=1, q_heads=4, kv_heads=2,
+                head_dim=72, ctx=64)
+    with pytest.raises(Unsupported, match=r"\[paged_sdpa\] head_dim 72 .*64, 80, 96, 128, 256"):
+        run_case(case)
+    with pytest.raises(Unsupported, match="q_len"):
+        kv.execute(case.with_(head_dim=64, q_len=2))
+    # gather and append move bytes: any head_dim works
+    assert_matches(case.with_(op="gather"))
+    assert_matches(case.with_(op="append"))
+
+
+@needs_gpu
+def test_device_info_and_bandwidth() -> None:
+    info = NATIVE.cuda_device_info(0)
+    for key in ("name", "sm_count", "l2_bytes", "memory_bytes", "clock_khz", "mem_clock_khz",
+                "bus_width", "cc_major", "cc_minor", "driver_version", "runtime_version",
+                "priority_least", "priority_greatest"):
+        assert key in info
+    assert info["sm_count"] > 0 and info["l2_bytes"] > 0 and info["cc_major"] >= 8
+    assert info["priority_greatest"] <= info["priority_least"]
+    with pytest.raises(InvalidCase, match=f"index {DEVICES} outside"):
+        NATIVE.cuda_device_info(DEVICES)
+    backend = NativeCudaBackend()
+    device = backend.device_info()
+    assert device.kind == "cuda" and device.cache_bytes == info["l2_bytes"]
+    bw = backend.bandwidth()
+    assert 100 < bw["read_gbps"] < 20000 and 100 < bw["copy_gbps"] < 20000
+
+
+@needs_gpu
+def test_bad_block_id_is_refused_before_launch() -> None:
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=2, q_heads=4, kv_heads=2,
+                head_dim=64, ctx=(40, 20), block_size=16)
+    arrays = kv.materialize(case)
+    arrays["block_table"] = arrays["block_table"].copy()
+    arrays["block_table"][1, 0] = 9000
+    with pytest.raises(InvalidCase, match=r"block id 9000 at table\[1\]\[0\]"):
+        run_case(case, arrays)
