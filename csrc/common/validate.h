@@ -11,7 +11,8 @@
 
 #include <cmath>
 #include <cstdint>
-#include <sstream>
+#include <cstdio>
+#include <type_traits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -51,11 +52,34 @@ inline bool reads_table(OpKind op) { return op != OpKind::kSdpaContiguous; }
 
 namespace detail {
 
-inline void put(std::ostringstream&) {}
+// Messages are built without iostreams on purpose: a module built by a newer GCC than the
+// libstdc++ the host process already loaded crashed in its first `ostream << int64` (seen on the
+// GPU machine); std::string and snprintf have no such dependency.
+inline void put_one(std::string& out, const std::string& s) { out += s; }
+inline void put_one(std::string& out, const char* s) { out += s; }
+inline void put_one(std::string& out, char c) { out += c; }
+template <class T>
+void put_one(std::string& out, const T& value) {
+  static_assert(std::is_arithmetic<T>::value, "message parts are strings or numbers");
+  char buf[64];
+  if constexpr (std::is_same<T, bool>::value) {
+    out += value ? "true" : "false";
+    return;
+  } else if constexpr (std::is_floating_point<T>::value) {
+    std::snprintf(buf, sizeof buf, "%g", (double)value);
+  } else if constexpr (std::is_signed<T>::value) {
+    std::snprintf(buf, sizeof buf, "%lld", (long long)value);
+  } else {
+    std::snprintf(buf, sizeof buf, "%llu", (unsigned long long)value);
+  }
+  out += buf;
+}
+
+inline void put(std::string&) {}
 template <class T, class... Rest>
-void put(std::ostringstream& os, const T& first, const Rest&... rest) {
-  os << first;
-  put(os, rest...);
+void put(std::string& out, const T& first, const Rest&... rest) {
+  put_one(out, first);
+  put(out, rest...);
 }
 
 }  // namespace detail
@@ -63,10 +87,11 @@ void put(std::ostringstream& os, const T& first, const Rest&... rest) {
 // "[op] " followed by the parts, as one string.
 template <class... Parts>
 std::string op_message(const char* op, const Parts&... parts) {
-  std::ostringstream os;
-  os << '[' << op << "] ";
-  detail::put(os, parts...);
-  return os.str();
+  std::string out = "[";
+  out += op;
+  out += "] ";
+  detail::put(out, parts...);
+  return out;
 }
 
 template <class... Parts>
@@ -91,11 +116,13 @@ inline DType parse_dtype(OpKind op, const std::string& name) {
 }
 
 inline std::string shape_string(const std::vector<int64_t>& dims) {
-  std::ostringstream os;
-  os << '(';
-  for (size_t i = 0; i < dims.size(); ++i) os << (i ? ", " : "") << dims[i];
-  os << (dims.size() == 1 ? ",)" : ")");
-  return os.str();
+  std::string out = "(";
+  for (size_t i = 0; i < dims.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(dims[i]);
+  }
+  out += dims.size() == 1 ? ",)" : ")";
+  return out;
 }
 
 // The shape of each input array as the caller holds it; `present == false` for an absent one.
