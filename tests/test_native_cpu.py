@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import case_id, table_on_unused_blocks
 
 import kvmicro as kv
 from kvmicro import _native
@@ -29,11 +30,6 @@ from kvmicro.workload import ARRAY_KEYS, ATTENTION_OPS, Case, Layout
 MATRIX = [case.with_(backend="native:cpu") for case in check_matrix()]
 ATTENTION_MATRIX = [case for case in MATRIX if case.op in ATTENTION_OPS]
 HAS_SIMD = _native.cpu_features()["simd"] != "portable"
-
-
-def case_id(case: Case) -> str:
-    return (f"{case.op}-{case.dtype}-{case.layout}-D{case.head_dim}-{case.q_heads}:{case.kv_heads}"
-            f"-bs{case.block_size}-{case.placement}-ctx{'/'.join(map(str, case.ctx_list))}")
 
 
 def run_case(case: Case, arrays: dict[str, np.ndarray], **backend_kw: Any) -> Any:
@@ -130,12 +126,7 @@ def test_wrong_block_ids_give_a_wrong_answer() -> None:
     case = Case(op="paged_sdpa", batch=2, q_heads=8, kv_heads=2, head_dim=64, ctx=(64, 40),
                 block_size=16, placement="contiguous", dtype="float32", seed=4)
     arrays = kv.materialize(case)
-    used = arrays["block_table"][arrays["block_table"] >= 0]
-    unused = np.setdiff1d(np.arange(arrays["k_pool"].shape[0]), used)
-    wrong = dict(arrays)
-    table = arrays["block_table"].copy()
-    table[table >= 0] = unused[: used.size]
-    wrong["block_table"] = table
+    wrong = table_on_unused_blocks(case, arrays)
     assert not compare(case, arrays, run_case(case, wrong)).passed
     assert compare(case, arrays, run_case(case, arrays)).passed
 

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import case_id, table_on_unused_blocks
 
 import kvmicro as kv
+from kvmicro.backends.base import run_once
 from kvmicro.backends.native import NativeCudaBackend, load_native
 from kvmicro.check import check_matrix, compare
 from kvmicro.errors import InvalidCase, Unsupported
@@ -39,21 +41,10 @@ needs_gpu = pytest.mark.skipif(DEVICES == 0,
 MATRIX = [case.with_(backend="native:cuda") for case in check_matrix()]
 
 
-def case_id(case: Case) -> str:
-    return (f"{case.op}-{case.dtype}-{case.layout}-D{case.head_dim}-{case.q_heads}:{case.kv_heads}"
-            f"-bs{case.block_size}-{case.placement}-ctx{'/'.join(map(str, case.ctx_list))}")
-
-
 def run_case(case: Case, arrays: dict[str, np.ndarray] | None = None, copies: int = 1,
              **backend_kw: Any) -> Any:
     arrays = kv.materialize(case) if arrays is None else arrays
-    prepared = NativeCudaBackend(**backend_kw).prepare(case, arrays, copies=copies)
-    try:
-        prepared.run()
-        prepared.sync()
-        return prepared.output()
-    finally:
-        prepared.release()
+    return run_once(NativeCudaBackend(**backend_kw).prepare(case, arrays, copies=copies))
 
 
 def assert_matches(case: Case, arrays: dict[str, np.ndarray] | None = None, **kw: Any) -> Any:
@@ -145,13 +136,7 @@ def test_wrong_block_ids_give_a_wrong_answer() -> None:
         case = Case(op=op, backend="native:cuda", batch=2, q_heads=8, kv_heads=2, head_dim=64,
                     ctx=(64, 40), block_size=16, placement="contiguous", dtype="float32", seed=4)
         arrays = kv.materialize(case)
-        used = arrays["block_table"][arrays["block_table"] >= 0]
-        unused = np.setdiff1d(np.arange(Layout(case.layout).to_logical(arrays["k_pool"]).shape[0]),
-                              used)
-        wrong = dict(arrays)
-        table = arrays["block_table"].copy()
-        table[table >= 0] = unused[: used.size]
-        wrong["block_table"] = table
+        wrong = table_on_unused_blocks(case, arrays)
         assert not compare(case, arrays, run_case(case, wrong)).passed
         assert compare(case, arrays, run_case(case, arrays)).passed
 

@@ -1,4 +1,4 @@
-"""The float64 oracle agrees with itself three ways, with a naive softmax, and notices wrong inputs."""
+"""The float64 oracle agrees with itself three ways and with a naive softmax; it sees bad input."""
 
 from __future__ import annotations
 
@@ -75,11 +75,12 @@ def test_padded_slots_past_ctx_are_never_attended():
 def test_append_writes_position_ctx_and_nothing_else():
     case = case_for(op="append", layout="HNSD", block_size=4, ctx=(3, 4, 9))
     a = materialize(case)
-    k, v = oracle.run(case, a)
+    k, _v = oracle.run(case, a)
     logical_k = np.transpose(k, (1, 2, 0, 3))       # HNSD -> NSHD
     original = np.transpose(a["k_pool"], (1, 2, 0, 3)).astype(np.float64)
     changed = np.argwhere((logical_k != original).any(axis=(2, 3)))
-    expected = sorted((int(a["block_table"][b, c // 4]), c % 4) for b, c in enumerate(case.ctx_list))
+    expected = sorted((int(a["block_table"][b, c // 4]), c % 4)
+                      for b, c in enumerate(case.ctx_list))
     assert sorted(map(tuple, changed.tolist())) == expected
     for b, c in enumerate(case.ctx_list):
         np.testing.assert_array_equal(logical_k[a["block_table"][b, c // 4], c % 4], a["k_new"][b])

@@ -8,7 +8,7 @@ import pytest
 
 from kvmicro import InvalidCase
 from kvmicro.dtypes import from_bits16, round_to_bfloat16, to_bits16
-from kvmicro.workload import (ALL_LAYOUTS, PLACEMENTS, Case, Layout, materialize, place_blocks)
+from kvmicro.workload import ALL_LAYOUTS, PLACEMENTS, Case, Layout, materialize, place_blocks
 
 
 def small_case(**changes) -> Case:

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from . import oracle
+from .backends.base import run_once
 from .backends.registry import BACKEND_NAMES, available_backends, get_backend
 from .errors import InvalidCase, KvmicroError, Unsupported
-from .workload import (ALL_LAYOUTS, OPS, PLACEMENTS, PRESET_LAYOUTS, Case, Layout,
-                       materialize)
+from .workload import ALL_LAYOUTS, OPS, PLACEMENTS, PRESET_LAYOUTS, Case, Layout, materialize
 
 __version__ = "0.1.0"
 
@@ -31,17 +31,24 @@ def execute(case: Case, arrays: dict[str, np.ndarray] | None = None) -> Any:
     if not availability:
         raise Unsupported(f"backend {case.backend} is not available here: {availability.reason}")
     backend.supports(case)
-    prepared = backend.prepare(case, arrays)
-    try:
-        prepared.run()
-        prepared.sync()
-        return prepared.output()
-    finally:
-        prepared.release()
+    return run_once(backend.prepare(case, arrays))
 
 
 __all__ = [
-    "ALL_LAYOUTS", "BACKEND_NAMES", "Case", "InvalidCase", "KvmicroError", "Layout", "OPS",
-    "PLACEMENTS", "PRESET_LAYOUTS", "Unsupported", "available_backends", "execute",
-    "get_backend", "materialize", "oracle", "__version__",
+    "ALL_LAYOUTS",
+    "BACKEND_NAMES",
+    "OPS",
+    "PLACEMENTS",
+    "PRESET_LAYOUTS",
+    "Case",
+    "InvalidCase",
+    "KvmicroError",
+    "Layout",
+    "Unsupported",
+    "__version__",
+    "available_backends",
+    "execute",
+    "get_backend",
+    "materialize",
+    "oracle",
 ]

@@ -1,6 +1,6 @@
-"""Comparing a backend's result with the float64 oracle, and the odd-shape matrix `kvmicro check` runs.
+"""Comparing a backend's result with the float64 oracle; the matrix `kvmicro check` runs.
 
-Tolerances are per dtype for attention (the output is rounded to the dtype and accumulated in float32);
+Tolerances are per dtype for attention (the output is rounded to the dtype, accumulated in float32);
 gather and append move bits, so they must match exactly. Gather is compared on the positions a
 sequence actually holds (``t < ctx[b]``): what a backend leaves in padding is unspecified.
 """
@@ -62,7 +62,7 @@ def compare(case: Case, arrays: dict[str, np.ndarray], out: Any, ref: Any = None
         if case.op == "gather":
             positions = np.arange(ref[0].shape[2])
             mask = (positions[None, :] < arrays["ctx"][:, None])[:, None, :, None]
-        errs = [_max_abs(o, r, mask) for o, r in zip(out, ref)]
+        errs = [_max_abs(o, r, mask) for o, r in zip(out, ref, strict=False)]
         err = max(e for e, _ in errs)
         detail = "; ".join(d for _, d in errs if d)
     passed = bool(err <= tol) and not detail
@@ -84,7 +84,7 @@ def check_matrix(ops: tuple[str, ...] = OPS, quick: bool = False) -> Iterator[Ca
     variants += [{"q_heads": 4, "kv_heads": 4}, {"q_heads": 28, "kv_heads": 4},
                  {"q_heads": 14, "kv_heads": 2, "head_dim": 64}]
     variants += [{"block_size": 1, "ctx": (9, 23, 1)}, {"block_size": 64, "ctx": (65, 200, 3)}]
-    variants += [{"layout": lay} for lay in PRESET_LAYOUTS[1:] + ("SDNH", "DHSN")]
+    variants += [{"layout": lay} for lay in (*PRESET_LAYOUTS[1:], "SDNH", "DHSN")]
     variants += [{"placement": p} for p in PLACEMENTS if p != "random"]
     variants += [{"dtype": d} for d in ("bfloat16", "float32")]
     variants += [{"batch": 1, "ctx": 300, "q_heads": 7, "kv_heads": 1, "head_dim": 128}]

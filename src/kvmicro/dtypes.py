@@ -1,7 +1,7 @@
 """Element types and their numpy carriers.
 
 numpy has no bfloat16, so kvmicro carries bfloat16 data as **float32 arrays whose values are already
-rounded to bfloat16** (round to nearest, ties to even). Every bfloat16 value is exactly a float32, so
+rounded to bfloat16** (round to nearest, ties to even). Every bfloat16 value is a float32, so
 the carrier loses nothing, the oracle reads it as it reads float32, and a backend converts it to its
 own bfloat16 exactly (the top 16 bits of the float32 pattern). float16 is carried as numpy float16,
 float32 as float32.

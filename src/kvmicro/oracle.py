@@ -1,12 +1,13 @@
 """The float64 reference for every op: the one source of truth every backend is checked against.
 
 Deliberately plain and independent of every backend: it reads the pool by walking the block table
-token by token, computes softmax in float64 with an explicit max subtraction, and shares no code with
+token by token, computes softmax in float64 with an explicit max subtraction and shares no code with
 any kernel. Inputs are the host arrays of :func:`kvmicro.workload.materialize`.
 
 Result conventions (also those of ``kvmicro.execute``):
 attention ops -> ``[B, Hq, q_len, D]``; ``gather`` -> ``(k_dense, v_dense)`` as
-``[B, Hkv, max_ctx_pad, D]``; ``append`` -> ``(k_pool, v_pool)`` after the write, in the case's layout.
+``[B, Hkv, max_ctx_pad, D]``; ``append`` -> ``(k_pool, v_pool)`` after the write, in the case's
+layout.
 
 With ``q_len > 1`` the queries are the last ``q_len`` positions of each sequence, causally masked.
 """
@@ -30,7 +31,7 @@ def _logical(pool: np.ndarray, layout: str) -> np.ndarray:
 def _attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float) -> np.ndarray:
     """float64 attention of queries [G, L, D] over keys/values [n, D]; query i of L sees the
     first n - L + i + 1 keys."""
-    G, L, _ = q.shape
+    _G, L, _ = q.shape
     n = keys.shape[0]
     logits = np.einsum("gld,nd->gln", q, keys) * scale
     visible = np.arange(n)[None, :] <= (n - L + np.arange(L))[:, None]   # [L, n]
@@ -71,7 +72,7 @@ def gather(k_pool: np.ndarray, v_pool: np.ndarray, table: np.ndarray, ctx: np.nd
             if phys < 0:
                 break
             first = logical_block * block_size
-            k_out[b, :, first:first + block_size] = np.swapaxes(k_log[phys], 0, 1)  # [S,H,D]->[H,S,D]
+            k_out[b, :, first:first + block_size] = np.swapaxes(k_log[phys], 0, 1)  # SHD->HSD
             v_out[b, :, first:first + block_size] = np.swapaxes(v_log[phys], 0, 1)
     return k_out, v_out
 

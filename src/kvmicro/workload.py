@@ -114,7 +114,8 @@ def place_blocks(placement: str, blocks_per_seq: list[int], slack: float,
     sequence, its physical block ids in logical order. Ids are distinct across the whole batch.
     """
     if placement not in PLACEMENTS:
-        raise InvalidCase(f"unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)}")
+        raise InvalidCase(
+            f"unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)}")
     if not slack >= 1.0:
         raise InvalidCase(f"slack {slack!r} must be >= 1.0 (pool size over blocks needed)")
     needed = sum(blocks_per_seq)
@@ -211,7 +212,8 @@ class Case:
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
                 raise InvalidCase(f"{name} {value!r} must be a positive integer")
         if self.q_heads % self.kv_heads:
-            raise InvalidCase(f"q_heads {self.q_heads} is not a multiple of kv_heads {self.kv_heads}")
+            raise InvalidCase(
+                f"q_heads {self.q_heads} is not a multiple of kv_heads {self.kv_heads}")
         check_dtype(self.dtype)
         layout = Layout.parse(self.layout)
         object.__setattr__(self, "layout", layout.order)
@@ -321,7 +323,8 @@ def materialize(case: Case, seed: int | None = None) -> dict[str, np.ndarray]:
     """
     rng = np.random.default_rng(case.seed if seed is None else seed)
     B, Hq, Hkv, D, bs = case.batch, case.q_heads, case.kv_heads, case.head_dim, case.block_size
-    num_blocks, ids = place_blocks(case.placement, list(case.blocks_per_seq), float(case.slack), rng)
+    num_blocks, ids = place_blocks(case.placement, list(case.blocks_per_seq), float(case.slack),
+                                   rng)
     table = np.full((B, case.max_blocks), -1, dtype=np.int32)
     for b, row in enumerate(ids):
         table[b, :len(row)] = row
@@ -360,6 +363,18 @@ def pool_bytes(case: Case) -> int:
 
 
 __all__ = [
-    "ALL_LAYOUTS", "ARRAY_KEYS", "ATTENTION_OPS", "AXES", "Case", "DTYPES", "Layout", "OPS",
-    "PLACEMENTS", "PRESET_LAYOUTS", "blocks_for", "materialize", "place_blocks", "pool_bytes",
+    "ALL_LAYOUTS",
+    "ARRAY_KEYS",
+    "ATTENTION_OPS",
+    "AXES",
+    "DTYPES",
+    "OPS",
+    "PLACEMENTS",
+    "PRESET_LAYOUTS",
+    "Case",
+    "Layout",
+    "blocks_for",
+    "materialize",
+    "place_blocks",
+    "pool_bytes",
 ]

@@ -93,7 +93,7 @@ class Prepared(ABC):
         through the copies), in µs. Only where ``graph`` in timers."""
         raise Unsupported(f"{self.case.backend} has no graph timer")
 
-    def release(self) -> None:
+    def release(self) -> None:  # noqa: B027 (optional: a no-op unless the backend holds buffers)
         """Free device buffers now rather than at garbage collection."""
 
 
@@ -139,8 +139,19 @@ class Backend(ABC):
         return host_bandwidth()
 
 
+def run_once(prepared: Prepared) -> Any:
+    """Run ``prepared`` once, wait for it and return its output; release it whatever happens."""
+    try:
+        prepared.run()
+        prepared.sync()
+        return prepared.output()
+    finally:
+        prepared.release()
+
+
 def host_bandwidth(nbytes: int = 256 * 1024 * 1024, reps: int = 5) -> dict[str, float]:
-    """Host memory read and copy bandwidth, best of ``reps``, over buffers far larger than any L3."""
+    """Host memory read and copy bandwidth, best of ``reps``, over buffers far larger than any
+    L3."""
     import time
 
     src = np.ones(nbytes // 4, dtype=np.float32)

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidCase, Unsupported
+from ..errors import Unsupported
 from ..workload import Case
 from .base import Availability, Backend, DeviceInfo, Prepared
+from .common import cuda_backend_name, require, validate_arrays
 from .torch_backend import (
     TorchPrepared,
     cuda_availability,
@@ -36,7 +37,6 @@ from .torch_backend import (
     index_tensor,
     to_carrier_array,
     to_device,
-    validate_arrays,
 )
 
 #: first cuDNN with paged K/V caches in its SDPA graph
@@ -160,10 +160,8 @@ class CudnnBackend(Backend):
     dtypes = ("float16", "bfloat16")
 
     def __init__(self, index: int = 0) -> None:
-        if not isinstance(index, int) or index < 0:
-            raise InvalidCase(f"cudnn:cuda device index {index!r} must be an integer >= 0")
+        self.name = cuda_backend_name("cudnn", index)
         self.index = index
-        self.name = "cudnn:cuda" if index == 0 else f"cudnn:cuda:{index}"
         self._handle: Any = None
 
     def availability(self) -> Availability:
@@ -227,10 +225,7 @@ class CudnnBackend(Backend):
         return cuda_bandwidth(self.index)
 
     def prepare(self, case: Case, arrays: dict[str, np.ndarray], copies: int = 1) -> Prepared:
-        available = self.availability()
-        if not available:
-            raise Unsupported(f"{self.name} is not available here: {available.reason}")
-        self.supports(case)
+        require(self, case)
         validate_arrays(case, arrays)
         return _CudnnPrepared(self, case, arrays, copies)
 

@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidCase, Unsupported
+from ..errors import Unsupported
 from ..workload import Case
 from .base import Availability, Backend, DeviceInfo, Prepared
+from .common import cuda_backend_name, require, validate_arrays
 from .torch_backend import (
     TorchPrepared,
     cuda_availability,
@@ -40,7 +41,6 @@ from .torch_backend import (
     to_carrier_array,
     to_device,
     torch_dtype,
-    validate_arrays,
 )
 
 #: our layout -> FlashInfer's kv_layout
@@ -163,14 +163,12 @@ class FlashInferBackend(Backend):
     dtypes = ("float16", "bfloat16")
 
     def __init__(self, index: int = 0, tensor_cores: bool | None = None) -> None:
-        if not isinstance(index, int) or index < 0:
-            raise InvalidCase(f"flashinfer:cuda device index {index!r} must be an integer >= 0")
+        self.name = cuda_backend_name("flashinfer", index)
         if tensor_cores is None:
             tensor_cores = os.environ.get(TENSOR_CORES_ENV, "").strip().lower() in (
                 "1", "true", "yes", "on")
         self.index = index
         self.tensor_cores = bool(tensor_cores)
-        self.name = "flashinfer:cuda" if index == 0 else f"flashinfer:cuda:{index}"
 
     @property
     def variant(self) -> str:
@@ -220,10 +218,7 @@ class FlashInferBackend(Backend):
         return cuda_bandwidth(self.index)
 
     def prepare(self, case: Case, arrays: dict[str, np.ndarray], copies: int = 1) -> Prepared:
-        available = self.availability()
-        if not available:
-            raise Unsupported(f"{self.name} is not available here: {available.reason}")
-        self.supports(case)
+        require(self, case)
         validate_arrays(case, arrays)
         return _FlashInferPrepared(self, case, arrays, copies)
 

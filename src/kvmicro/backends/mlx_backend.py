@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import Unsupported
 from ..workload import AXES, Case
 from .base import Availability, Backend, DeviceInfo, Prepared, host_bandwidth
-from .torch_backend import host_device_info, validate_arrays
+from .common import host_device_info, require, validate_arrays
 
 MLX_OPS: tuple[str, ...] = ("sdpa_contiguous", "gather", "gather_sdpa", "append")
 
@@ -210,10 +210,7 @@ class _MlxBackend(Backend):
             return {}
 
     def prepare(self, case: Case, arrays: dict[str, np.ndarray], copies: int = 1) -> Prepared:
-        available = self.availability()
-        if not available:
-            raise Unsupported(f"{self.name} is not available here: {available.reason}")
-        self.supports(case)
+        require(self, case)
         validate_arrays(case, arrays)
         return _MlxPrepared(case, arrays, self._device(), copies)
 

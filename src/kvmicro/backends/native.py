@@ -21,6 +21,7 @@ from ..dtypes import from_bits16, to_bits16
 from ..errors import InvalidCase, Unsupported
 from ..workload import OPS, Case
 from .base import Availability, Backend, DeviceInfo, Prepared
+from .common import require
 
 _ARRAY_ARGS = ("q", "k_pool", "v_pool", "block_table", "ctx", "k_dense", "v_dense", "k_new",
                "v_new")
@@ -145,10 +146,7 @@ class _NativeBackend(Backend):
         return {"kvmicro._native": str(info["version"]), "compiler": str(info["compiler"])}
 
     def prepare(self, case: Case, arrays: dict[str, np.ndarray], copies: int = 1) -> Prepared:
-        availability = self.availability()
-        if not availability:
-            raise Unsupported(f"{self.name} is not available here: {availability.reason}")
-        self.supports(case)
+        require(self, case)
         reads = _READS[case.op]
         args = [to_native(arrays[k], case.dtype, k) if k in reads else None for k in _ARRAY_ARGS]
         op = load_native().prepare(

@@ -1,4 +1,4 @@
-"""Backend names -> backend objects, imported lazily so that ``import kvmicro`` imports no framework.
+"""Backend names -> backend objects, imported lazily: ``import kvmicro`` imports no framework.
 
 A name is ``family:device`` with an optional device index (``native:cuda:1``, ``torch:cuda:0``).
 """
@@ -6,7 +6,7 @@ A name is ``family:device`` with an optional device index (``native:cuda:1``, ``
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from functools import cache
 
 from ..errors import InvalidCase
 from .base import Backend
@@ -46,7 +46,7 @@ def split_name(name: str) -> tuple[str, int | None]:
     return base, index
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_backend(name: str) -> Backend:
     """The backend object for ``name`` (whether or not it is available here)."""
     base, index = split_name(name)

@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import carrier
 from ..errors import InvalidCase, Unsupported
-from ..workload import AXES, Case, Layout
+from ..workload import AXES, Case
 from .base import Availability, Backend, DeviceInfo, Prepared, host_bandwidth
+from .common import cuda_backend_name, host_device_info, require, validate_arrays
 
 #: the ops torch serves; ``paged_sdpa`` is refused with a reason in ``supports``
 TORCH_OPS: tuple[str, ...] = ("sdpa_contiguous", "gather", "gather_sdpa", "append")
@@ -112,123 +112,7 @@ def index_tensor(x: np.ndarray, device: Any, dtype: Any = None) -> Any:
     return t.to(device=device, dtype=dtype or torch.int64, copy=True)
 
 
-# ------------------------------------------------------------------------------------ validation
-
-
-def validate_arrays(case: Case, arrays: dict[str, np.ndarray]) -> None:
-    """Check the host arrays against ``case`` before anything reads through them: shapes, carrier
-    dtypes, contexts that fit the table, and every block id an op will touch inside the pool.
-    Raises :class:`InvalidCase` naming the op and the bad value; after it passes, no index a
-    framework kernel reads can be out of bounds."""
-    op = case.op
-    B, Hq, Hkv, D, bs = case.batch, case.q_heads, case.kv_heads, case.head_dim, case.block_size
-    want = carrier(case.dtype)
-
-    def need(key: str) -> np.ndarray:
-        if key not in arrays:
-            raise InvalidCase(f"[{op}] array {key!r} is missing")
-        return np.asarray(arrays[key])
-
-    def check_float(key: str, shape: tuple[int, ...] | None) -> np.ndarray:
-        a = need(key)
-        if a.dtype != want:
-            raise InvalidCase(f"[{op}] {key} has dtype {a.dtype}; a {case.dtype} case carries "
-                              f"{np.dtype(want).name}")
-        if shape is not None and a.shape != shape:
-            raise InvalidCase(f"[{op}] {key} has shape {a.shape}, expected {shape}")
-        return a
-
-    ctx = need("ctx")
-    if ctx.shape != (B,) or [int(c) for c in ctx] != list(case.ctx_list):
-        raise InvalidCase(f"[{op}] ctx array {ctx.tolist()} does not match the case's ctx "
-                          f"{list(case.ctx_list)}")
-    if op in ("sdpa_contiguous", "gather_sdpa", "paged_sdpa"):
-        check_float("q", (B, Hq, case.q_len, D))
-    if op == "sdpa_contiguous":
-        for key in ("k_dense", "v_dense"):
-            a = check_float(key, None)
-            if a.ndim != 4 or a.shape[:2] != (B, Hkv) or a.shape[3] != D or \
-                    a.shape[2] < max(case.ctx_list):
-                raise InvalidCase(f"[{op}] {key} has shape {a.shape}, expected "
-                                  f"({B}, {Hkv}, >= {max(case.ctx_list)}, {D})")
-        return
-    layout = Layout(case.layout)
-    pool = check_float("k_pool", None)
-    if pool.ndim != 4:
-        raise InvalidCase(f"[{op}] k_pool has {pool.ndim} dimensions, expected 4 ({layout})")
-    num_blocks = pool.shape[layout.order.index("N")]
-    expected = layout.physical_shape(num_blocks, bs, Hkv, D)
-    for key in ("k_pool", "v_pool"):
-        check_float(key, expected)
-    if op == "append":
-        for key in ("k_new", "v_new"):
-            check_float(key, (B, Hkv, D))
-    table = need("block_table")
-    if table.ndim != 2 or table.shape[0] != B or not np.issubdtype(table.dtype, np.integer):
-        raise InvalidCase(f"[{op}] block_table must be an integer [{B}, max_blocks] array, got "
-                          f"{table.dtype} {table.shape}")
-    for b, blocks in enumerate(case.blocks_per_seq):
-        if blocks > table.shape[1]:
-            raise InvalidCase(f"[{op}] sequence {b} needs {blocks} blocks (ctx {case.ctx_list[b]},"
-                              f" block_size {bs}) but the table has {table.shape[1]} columns")
-        row = table[b, :blocks]
-        bad = np.flatnonzero((row < 0) | (row >= num_blocks))
-        if bad.size:
-            j = int(bad[0])
-            raise InvalidCase(f"[{op}] block id {int(row[j])} at table[{b}][{j}] outside the "
-                              f"pool [0, {num_blocks})")
-
-
-# ------------------------------------------------------------------------------- host/device info
-
-
-def host_device_info(threads: int | None = None) -> DeviceInfo:
-    """The host CPU as a device: model name, threads, L3 (the cache a cold policy must defeat)."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    threads = threads or os.cpu_count() or 1
-
-    def sysconf(key: str) -> int:
-        try:
-            return max(int(os.sysconf(key)), 0)
-        except (ValueError, OSError, AttributeError):
-            return 0
-
-    cache = sysconf("SC_LEVEL3_CACHE_SIZE") or _sysfs_last_level_cache() or \
-        sysconf("SC_LEVEL2_CACHE_SIZE")
-    memory = sysconf("SC_PAGE_SIZE") * sysconf("SC_PHYS_PAGES")
-    return DeviceInfo(name=f"{name} ({threads} threads)", kind="cpu", cache_bytes=cache,
-                      memory_bytes=memory, extra={"threads": threads})
-
-
-def _sysfs_last_level_cache() -> int:
-    """Bytes of the highest-level cache Linux lists for cpu0 (containers often hide sysconf's)."""
-    best = (0, 0)
-    root = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        entries = os.listdir(root)
-    except OSError:
-        return 0
-    for entry in entries:
-        try:
-            with open(f"{root}/{entry}/level") as f:
-                level = int(f.read())
-            with open(f"{root}/{entry}/size") as f:
-                text = f.read().strip()
-        except (OSError, ValueError):
-            continue
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        digits = text.rstrip("KMG")
-        if digits.isdigit():
-            best = max(best, (level, int(digits) * scale))
-    return best[1]
+# --------------------------------------------------------------------------------- CUDA device info
 
 
 def cuda_device_info(index: int, extra: dict[str, Any] | None = None) -> DeviceInfo:
@@ -589,10 +473,7 @@ class _TorchBackend(Backend):
 
     def prepare(self, case: Case, arrays: dict[str, np.ndarray],
                 copies: int = 1) -> Prepared:
-        available = self.availability()
-        if not available:
-            raise Unsupported(f"{self.name} is not available here: {available.reason}")
-        self.supports(case)
+        require(self, case)
         validate_arrays(case, arrays)
         return _TorchOpPrepared(case, arrays, self._device(), self.kind, copies)
 
@@ -615,10 +496,8 @@ class TorchCudaBackend(_TorchBackend):
     kind = "cuda"
 
     def __init__(self, index: int = 0) -> None:
-        if not isinstance(index, int) or index < 0:
-            raise InvalidCase(f"torch:cuda device index {index!r} must be an integer >= 0")
+        self.name = cuda_backend_name("torch", index)
         self.index = index
-        self.name = "torch:cuda" if index == 0 else f"torch:cuda:{index}"
 
     def _device(self) -> Any:
         return import_torch().device("cuda", self.index)
