@@ -174,3 +174,27 @@ def test_sweep_dry_run_lists_the_plan(capsys: Any) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("24 measurements of 24 cases on torch:cpu")
     assert len(lines) == 1 + 24 and lines[1].startswith("gather torch:cpu NSHD reverse ctx1024")
+
+
+def test_sweep_rejects_an_unknown_priority_in_one_line(capsys):
+    from kvmicro.cli import main
+
+    assert main(["sweep", "--priority", "urgent", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown priority 'urgent'" in err[0] and "low, normal, high" in err[0]
+
+
+def test_a_backend_without_priority_control_skips_non_normal_priorities(tmp_path):
+    from kvmicro.backends import registry
+    from kvmicro.errors import Unsupported
+    from kvmicro.workload import Case
+
+    registry.set_priority("high")
+    try:
+        backend = registry.get_backend("torch:cpu")
+        assert backend.priority == "high" and not backend.has_priority
+        with pytest.raises(Unsupported, match="no stream or queue priority control"):
+            backend.supports(Case(op="gather", backend="torch:cpu"))
+    finally:
+        registry.set_priority("normal")
+    assert registry.get_backend("torch:cpu").priority == "normal"

@@ -222,7 +222,9 @@ def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from . import report, sweep
+    from .backends.registry import set_priority
 
+    set_priority(args.priority)
     preset = sweep.get_preset(args.preset)
     shard = sweep.parse_shard(args.shard) if args.shard else (0, 1)
     grid = sweep.make_grid(args.preset, backend=args.backend, seed=args.seed,
@@ -369,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--rotate-budget", dest="rotate_budget", type=float, default=2.0,
                     metavar="GB", help="device memory for the input copies cold:rotate uploads "
                     "per case (default 2 GiB)")
+    sw.add_argument("--priority", default="normal",
+                    help="stream / queue priority class for backends that have one (native:cuda): "
+                    "low, normal (default) or high; other backends skip non-normal priorities")
     sw.add_argument("--dry-run", action="store_true", help="list the measurements and exit")
     sw.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
     sw.set_defaults(func=cmd_sweep)

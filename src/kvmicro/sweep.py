@@ -33,7 +33,7 @@ import numpy as np
 
 from . import oracle
 from .backends.base import TIMERS
-from .backends.registry import get_backend, resolve, split_name
+from .backends.registry import get_backend, get_priority, resolve, split_name
 from .check import compare
 from .dtypes import DTYPES, carrier
 from .errors import InvalidCase, KvmicroError, Unsupported
@@ -698,7 +698,8 @@ class Runner:
         case = points[0].case
         device = self.device_name(case.backend)
 
-        timings: dict[str, float] = {}
+        # the submission priority is process-wide (set_priority); records say which was in force
+        timings: dict[str, Any] = {"priority": get_priority()}
 
         def record(point: Point, status: str, reason: str = "", **kw: Any) -> dict[str, Any]:
             extra = {"timer": point.timer, "cache": point.cache, **timings}

@@ -23,6 +23,9 @@ from ..workload import Case
 #: every timer kind a record may name (docs/methodology.md says what one sample of each is)
 TIMERS: tuple[str, ...] = ("host", "batched", "device", "graph")
 
+#: submission priorities a backend may offer (`--priority`): the stream / queue priority class
+PRIORITIES: tuple[str, ...] = ("low", "normal", "high")
+
 
 @dataclass(frozen=True)
 class Availability:
@@ -105,6 +108,11 @@ class Backend(ABC):
     name: str = ""
     ops: tuple[str, ...] = ()
     dtypes: tuple[str, ...] = ("float16", "bfloat16", "float32")
+    #: whether prepare() honours `priority` (a CUDA stream / Metal queue priority class)
+    has_priority: bool = False
+    #: one of PRIORITIES; set by the registry for the whole process (one measuring process per
+    #: device), so every case of a run is submitted alike
+    priority: str = "normal"
 
     @abstractmethod
     def availability(self) -> Availability:
@@ -122,6 +130,9 @@ class Backend(ABC):
             raise Unsupported(f"{self.name} does not support dtype {case.dtype}")
         if case.q_len != 1:
             raise Unsupported(f"{self.name} implements decode only (q_len 1, got {case.q_len})")
+        if self.priority != "normal" and not self.has_priority:
+            raise Unsupported(f"{self.name} has no stream or queue priority control "
+                              f"(asked for priority {self.priority!r})")
 
     @abstractmethod
     def prepare(self, case: Case, arrays: dict[str, np.ndarray], copies: int = 1) -> Prepared:

@@ -129,12 +129,16 @@ class _Released:
         raise RuntimeError(f"{self._backend}: this prepared case was released")
 
 
+#: the extension's priority argument: the device's least / default / greatest stream priority
+_PRIORITY_LEVEL = {"low": -1, "normal": 0, "high": 1}
+
+
 class _NativeBackend(Backend):
     ops = OPS
     device = "cpu"
     timers: tuple[str, ...] = ("host", "batched", "device")
 
-    def __init__(self, index: int = 0, threads: int = 0, priority: int = 0) -> None:
+    def __init__(self, index: int = 0, threads: int = 0, priority: str = "normal") -> None:
         self.index = index
         self.threads = threads
         self.priority = priority
@@ -151,7 +155,8 @@ class _NativeBackend(Backend):
         args = [to_native(arrays[k], case.dtype, k) if k in reads else None for k in _ARRAY_ARGS]
         op = load_native().prepare(
             self.device, case.op, case.layout, case.dtype, case.block_size, case.softmax_scale,
-            *args, copies=copies, threads=self.threads, index=self.index, priority=self.priority)
+            *args, copies=copies, threads=self.threads, index=self.index,
+            priority=_PRIORITY_LEVEL[self.priority])
         return NativePrepared(case, op, self.timers)
 
 
@@ -182,6 +187,7 @@ class NativeCudaBackend(_NativeBackend):
 
     name = "native:cuda"
     device = "cuda"
+    has_priority = True
     timers = ("host", "batched", "device", "graph")
 
     def availability(self) -> Availability:
@@ -211,6 +217,7 @@ class NativeCudaBackend(_NativeBackend):
         cache = int(info.pop("l2_cache_bytes", info.pop("l2_bytes", 0)) or 0)
         memory = int(info.pop("total_memory_bytes", info.pop("memory_bytes", 0)) or 0)
         info["index"] = self.index
+        info["priority"] = self.priority
         return DeviceInfo(name=name, kind="cuda", cache_bytes=cache, memory_bytes=memory,
                           extra=info)
 

@@ -9,7 +9,7 @@ import importlib
 from functools import cache
 
 from ..errors import InvalidCase
-from .base import Backend
+from .base import PRIORITIES, Backend
 
 # family:device -> (module, class). The order is the order of preference for `--backend auto`.
 _FACTORIES: dict[str, tuple[str, str]] = {
@@ -46,13 +46,33 @@ def split_name(name: str) -> tuple[str, int | None]:
     return base, index
 
 
+_priority = "normal"
+
+
+def set_priority(priority: str) -> None:
+    """Submission priority for every backend this process creates from now on (`--priority`)."""
+    global _priority
+    if priority not in PRIORITIES:
+        raise InvalidCase(f"unknown priority {priority!r}; expected one of {', '.join(PRIORITIES)}")
+    if priority != _priority:
+        _priority = priority
+        get_backend.cache_clear()
+
+
+def get_priority() -> str:
+    return _priority
+
+
 @cache
 def get_backend(name: str) -> Backend:
-    """The backend object for ``name`` (whether or not it is available here)."""
+    """The backend object for ``name`` (whether or not it is available here), with the process's
+    submission priority."""
     base, index = split_name(name)
     module_name, class_name = _FACTORIES[base]
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls() if index is None else cls(index=index)
+    backend = cls() if index is None else cls(index=index)
+    backend.priority = _priority
+    return backend
 
 
 def available_backends() -> list[str]:
