@@ -43,6 +43,22 @@ struct OpInputs {
   const void* v_dense;
   const void* k_new;       // [B, Hkv, D]
   const void* v_new;
+
+  // The host pointer behind a buffer slot (null for the output and for absent inputs).
+  const void* host(BufferIndex which) const {
+    switch (which) {
+      case kBufQ: return q;
+      case kBufKPool: return k_pool;
+      case kBufVPool: return v_pool;
+      case kBufTable: return table;
+      case kBufCtx: return ctx;
+      case kBufKDense: return k_dense;
+      case kBufVDense: return v_dense;
+      case kBufKNew: return k_new;
+      case kBufVNew: return v_new;
+      default: return nullptr;
+    }
+  }
 };
 
 inline int64_t dtype_size(int32_t dtype) { return dtype == (int32_t)DType::kFloat32 ? 4 : 2; }
@@ -63,6 +79,12 @@ inline int64_t buffer_elements(const OpParams& p, BufferIndex which) {
     case kBufVNew: return B * Hkv * D;
     default: return 0;
   }
+}
+
+// Bytes of a buffer slot: int32 for the table and contexts, the dtype for everything else.
+inline int64_t buffer_bytes(const OpParams& p, BufferIndex which) {
+  const int64_t item = which == kBufTable || which == kBufCtx ? 4 : dtype_size(p.dtype);
+  return buffer_elements(p, which) * item;
 }
 
 class PreparedOp {

@@ -171,23 +171,8 @@ bool holds(OpKind op, BufferIndex which) {
 // past each sequence's blocks is never written by a run); the output starts zeroed.
 const void* source(const OpInputs& in, BufferIndex which) {
   const bool dense_is_input = in.op == OpKind::kSdpaContiguous;
-  switch (which) {
-    case kBufQ: return in.q;
-    case kBufKPool: return in.k_pool;
-    case kBufVPool: return in.v_pool;
-    case kBufTable: return in.table;
-    case kBufCtx: return in.ctx;
-    case kBufKDense: return dense_is_input ? in.k_dense : nullptr;
-    case kBufVDense: return dense_is_input ? in.v_dense : nullptr;
-    case kBufKNew: return in.k_new;
-    case kBufVNew: return in.v_new;
-    default: return nullptr;
-  }
-}
-
-int64_t buffer_bytes(const OpParams& p, BufferIndex which) {
-  const int64_t item = which == kBufTable || which == kBufCtx ? 4 : dtype_size(p.dtype);
-  return buffer_elements(p, which) * item;
+  if ((which == kBufKDense || which == kBufVDense) && !dense_is_input) return nullptr;
+  return in.host(which);
 }
 
 class CpuOp final : public PreparedOp {

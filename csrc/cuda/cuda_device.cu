@@ -186,7 +186,6 @@ class CudaOp final : public PreparedOp {
   };
 
   Fill fill_for(BufferIndex which) const;
-  int64_t buffer_bytes(BufferIndex which) const;
   void build_args(Set& s);
   void enqueue(const Set& s);
   void ensure_flush(int64_t bytes);
@@ -245,26 +244,6 @@ Fill CudaOp::fill_for(BufferIndex which) const {
   return Fill::kNone;
 }
 
-int64_t CudaOp::buffer_bytes(BufferIndex which) const {
-  const int64_t esize = (which == kBufTable || which == kBufCtx) ? 4 : dtype_size(p_.dtype);
-  return buffer_elements(p_, which) * esize;
-}
-
-static const void* host_ptr(const OpInputs& in, BufferIndex which) {
-  switch (which) {
-    case kBufQ: return in.q;
-    case kBufKPool: return in.k_pool;
-    case kBufVPool: return in.v_pool;
-    case kBufTable: return in.table;
-    case kBufCtx: return in.ctx;
-    case kBufKDense: return in.k_dense;
-    case kBufVDense: return in.v_dense;
-    case kBufKNew: return in.k_new;
-    case kBufVNew: return in.v_new;
-    default: return nullptr;
-  }
-}
-
 static int map_priority(int priority, int device) {
   int least = 0, greatest = 0;
   KV_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
@@ -315,10 +294,10 @@ CudaOp::CudaOp(const OpInputs& in, const DeviceOptions& opt)
       const BufferIndex which = (BufferIndex)w;
       const Fill fill = fill_for(which);
       if (fill == Fill::kNone) continue;
-      const int64_t bytes = buffer_bytes(which);
+      const int64_t bytes = buffer_bytes(p_, which);
       set->buf[w].allocate((size_t)bytes);
       if (fill == Fill::kUpload) {
-        const void* src = host_ptr(in, which);
+        const void* src = in.host(which);
         if (!src)
           throw InvalidArgument(std::string("[") + name_ + "] input buffer " + std::to_string(w) +
                                 " is missing");
@@ -426,8 +405,8 @@ void CudaOp::download(BufferIndex which, void* dst) {
                           " is not used by this op");
   use_device(device_);
   sync();
-  KV_CUDA_CHECK(cudaMemcpy(dst, sets_[current_]->buf[which].get(), (size_t)buffer_bytes(which),
-                           cudaMemcpyDeviceToHost));
+  KV_CUDA_CHECK(cudaMemcpy(dst, sets_[current_]->buf[which].get(),
+                           (size_t)buffer_bytes(p_, which), cudaMemcpyDeviceToHost));
 }
 
 void CudaOp::ensure_flush(int64_t bytes) {
