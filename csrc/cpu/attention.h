@@ -153,5 +153,30 @@ inline int64_t attention_tasks(const AttentionPlan& plan) {
   return (int64_t)plan.p.batch * head_groups(plan) * plan.splits;
 }
 
+// The whole attention op over one row source: a task per (sequence, kv-head group, split) on the
+// pool, then the split merge. `rows_for(b)` returns the Rows of sequence b (PagedRows, DenseRows).
+template <class RowsFor>
+void run_attention(const AttentionPlan& plan, const Buffers& buf, ThreadPool& pool,
+                   AttentionScratch& scratch, const RowsFor& rows_for) {
+  struct Job {
+    const AttentionPlan* plan;
+    const Buffers* buf;
+    float* workers;
+    float* partials;
+    const RowsFor* rows_for;
+  };
+  Job job{&plan, &buf, scratch.workers.as<float>(), scratch.partials.as<float>(), &rows_for};
+  pool.run(
+      attention_tasks(plan),
+      [](void* ctx, int64_t index, int worker) {
+        const Job& j = *static_cast<const Job*>(ctx);
+        const TaskIndex t = task_index(*j.plan, index);
+        attend(*j.plan, (*j.rows_for)(t.b), *j.buf, t.b, t.kvh0, t.split,
+               j.workers + worker * j.plan->worker_floats, j.partials);
+      },
+      &job);
+  if (plan.splits > 1) combine_splits(plan, buf, pool, scratch);
+}
+
 }  // namespace cpu
 }  // namespace kvmicro

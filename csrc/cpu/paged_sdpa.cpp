@@ -37,33 +37,15 @@ struct PagedRows {
   int64_t stride_d() const { return view.stride_d; }
 };
 
-struct Job {
-  const AttentionPlan* plan;
-  const Buffers* buf;
-  float* workers;
-  float* partials;
-};
-
-void task(void* ctx, int64_t index, int worker) {
-  const Job& job = *static_cast<const Job*>(ctx);
-  const AttentionPlan& plan = *job.plan;
-  const OpParams& p = plan.p;
-  const TaskIndex t = task_index(plan, index);
-  const PagedRows rows{static_cast<const char*>(job.buf->k_pool),
-                       static_cast<const char*>(job.buf->v_pool),
-                       job.buf->table + (int64_t)t.b * p.max_blocks, p.pool,
-                       dtype_size(p.dtype)};
-  attend(plan, rows, *job.buf, t.b, t.kvh0, t.split, job.workers + worker * plan.worker_floats,
-         job.partials);
-}
-
 }  // namespace
 
 void paged_sdpa(const AttentionPlan& plan, const Buffers& buf, ThreadPool& pool,
                 AttentionScratch& scratch) {
-  Job job{&plan, &buf, scratch.workers.as<float>(), scratch.partials.as<float>()};
-  pool.run(attention_tasks(plan), &task, &job);
-  if (plan.splits > 1) combine_splits(plan, buf, pool, scratch);
+  const OpParams& p = plan.p;
+  run_attention(plan, buf, pool, scratch, [&](int b) {
+    return PagedRows{static_cast<const char*>(buf.k_pool), static_cast<const char*>(buf.v_pool),
+                     buf.table + (int64_t)b * p.max_blocks, p.pool, dtype_size(p.dtype)};
+  });
 }
 
 }  // namespace cpu

@@ -25,34 +25,18 @@ struct DenseRows {
   int64_t stride_d() const { return 1; }
 };
 
-struct Job {
-  const AttentionPlan* plan;
-  const Buffers* buf;
-  float* workers;
-  float* partials;
-};
-
-void task(void* ctx, int64_t index, int worker) {
-  const Job& job = *static_cast<const Job*>(ctx);
-  const AttentionPlan& plan = *job.plan;
-  const OpParams& p = plan.p;
-  const TaskIndex t = task_index(plan, index);
-  const int64_t row_bytes = (int64_t)p.pool.head_dim * dtype_size(p.dtype);
-  const int64_t head_bytes = p.max_ctx_pad * row_bytes;
-  const int64_t offset = (int64_t)t.b * p.pool.kv_heads * head_bytes;
-  const DenseRows rows{static_cast<const char*>(job.buf->k_dense) + offset,
-                       static_cast<const char*>(job.buf->v_dense) + offset, row_bytes, head_bytes};
-  attend(plan, rows, *job.buf, t.b, t.kvh0, t.split, job.workers + worker * plan.worker_floats,
-         job.partials);
-}
-
 }  // namespace
 
 void sdpa_contiguous(const AttentionPlan& plan, const Buffers& buf, ThreadPool& pool,
                      AttentionScratch& scratch) {
-  Job job{&plan, &buf, scratch.workers.as<float>(), scratch.partials.as<float>()};
-  pool.run(attention_tasks(plan), &task, &job);
-  if (plan.splits > 1) combine_splits(plan, buf, pool, scratch);
+  const OpParams& p = plan.p;
+  const int64_t row_bytes = (int64_t)p.pool.head_dim * dtype_size(p.dtype);
+  const int64_t head_bytes = p.max_ctx_pad * row_bytes;
+  run_attention(plan, buf, pool, scratch, [&](int b) {
+    const int64_t offset = (int64_t)b * p.pool.kv_heads * head_bytes;
+    return DenseRows{static_cast<const char*>(buf.k_dense) + offset,
+                     static_cast<const char*>(buf.v_dense) + offset, row_bytes, head_bytes};
+  });
 }
 
 }  // namespace cpu
