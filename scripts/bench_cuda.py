@@ -28,7 +28,7 @@ import kvmicro as kv
 from kvmicro.backends.native import NativeCudaBackend, load_native
 from kvmicro.backends.registry import get_backend
 from kvmicro.dtypes import to_carrier
-from kvmicro.workload import Case, Layout, place_blocks
+from kvmicro.workload import Case, Layout, block_table
 
 TARGETS = {  # (ctx, batch) -> issue-10 target for native:cuda paged_sdpa, µs (graph, hot)
     (1024, 1): 6.0, (4096, 4): 27.0, (16384, 4): 93.0, (32768, 1): 48.0, (32768, 4): 180.0,
@@ -54,11 +54,7 @@ def fast_arrays(case: Case) -> dict[str, np.ndarray]:
     a fresh draw per element, and the large shapes would otherwise spend seconds in the RNG."""
     rng = np.random.default_rng(case.seed)
     B, Hq, Hkv, D, bs = case.batch, case.q_heads, case.kv_heads, case.head_dim, case.block_size
-    num_blocks, ids = place_blocks(case.placement, list(case.blocks_per_seq), float(case.slack),
-                                   rng)
-    table = np.full((B, case.max_blocks), -1, dtype=np.int32)
-    for b, row in enumerate(ids):
-        table[b, :len(row)] = row
+    num_blocks, _, table = block_table(case, rng)
     base = to_carrier(rng.standard_normal(1 << 20, dtype=np.float32), case.dtype)
 
     def filled(*shape: int) -> np.ndarray:

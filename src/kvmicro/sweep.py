@@ -719,15 +719,10 @@ class Runner:
                          for pol in policies)
             prepared, check = self.prepare_checked(case, copies)
             timings.update(self.timings)
-        except Unsupported as exc:
-            for p in points:
-                yield record(p, "skipped", str(exc))
-            return
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:
-            status, why = ("skipped", f"out of memory: {exc}") if is_out_of_memory(exc) \
-                else ("error", _describe(exc))
+            status, why = _failure(exc)
             for p in points:
                 yield record(p, status, why)
             return
@@ -748,14 +743,10 @@ class Runner:
                 try:
                     m = measure(prepared, self.config(p), policy)
                     derived = self.derive(p, m.stats)
-                except Unsupported as exc:
-                    yield record(p, "skipped", str(exc), check=check.to_dict())
-                    continue
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except BaseException as exc:
-                    status, why = ("skipped", f"out of memory: {exc}") if is_out_of_memory(exc) \
-                        else ("error", _describe(exc))
+                    status, why = _failure(exc)
                     yield record(p, status, why, check=check.to_dict())
                     continue
                 if case.op == "sdpa_contiguous":
@@ -764,6 +755,16 @@ class Runner:
                                   derived=derived, device=device, extra=timings)
         finally:
             prepared.release()
+
+
+def _failure(exc: BaseException) -> tuple[str, str]:
+    """The status and reason a failed case is recorded with: a refusal or an exhausted device is
+    a skip, anything else an error."""
+    if isinstance(exc, Unsupported):
+        return "skipped", str(exc)
+    if is_out_of_memory(exc):
+        return "skipped", f"out of memory: {exc}"
+    return "error", _describe(exc)
 
 
 def _describe(exc: BaseException) -> str:

@@ -307,6 +307,18 @@ class Case:
 # ------------------------------------------------------------------------------------ materialize
 
 
+def block_table(case: Case, rng: np.random.Generator
+                ) -> tuple[int, list[list[int]], np.ndarray]:
+    """Place the case's blocks: ``(num_blocks, ids per sequence, block_table)``, the table int32
+    ``[B, max_blocks]`` padded with -1. Draws from ``rng`` first, as materialize() does."""
+    num_blocks, ids = place_blocks(case.placement, list(case.blocks_per_seq), float(case.slack),
+                                   rng)
+    table = np.full((case.batch, case.max_blocks), -1, dtype=np.int32)
+    for b, row in enumerate(ids):
+        table[b, :len(row)] = row
+    return num_blocks, ids, table
+
+
 ARRAY_KEYS: tuple[str, ...] = ("q", "k_pool", "v_pool", "block_table", "ctx", "k_dense",
                                "v_dense", "k_new", "v_new")
 
@@ -323,11 +335,7 @@ def materialize(case: Case, seed: int | None = None) -> dict[str, np.ndarray]:
     """
     rng = np.random.default_rng(case.seed if seed is None else seed)
     B, Hq, Hkv, D, bs = case.batch, case.q_heads, case.kv_heads, case.head_dim, case.block_size
-    num_blocks, ids = place_blocks(case.placement, list(case.blocks_per_seq), float(case.slack),
-                                   rng)
-    table = np.full((B, case.max_blocks), -1, dtype=np.int32)
-    for b, row in enumerate(ids):
-        table[b, :len(row)] = row
+    num_blocks, ids, table = block_table(case, rng)
 
     def normal(*shape: int) -> np.ndarray:
         return to_carrier(rng.standard_normal(shape, dtype=np.float32), case.dtype)
@@ -373,6 +381,7 @@ __all__ = [
     "PRESET_LAYOUTS",
     "Case",
     "Layout",
+    "block_table",
     "blocks_for",
     "materialize",
     "place_blocks",
