@@ -323,6 +323,10 @@ PYBIND11_MODULE(_native, m) {
       .def("flush", [](NativeOp& o, int64_t nbytes) { o.op->flush(nbytes); }, py::arg("nbytes"),
            py::call_guard<py::gil_scoped_release>(),
            "Write `nbytes` of device scratch so that the next op starts with a cold cache.")
+      .def("poison_outputs", [](NativeOp& o) { o.op->poison_outputs(); },
+           py::call_guard<py::gil_scoped_release>(),
+           "Overwrite the current copy's outputs with NaN bits (CUDA only), so a check after "
+           "the next run proves that run wrote them.")
       .def_property_readonly("dropped_samples",
                              [](const NativeOp& o) { return o.op->dropped_samples(); })
       .def_property_readonly("kernel", [](const NativeOp& o) { return o.op->describe(); },

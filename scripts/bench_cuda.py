@@ -37,6 +37,15 @@ PEERS = {  # FIELD.md, same H100: (torch SDPA, cuDNN paged, FlashInfer paged), Â
     (1024, 1): (6.8, 7.9, 8.4), (4096, 4): (29.4, 30.7, 30.8), (16384, 4): (94.1, 95.2, 97.2),
     (32768, 1): (51.4, 52.9, 53.5), (32768, 4): (179.8, 181.5, 184.2),
 }
+# Attention kernel variants compared in the "kernels" section (environment knobs, docs/cuda.md).
+KERNEL_VARIANTS = {
+    "default": {},
+    "mma": {"KVMICRO_CUDA_KERNEL": "mma"},
+    "mma-no-prefetch": {"KVMICRO_CUDA_KERNEL": "mma", "KVMICRO_CUDA_L2_PREFETCH": "0"},
+    "async2": {"KVMICRO_CUDA_KERNEL": "async"},
+    "async3": {"KVMICRO_CUDA_KERNEL": "async", "KVMICRO_CUDA_STAGES": "3"},
+    "simt": {"KVMICRO_CUDA_KERNEL": "simt"},
+}
 SHAPE = dict(q_heads=32, kv_heads=8, head_dim=128, dtype="float16", slack=2.0)
 
 
@@ -145,6 +154,8 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--json", default="")
     parser.add_argument("--quick", action="store_true", help="targets only")
+    parser.add_argument("--sections", default="targets,kernels,sweep,splits,other",
+                        help="comma-separated: targets, kernels, sweep, splits, other")
     parser.add_argument("--budget", type=float, default=0.0,
                         help="seconds; later sections are skipped once it is spent (0 = none)")
     args = parser.parse_args()
@@ -152,6 +163,11 @@ def main() -> int:
 
     def time_left() -> bool:
         return not args.budget or time.perf_counter() - began < args.budget
+
+    sections = set(args.sections.split(","))
+
+    def want(section: str) -> bool:
+        return section in sections and (section == "targets" or not args.quick) and time_left()
 
     native = load_native()
     info = native.cuda_device_info(0)
@@ -170,85 +186,76 @@ def main() -> int:
         fields.update(kw)
         return Case(**fields)
 
-    # ---- the target shapes -------------------------------------------------------------------
-    log("\n== targets (NSHD, block 16, reverse, slack 2)")
-    torch_backend = None
-    try:
-        torch_backend = get_backend("torch:cuda")
-        if not torch_backend.availability():
-            torch_backend = None
-    except Exception as err:
-        log("  torch:cuda unavailable:", err)
-    table = []
-    for (ctx, batch), target in TARGETS.items():
-        row: dict[str, Any] = {"ctx": ctx, "batch": batch, "target": target}
-        c = case("paged_sdpa", ctx, batch)
-        arrays = fast_arrays(c)
-        row["floor"] = kv_bytes(c) / (bw["read_gbps"] * 1e9) * 1e6
-        row["paged_hot"] = bench.measure(c, arrays=arrays, label="paged hot").get("median_us")
-        row["paged_cold"] = bench.measure(c, cache="cold", label="paged cold").get("median_us")
-        row["paged_device"] = bench.measure(c, arrays=arrays, timer="device",
-                                            label="paged device-timer").get("median_us")
-        rec = bench.measure(c.with_(op="gather"), arrays=arrays, label="gather hot")
-        row["gather"] = rec.get("median_us")
-        # gather moves whole blocks: read + write of ctx_pad tokens
-        moved = 2 * 2 * sum(c.ctx_pad) * c.kv_heads * c.head_dim * c.itemsize
-        row["gather_pct_copy"] = (moved / (rec["median_us"] * 1e-6) / 1e9 / bw["copy_gbps"] * 100
-                                  if rec.get("median_us") else None)
-        row["gather_sdpa"] = bench.measure(c.with_(op="gather_sdpa"), arrays=arrays,
-                                           label="gather_sdpa hot").get("median_us")
-        del arrays
-        cd = c.with_(op="sdpa_contiguous")
-        row["contig"] = bench.measure(cd, label="sdpa_contiguous hot").get("median_us")
-        if torch_backend is not None:
-            ta = kv.materialize(cd) if ctx * batch <= 4096 else fast_arrays(cd)
-            row["torch_sdpa"] = bench.measure(cd.with_(backend="torch:cuda"), arrays=ta,
-                                              backend=torch_backend,
-                                              label="torch sdpa hot").get("median_us")
-            if (ctx, batch) == (32768, 4):
-                tg = c.with_(op="gather_sdpa", backend="torch:cuda")
-                row["torch_gather_sdpa"] = bench.measure(
-                    tg, arrays=fast_arrays(tg), backend=torch_backend,
-                    label="torch gather_sdpa hot").get("median_us")
-        table.append(row)
-    results["targets"] = table
+    table: list[dict[str, Any]] = []
+    if want("targets"):
+        # ---- the target shapes -------------------------------------------------------------------
+        log("\n== targets (NSHD, block 16, reverse, slack 2)")
+        torch_backend = None
+        try:
+            torch_backend = get_backend("torch:cuda")
+            if not torch_backend.availability():
+                torch_backend = None
+        except Exception as err:
+            log("  torch:cuda unavailable:", err)
+        for (ctx, batch), target in TARGETS.items():
+            row: dict[str, Any] = {"ctx": ctx, "batch": batch, "target": target}
+            c = case("paged_sdpa", ctx, batch)
+            arrays = fast_arrays(c)
+            row["floor"] = kv_bytes(c) / (bw["read_gbps"] * 1e9) * 1e6
+            row["paged_hot"] = bench.measure(c, arrays=arrays, label="paged hot").get("median_us")
+            row["paged_cold"] = bench.measure(c, cache="cold", label="paged cold").get("median_us")
+            row["paged_device"] = bench.measure(c, arrays=arrays, timer="device",
+                                                label="paged device-timer").get("median_us")
+            rec = bench.measure(c.with_(op="gather"), arrays=arrays, label="gather hot")
+            row["gather"] = rec.get("median_us")
+            # gather moves whole blocks: read + write of ctx_pad tokens
+            moved = 2 * 2 * sum(c.ctx_pad) * c.kv_heads * c.head_dim * c.itemsize
+            gbps = moved / (rec["median_us"] * 1e-6) / 1e9 if rec.get("median_us") else None
+            row["gather_pct_copy"] = gbps / bw["copy_gbps"] * 100 if gbps else None
+            row["gather_sdpa"] = bench.measure(c.with_(op="gather_sdpa"), arrays=arrays,
+                                               label="gather_sdpa hot").get("median_us")
+            del arrays
+            cd = c.with_(op="sdpa_contiguous")
+            row["contig"] = bench.measure(cd, label="sdpa_contiguous hot").get("median_us")
+            if torch_backend is not None:
+                ta = kv.materialize(cd) if ctx * batch <= 4096 else fast_arrays(cd)
+                row["torch_sdpa"] = bench.measure(cd.with_(backend="torch:cuda"), arrays=ta,
+                                                  backend=torch_backend,
+                                                  label="torch sdpa hot").get("median_us")
+                if (ctx, batch) == (32768, 4):
+                    tg = c.with_(op="gather_sdpa", backend="torch:cuda")
+                    row["torch_gather_sdpa"] = bench.measure(
+                        tg, arrays=fast_arrays(tg), backend=torch_backend,
+                        label="torch gather_sdpa hot").get("median_us")
+            table.append(row)
+        results["targets"] = table
 
-    for batch in (1, 4):
+    for batch in (1, 4) if "targets" in sections else ():
         c = case("append", 4096, batch)
         rec = bench.measure(c, label="append hot")
         results[f"append_b{batch}"] = rec.get("median_us")
 
-    if not args.quick and time_left():
-        log("\n== SIMT vs tensor-core (plain / pipelined) attention, paged_sdpa NSHD bs16 hot")
+    if want("kernels"):
+        log("\n== attention kernel variants (docs/cuda.md knobs), paged_sdpa NSHD bs16 hot")
         kernels = []
-        variants = {"simt": {"KVMICRO_CUDA_KERNEL": "simt"},
-                    "mma": {"KVMICRO_CUDA_KERNEL": "", "KVMICRO_CUDA_PIPELINE": "0"},
-                    "mma-pipe": {"KVMICRO_CUDA_KERNEL": "", "KVMICRO_CUDA_PIPELINE": "1"}}
         for ctx, batch, placement in ((1024, 1, "reverse"), (4096, 4, "reverse"),
                                       (16384, 4, "reverse"), (32768, 1, "reverse"),
-                                      (32768, 4, "reverse"), (32768, 4, "contiguous"),
-                                      (32768, 4, "random")):
+                                      (32768, 4, "reverse"), (32768, 4, "random")):
             if not time_left():
                 break
             c = case("paged_sdpa", ctx, batch, placement=placement)
             arrays = fast_arrays(c)
-            for name, variant in variants.items():
+            for name, variant in KERNEL_VARIANTS.items():
+                if name == "simt" and ctx * batch < 32768 * 4:
+                    continue
                 with env(**variant):
                     rec = bench.measure(c, arrays=arrays, label=f"kernel {name}")
                 kernels.append({"ctx": ctx, "batch": batch, "placement": placement,
                                 "kernel": name, "median_us": rec.get("median_us"),
                                 "description": rec.get("kernel", "")})
-            if (ctx, batch, placement) == (32768, 4, "reverse"):
-                cd = c.with_(op="sdpa_contiguous")
-                ad = fast_arrays(cd)
-                for name, variant in variants.items():
-                    with env(**variant):
-                        rec = bench.measure(cd, arrays=ad, label=f"contig {name}")
-                    kernels.append({"ctx": ctx, "batch": batch, "placement": "dense",
-                                    "kernel": name, "median_us": rec.get("median_us")})
         results["kernels"] = kernels
 
-    if not args.quick and time_left():
+    if want("sweep"):
         # ---- layout x block size, and placement, at long contexts --------------------------
         log("\n== layouts x block size (reverse) and placements (NSHD, block 16)")
         sweep = []
@@ -268,12 +275,13 @@ def main() -> int:
                                                    "placement", "median_us", "gbps")}
                             for r in sweep]
 
-    if not args.quick and time_left():
+    if want("splits"):
         # ---- split count and combine launch ------------------------------------------------
         log("\n== split count (forced) and PDL, paged_sdpa NSHD bs16 reverse hot")
         splits_rows = []
-        for ctx, batch, options in ((1024, 1, (0, 4, 8, 32)), (4096, 4, (0, 4, 8, 32)),
-                                    (32768, 1, (0, 33, 132, 264)), (32768, 4, (0, 8, 33, 66))):
+        for ctx, batch, options in ((1024, 1, (0, 2, 4, 8, 32)), (4096, 4, (0, 4, 8, 16)),
+                                    (16384, 4, (0, 4, 8, 16)), (32768, 1, (0, 16, 32, 66)),
+                                    (32768, 4, (0, 4, 8, 16))):
             if not time_left():
                 break
             c = case("paged_sdpa", ctx, batch)
@@ -287,7 +295,7 @@ def main() -> int:
                                         "kernel": rec.get("kernel", "")})
         results["splits"] = splits_rows
 
-    if not args.quick and time_left():
+    if want("other"):
         # ---- other dtypes / head dims at one long shape --------------------------------------
         log("\n== dtypes and head dims (16384/4, NSHD, bs16)")
         other = []

@@ -34,13 +34,19 @@ SHAPES = [
 def main() -> int:
     failures = 0
     n = 0
-    for pdl, kernel in (("1", ""), ("0", ""), ("1", "simt"), ("1", "pipeline")):
+    # (PDL, kernel, stages, L2 prefetch): the default first (every op), then each variant on
+    # the attention ops.
+    variants = (("1", "", "2", "128"), ("0", "", "2", "128"), ("1", "mma", "2", "0"),
+                ("1", "async", "2", "128"), ("0", "async", "3", "128"), ("1", "simt", "2", "128"))
+    for pdl, kernel, stages, prefetch in variants:
         os.environ["KVMICRO_CUDA_PDL"] = pdl
-        os.environ["KVMICRO_CUDA_KERNEL"] = "simt" if kernel == "simt" else ""
-        os.environ["KVMICRO_CUDA_PIPELINE"] = "1" if kernel == "pipeline" else "0"
+        os.environ["KVMICRO_CUDA_KERNEL"] = kernel
+        os.environ["KVMICRO_CUDA_STAGES"] = stages
+        os.environ["KVMICRO_CUDA_L2_PREFETCH"] = prefetch
         for shape in SHAPES:
             for op in OPS:
-                if (pdl, kernel) != ("1", "") and op not in ("paged_sdpa", "sdpa_contiguous"):
+                if (pdl, kernel, stages, prefetch) != variants[0] and op not in (
+                        "paged_sdpa", "sdpa_contiguous"):
                     continue
                 case = Case(op=op, backend="native:cuda", seed=n, **shape)
                 arrays = kv.materialize(case)

@@ -388,6 +388,8 @@ def test_bad_scalars(base: Any) -> None:
         native_prepare(case, args, threads=-1)
     with pytest.raises(InvalidCase, match="priority 5"):
         native_prepare(case, args, priority=5)
+    with pytest.raises(InvalidCase, match="priority 'urgent' is not one of low, normal, high"):
+        NativeCpuBackend(priority="urgent")
     with pytest.raises(InvalidCase, match="unknown op 'paged'"):
         _native.prepare("cpu", "paged", "NSHD", "float16", 16, 0.25,
                         *(args[key] for key in ARRAY_KEYS))

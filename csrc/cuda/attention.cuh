@@ -380,85 +380,66 @@ __host__ __device__ constexpr int mma_d_row(int mt, int row) {
 constexpr int kMmaHeads = 8;      // query heads per block: the mma's N
 constexpr int kMmaTileKeys = 16;  // keys per warp per step: the mma's M (QK) / K (PV)
 
-template <typename T, int D, bool kPipeline, class Src>
-__global__ void __launch_bounds__(kAttnThreads)
-    attention_split_mma_kernel(AttnArgs a, Src src) {
-  static_assert(D % 32 == 0, "16-byte fragment loads cover 32 elements of d per lane quad");
-  constexpr int NB = D / 32;  // 16-byte loads per key row per lane
-  constexpr int MT = D / 16;  // m-tiles of O^T
-  constexpr int GT = kMmaHeads;
-  constexpr int NW = kAttnWarps;
-
-  __shared__ float s_acc[NW][GT][D];
-  __shared__ float s_m[NW][GT];
-  __shared__ float s_l[NW][GT];
-
-  const int split = blockIdx.x;
-  const int hk = blockIdx.y / a.head_tiles;
-  const int g0 = (blockIdx.y % a.head_tiles) * GT;
-  const int b = blockIdx.z;
-  const int gcount = min(GT, a.group - g0);
-  const int ctx_b = a.ctx[b];
-  const int start = split * a.chunk;
-  if (start >= ctx_b) return;  // uniform across the block, before any barrier
-  const int end = min(start + a.chunk, ctx_b);
-
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int gr = lane >> 2, tq = lane & 3;
-  const T* kp = static_cast<const T*>(src.k);
-  const T* vp = static_cast<const T*>(src.v);
-  const T tag{};
-
-  // Q^T as B fragments: lane holds head g0+gr at d = 32j + 8tq .. +7 (zero past the group).
-  uint4 qf[NB];
+__device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
-  for (int j = 0; j < NB; ++j) qf[j] = make_uint4(0, 0, 0, 0);
-  if (gr < gcount) {
-    const T* qrow = static_cast<const T*>(a.q) + ((int64_t)b * a.q_heads + hk * a.group + g0 + gr) * D;
+  for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
-    for (int j = 0; j < NB; ++j) qf[j] = load16(qrow + 32 * j + 8 * tq);
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// One warp's 16-key tile as the fragments lane (gr, tq) holds: 16 bytes of keys t0+gr and t0+gr+8
+// at d = 32j + 8tq .. +7, for K and V.
+template <int D>
+struct MmaRows {
+  uint4 ka[D / 32], kb[D / 32], va[D / 32], vb[D / 32];
+};
+
+// A warp's share of the tensor-core split kernels: Q^T fragments, the O^T accumulator and the
+// online softmax of the block's 8 query heads. Both kernels below feed it tiles (MmaRows); they
+// differ only in how the tiles get from the pool into registers.
+template <typename T, int D>
+struct MmaWarpState {
+  static constexpr int NB = D / 32;  // 16-byte fragments per key row per lane
+  static constexpr int MT = D / 16;  // m-tiles of O^T
+  uint4 qf[NB];                      // Q^T B fragments: head g0+gr at d = 32j + 8tq .. +7
+  float acc[MT][4];
+  float m0, m1;  // running max of heads 2tq and 2tq+1 (the same in the 8 lanes sharing tq)
+  float l0, l1;  // this lane's share of their sums
+
+  __device__ __forceinline__ void init(const AttnArgs& a, int b, int hk, int g0, int gcount,
+                                       int gr, int tq) {
+#pragma unroll
+    for (int j = 0; j < NB; ++j) qf[j] = make_uint4(0, 0, 0, 0);
+    if (gr < gcount) {
+      const T* qrow =
+          static_cast<const T*>(a.q) + ((int64_t)b * a.q_heads + hk * a.group + g0 + gr) * D;
+#pragma unroll
+      for (int j = 0; j < NB; ++j) qf[j] = load16(qrow + 32 * j + 8 * tq);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+    m0 = m1 = -INFINITY;
+    l0 = l1 = 0.f;
   }
 
-  float acc[MT][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
-  float m0 = -INFINITY, m1 = -INFINITY;  // running max of heads 2tq and 2tq+1 (warp-uniform per tq)
-  float l0 = 0.f, l1 = 0.f;              // this lane's share of their sums
-
-  // Keys past the end read the last valid row instead (their scores are masked), so every load is
-  // unconditional and all 4*NB of a step issue back to back; the next step's rows are looked up
-  // in the table while this step's loads are in flight. kPipeline also issues the next step's
-  // K/V loads before this step's math (twice the registers, loads always in flight).
-  struct Rows {
-    uint4 ka[NB], kb[NB], va[NB], vb[NB];  // keys t0+gr and t0+gr+8, d = 32j + 8tq .. +7
-  };
-  const int last = end - 1;
-  auto rows_of = [&](int t, int64_t& ra, int64_t& rb) {
-    ra = src.row_offset(b, hk, min(t + gr, last));
-    rb = src.row_offset(b, hk, min(t + gr + 8, last));
-  };
-  auto load = [&](Rows& x, int64_t ra, int64_t rb) {
-#pragma unroll
-    for (int j = 0; j < NB; ++j) {
-      const int off = 32 * j + 8 * tq;
-      x.ka[j] = load16(kp + ra + off);
-      x.kb[j] = load16(kp + rb + off);
-      x.va[j] = load16(vp + ra + off);
-      x.vb[j] = load16(vp + rb + off);
-    }
-  };
-  auto consume = [&](const Rows& x, int t0) {
-    const bool oka = t0 + gr < end, okb = t0 + gr + 8 < end;
+  // One tile; oka / okb say whether keys t0+gr / t0+gr+8 are inside the split (the first key of
+  // every tile is).
+  __device__ __forceinline__ void consume(const MmaRows<D>& x, bool oka, bool okb, float scale_log2) {
+    const T tag{};
     float s[4] = {0.f, 0.f, 0.f, 0.f};  // S[key t0+gr][2tq, +1], S[key t0+gr+8][2tq, +1]
 #pragma unroll
     for (int j = 0; j < NB; ++j) {
       mma_16816(s, x.ka[j].x, x.kb[j].x, x.ka[j].y, x.kb[j].y, qf[j].x, qf[j].y, tag);
       mma_16816(s, x.ka[j].z, x.kb[j].z, x.ka[j].w, x.kb[j].w, qf[j].z, qf[j].w, tag);
     }
-    s[0] = oka ? s[0] * a.scale_log2 : -INFINITY;
-    s[1] = oka ? s[1] * a.scale_log2 : -INFINITY;
-    s[2] = okb ? s[2] * a.scale_log2 : -INFINITY;
-    s[3] = okb ? s[3] * a.scale_log2 : -INFINITY;
+    s[0] = oka ? s[0] * scale_log2 : -INFINITY;
+    s[1] = oka ? s[1] * scale_log2 : -INFINITY;
+    s[2] = okb ? s[2] * scale_log2 : -INFINITY;
+    s[3] = okb ? s[3] * scale_log2 : -INFINITY;
 
     // Column (head) max over the 16 keys: the 8 lanes sharing tq hold them.
     float mx0 = fmaxf(s[0], s[2]), mx1 = fmaxf(s[1], s[3]);
@@ -467,7 +448,7 @@ __global__ void __launch_bounds__(kAttnThreads)
       mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
     }
-      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);  // finite: key t0 is valid
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);  // finite: the tile's first key is valid
     const float c0 = exp2f(m0 - mn0), c1 = exp2f(m1 - mn1);
     m0 = mn0;
     m1 = mn1;
@@ -492,72 +473,244 @@ __global__ void __launch_bounds__(kAttnThreads)
       mma_16816(acc[mt], transpose8x8(word(x.va[j], w)), transpose8x8(word(x.va[j], w + 1)),
                 transpose8x8(word(x.vb[j], w)), transpose8x8(word(x.vb[j], w + 1)), pk0, pk1, tag);
     }
-  };
+  }
 
+  // The warp's state into the block's merge arrays (d un-permuted, see mma_d_row).
+  template <int NW>
+  __device__ __forceinline__ void store(float (&s_acc)[NW][kMmaHeads][D], float (&s_m)[NW][kMmaHeads],
+                                        float (&s_l)[NW][kMmaHeads], int warp, int gr, int tq) {
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int d0 = mma_d_row(mt, gr), d1 = mma_d_row(mt, gr + 8);
+      s_acc[warp][2 * tq][d0] = acc[mt][0];
+      s_acc[warp][2 * tq + 1][d0] = acc[mt][1];
+      s_acc[warp][2 * tq][d1] = acc[mt][2];
+      s_acc[warp][2 * tq + 1][d1] = acc[mt][3];
+    }
+    if (gr == 0) {
+      s_m[warp][2 * tq] = m0;
+      s_m[warp][2 * tq + 1] = m1;
+      s_l[warp][2 * tq] = l0;
+      s_l[warp][2 * tq + 1] = l1;
+    }
+  }
+};
+
+// A 16-byte read-only load asking L2 to fetch the P = 128 bytes around it from DRAM (P = 0: no
+// hint). A key row is 128-256 contiguous bytes that a warp reads in 64-byte pieces over several
+// instructions: the hint turns those into whole-line DRAM accesses (4% at 32768/4, docs/cuda.md).
+template <int P>
+__device__ __forceinline__ uint4 load16_prefetch(const void* p) {
+  static_assert(P == 0 || P == 128, "L2 prefetch size");
+  if constexpr (P == 0) {
+    return load16(p);
+  } else {
+    uint4 v;
+    asm("ld.global.nc.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+  }
+}
+
+// Tensor-core split kernel, register loads: each lane loads its fragments straight from the pool.
+// Keys past the end read the last valid row instead (their scores are masked), so every load is
+// unconditional and all 4*NB of a step issue back to back; the next step's rows are looked up in
+// the table while this step's loads are in flight. P: L2 prefetch hint of the K/V loads.
+template <typename T, int D, int P, class Src>
+__global__ void __launch_bounds__(kAttnThreads)
+    attention_split_mma_kernel(AttnArgs a, Src src) {
+  static_assert(D % 32 == 0, "16-byte fragment loads cover 32 elements of d per lane quad");
+  constexpr int NB = D / 32;
+  constexpr int NW = kAttnWarps;
+
+  __shared__ float s_acc[NW][kMmaHeads][D];
+  __shared__ float s_m[NW][kMmaHeads];
+  __shared__ float s_l[NW][kMmaHeads];
+
+  const int split = blockIdx.x;
+  const int hk = blockIdx.y / a.head_tiles;
+  const int g0 = (blockIdx.y % a.head_tiles) * kMmaHeads;
+  const int b = blockIdx.z;
+  const int gcount = min(kMmaHeads, a.group - g0);
+  const int ctx_b = a.ctx[b];
+  const int start = split * a.chunk;
+  if (start >= ctx_b) return;  // uniform across the block, before any barrier
+  const int end = min(start + a.chunk, ctx_b);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gr = lane >> 2, tq = lane & 3;
+  const T* kp = static_cast<const T*>(src.k);
+  const T* vp = static_cast<const T*>(src.v);
+  MmaWarpState<T, D> st;
+  st.init(a, b, hk, g0, gcount, gr, tq);
+
+  const int last = end - 1;
   constexpr int kStep = NW * kMmaTileKeys;
   int t0 = start + warp * kMmaTileKeys;
   if (t0 < end) {  // warp-uniform, as is every branch below
-    int64_t ra, rb;
-    rows_of(t0, ra, rb);
-    if constexpr (kPipeline) {
-      Rows cur;
-      load(cur, ra, rb);
-      for (; t0 < end; t0 += kStep) {
-        Rows nxt;
-        const bool more = t0 + kStep < end;
-        if (more) {
-          rows_of(t0 + kStep, ra, rb);
-          load(nxt, ra, rb);
-        }
-        consume(cur, t0);
-        if (more) cur = nxt;
+    int64_t ra = src.row_offset(b, hk, min(t0 + gr, last));
+    int64_t rb = src.row_offset(b, hk, min(t0 + gr + 8, last));
+    for (; t0 < end; t0 += kStep) {
+      MmaRows<D> x;
+#pragma unroll
+      for (int j = 0; j < NB; ++j) {
+        const int off = 32 * j + 8 * tq;
+        x.ka[j] = load16_prefetch<P>(kp + ra + off);
+        x.kb[j] = load16_prefetch<P>(kp + rb + off);
+        x.va[j] = load16_prefetch<P>(vp + ra + off);
+        x.vb[j] = load16_prefetch<P>(vp + rb + off);
       }
-    } else {
-      for (; t0 < end; t0 += kStep) {
-        Rows cur;
-        load(cur, ra, rb);
-        if (t0 + kStep < end) rows_of(t0 + kStep, ra, rb);
-        consume(cur, t0);
+      if (t0 + kStep < end) {
+        ra = src.row_offset(b, hk, min(t0 + kStep + gr, last));
+        rb = src.row_offset(b, hk, min(t0 + kStep + gr + 8, last));
       }
+      st.consume(x, t0 + gr < end, t0 + gr + 8 < end, a.scale_log2);
     }
   }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
-
-#pragma unroll
-  for (int off = 4; off < 32; off <<= 1) {
-    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
-  }
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int d0 = mma_d_row(mt, gr), d1 = mma_d_row(mt, gr + 8);
-    s_acc[warp][2 * tq][d0] = acc[mt][0];
-    s_acc[warp][2 * tq + 1][d0] = acc[mt][1];
-    s_acc[warp][2 * tq][d1] = acc[mt][2];
-    s_acc[warp][2 * tq + 1][d1] = acc[mt][3];
-  }
-  if (gr == 0) {
-    s_m[warp][2 * tq] = m0;
-    s_m[warp][2 * tq + 1] = m1;
-    s_l[warp][2 * tq] = l0;
-    s_l[warp][2 * tq + 1] = l1;
-  }
+  st.store(s_acc, s_m, s_l, warp, gr, tq);
   __syncthreads();
-  write_block_result<T, D, GT, NW>(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);
+  write_block_result<T, D, kMmaHeads, NW>(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);
 }
 
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
-  return x;
+// ---- cp.async pipeline ---------------------------------------------------------------------
+
+// 16 bytes global -> shared, bypassing L1, asking L2 to fetch the 128 bytes around them (measured
+// the same as 256 on the H100, docs/cuda.md).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(dst), "l"(gmem)
+               : "memory");
 }
-__device__ __forceinline__ float warp_sum(float x) {
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ uint4 lds16(const void* p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+
+// Dynamic shared memory of attention_split_async_kernel: S stages of one 16-key K and V tile per
+// warp; the block merge (s_acc) reuses it after the main loop.
+__host__ __device__ constexpr int async_smem_bytes(int d, int stages, int esize) {
+  return kAttnWarps * stages * 2 * kMmaTileKeys * d * esize > kAttnWarps * kMmaHeads * d * 4
+             ? kAttnWarps * stages * 2 * kMmaTileKeys * d * esize
+             : kAttnWarps * kMmaHeads * d * 4;
+}
+
+// Tensor-core split kernel, cp.async pipeline: each warp streams its tiles through S stages of
+// shared memory (cp.async, 16 bytes per copy, no registers held), S-1 tiles in flight while it
+// computes on one, then reads the fragments of MmaRows from shared memory. Copies are issued as
+// 128-byte row pieces (8 lanes per row, 4 rows per instruction; row offsets looked up once per
+// tile by lanes 0-15 and shuffled), independent of the fragment layout. Where a row is a multiple
+// of 128 bytes, odd rows store their 16-byte chunks XOR 4, so the fragment reads (rows gr and
+// gr+1 in one phase) hit distinct banks. Every warp syncs only itself (__syncwarp): a stage is
+// private to its warp.
+template <typename T, int D, int S, class Src>
+__global__ void __launch_bounds__(kAttnThreads)
+    attention_split_async_kernel(AttnArgs a, Src src) {
+  static_assert(D % 32 == 0, "16-byte fragment loads cover 32 elements of d per lane quad");
+  static_assert(S >= 2, "a pipeline needs two stages");
+  constexpr int NB = D / 32;
+  constexpr int NW = kAttnWarps;
+  constexpr int TK = kMmaTileKeys;
+  constexpr int CH = D / 8;  // 16-byte chunks per row
+  constexpr int kHalves = (CH + 7) / 8;
+  constexpr int kSwz = CH % 8 == 0 ? 4 : 0;
+  constexpr int kTileElems = TK * D;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto& s_acc = *reinterpret_cast<float (*)[NW][kMmaHeads][D]>(smem_raw);
+  __shared__ float s_m[NW][kMmaHeads];
+  __shared__ float s_l[NW][kMmaHeads];
+
+  const int split = blockIdx.x;
+  const int hk = blockIdx.y / a.head_tiles;
+  const int g0 = (blockIdx.y % a.head_tiles) * kMmaHeads;
+  const int b = blockIdx.z;
+  const int gcount = min(kMmaHeads, a.group - g0);
+  const int ctx_b = a.ctx[b];
+  const int start = split * a.chunk;
+  if (start >= ctx_b) return;  // uniform across the block, before any barrier
+  const int end = min(start + a.chunk, ctx_b);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gr = lane >> 2, tq = lane & 3;
+  const T* kp = static_cast<const T*>(src.k);
+  const T* vp = static_cast<const T*>(src.v);
+  T* stages = reinterpret_cast<T*>(smem_raw) + warp * S * 2 * kTileElems;  // [S][K, V][TK][D]
+
+  const int last = end - 1;
+  constexpr int kStep = NW * TK;
+  const int t_first = start + warp * TK;
+  const int tiles = t_first < end ? (end - t_first + kStep - 1) / kStep : 0;  // warp-uniform
+
+  auto issue = [&](int tile) {
+    const int t = t_first + tile * kStep;
+    const int64_t mine = src.row_offset(b, hk, min(t + (lane & 15), last));  // key t + lane%16
+    T* sk = stages + (tile % S) * 2 * kTileElems;
+    T* sv = sk + kTileElems;
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
+    for (int i = 0; i < TK / 4; ++i) {
+      const int r = (lane >> 3) + 4 * i;
+      const int64_t row = __shfl_sync(0xffffffffu, mine, r);
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h) {
+        const int c = (lane & 7) + 8 * h;
+        if (CH % 8 == 0 || c < CH) {
+          const int sc = c ^ (kSwz * (r & 1));
+          cp_async16(sk + r * D + sc * 8, kp + row + c * 8);
+          cp_async16(sv + r * D + sc * 8, vp + row + c * 8);
+        }
+      }
+    }
+  };
+
+  MmaWarpState<T, D> st;
+  st.init(a, b, hk, g0, gcount, gr, tq);
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < tiles) issue(s);
+    cp_async_commit();  // empty groups too: the wait count below stays S - 2
+  }
+  const int swz = kSwz * (gr & 1);  // rows gr and gr + 8 share their parity
+  for (int tile = 0; tile < tiles; ++tile) {
+    cp_async_wait<S - 2>();  // this lane's copies of `tile` have landed
+    __syncwarp();            // ... every lane's, and the stage refilled next was read by all
+    if (tile + S - 1 < tiles) issue(tile + S - 1);
+    cp_async_commit();
+    const T* sk = stages + (tile % S) * 2 * kTileElems;
+    const T* sv = sk + kTileElems;
+    MmaRows<D> x;
+#pragma unroll
+    for (int j = 0; j < NB; ++j) {
+      const int off = ((4 * j + tq) ^ swz) * 8;
+      x.ka[j] = lds16(sk + gr * D + off);
+      x.kb[j] = lds16(sk + (gr + 8) * D + off);
+      x.va[j] = lds16(sv + gr * D + off);
+      x.vb[j] = lds16(sv + (gr + 8) * D + off);
+    }
+    const int t0 = t_first + tile * kStep;
+    st.consume(x, t0 + gr < end, t0 + gr + 8 < end, a.scale_log2);
+  }
+  cp_async_wait<0>();
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+  __syncthreads();  // s_acc aliases every warp's stages
+  st.store(s_acc, s_m, s_l, warp, gr, tq);
+  __syncthreads();
+  write_block_result<T, D, kMmaHeads, NW>(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);
 }
 
 // Second pass: one block per (batch entry, query head) merges the splits that hold tokens.
@@ -675,12 +828,14 @@ inline int choose_splits(int max_ctx, int64_t blocks_per_split, int64_t slots, i
   return best;
 }
 
-// Split count for the tensor-core kernel: about kMmaBlocksPerSm thread blocks per SM, in one
-// wave, and no split shorter than min_chunk. Measured on the H100 (docs/cuda.md): 256 blocks beat
-// both fuller grids (3 blocks/SM fit; 2.6-3 waves of them cost 5-10% more at 4096/4, 32768/1 and
-// 32768/4) and emptier ones; the per-block start (q, the first table lookups and loads with
-// nothing in flight yet) and the merge at its end are what more, shorter splits pay for.
+// Split count for the tensor-core kernels: about `per_sm` thread blocks per SM, in one wave, and
+// no split shorter than min_chunk. Measured on the H100 (docs/cuda.md): 2 blocks/SM beat both
+// fuller grids (2.6-3 waves of 3 blocks/SM cost 5-10% more at 4096/4, 32768/1 and 32768/4) and
+// emptier ones; the per-block start (q, the first table lookups and loads with nothing in flight
+// yet) and the merge at its end are what more, shorter splits pay for.
 constexpr int kMmaBlocksPerSm = 2;
+// L2 prefetch hint of the register-load kernel's K/V loads (load16_prefetch).
+constexpr int kMmaPrefetch = 128;
 inline int splits_for_blocks(int max_ctx, int64_t blocks_per_split, int64_t target_blocks,
                              int tile, int min_chunk) {
   const int s_max = std::max(1, std::min(kMaxSplits, ceil_div(max_ctx, std::max(tile, min_chunk))));
@@ -688,20 +843,41 @@ inline int splits_for_blocks(int max_ctx, int64_t blocks_per_split, int64_t targ
   return (int)std::max<int64_t>(1, std::min<int64_t>(s, s_max));
 }
 
-template <class Src, typename T, bool kPipeline>
+template <class Src, typename T, int P>
 SplitFn<Src> pick_mma_d(int d) {
   switch (d) {
-    case 64: return &attention_split_mma_kernel<T, 64, kPipeline, Src>;
-    case 96: return &attention_split_mma_kernel<T, 96, kPipeline, Src>;
-    case 128: return &attention_split_mma_kernel<T, 128, kPipeline, Src>;
+    case 64: return &attention_split_mma_kernel<T, 64, P, Src>;
+    case 96: return &attention_split_mma_kernel<T, 96, P, Src>;
+    case 128: return &attention_split_mma_kernel<T, 128, P, Src>;
     default: return nullptr;
   }
 }
 
 template <class Src, typename T>
-SplitFn<Src> pick_mma(int d, bool pipeline) {
-  return pipeline ? pick_mma_d<Src, T, true>(d) : pick_mma_d<Src, T, false>(d);
+SplitFn<Src> pick_mma(int d, int prefetch) {
+  return prefetch == 0 ? pick_mma_d<Src, T, 0>(d) : pick_mma_d<Src, T, 128>(d);
 }
+
+template <class Src, typename T, int S>
+SplitFn<Src> pick_async_d(int d) {
+  switch (d) {
+    case 64: return &attention_split_async_kernel<T, 64, S, Src>;
+    case 96: return &attention_split_async_kernel<T, 96, S, Src>;
+    case 128: return &attention_split_async_kernel<T, 128, S, Src>;
+    default: return nullptr;
+  }
+}
+
+template <class Src, typename T>
+SplitFn<Src> pick_async(int d, int stages) {
+  return stages == 2 ? pick_async_d<Src, T, 2>(d) : pick_async_d<Src, T, 3>(d);
+}
+
+// Tensor-core kernel choice (docs/cuda.md): the cp.async pipeline pays off once every warp has
+// tiles to overlap, from kAsyncMinTiles tiles per warp per split; below that the register-load
+// kernel starts sooner. Two stages beat three (more blocks per SM fit).
+constexpr int kAsyncMinTiles = 4;
+constexpr int kAsyncStages = 2;
 
 template <class Src>
 AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& dev, bool strided) {
@@ -729,10 +905,11 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
   plan.tensor_cores = (dt == DType::kFloat16 || dt == DType::kBFloat16) && !strided &&
                       D % 32 == 0 && D <= 128 &&
                       dev.cc_major >= 8 && env_str("KVMICRO_CUDA_KERNEL") != "simt";
+  std::string kernel;
   if (plan.tensor_cores) {
-    plan.pipeline = env_int("KVMICRO_CUDA_PIPELINE", 0) != 0;
-    split = dt == DType::kFloat16 ? pick_mma<Src, __half>(D, plan.pipeline)
-                                  : pick_mma<Src, __nv_bfloat16>(D, plan.pipeline);
+    kernel = env_str("KVMICRO_CUDA_KERNEL");
+    if (kernel != "" && kernel != "async" && kernel != "mma")
+      throw InvalidArgument("KVMICRO_CUDA_KERNEL=" + kernel + " is not one of mma, async, simt");
     combine = dt == DType::kFloat16 ? &attention_combine_kernel<__half>
                                     : &attention_combine_kernel<__nv_bfloat16>;
     plan.tile = kAttnWarps * kMmaTileKeys;
@@ -757,25 +934,67 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
       throw UnsupportedError(std::string("[") + op + "] dtype id " + std::to_string(p.dtype) +
                              " is not supported by native:cuda");
   }
-  if (!split)
+  if (!plan.tensor_cores && !split)
     throw UnsupportedError(std::string("[") + op + "] no kernel for head_dim " + std::to_string(D));
-  plan.split = reinterpret_cast<const void*>(split);
-  plan.combine = reinterpret_cast<const void*>(combine);
   if (!plan.tensor_cores) plan.tile = row_shape(esize, D, plan.heads_per_block).tile;
 
-  KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&plan.blocks_per_sm, split,
-                                                              kAttnThreads, 0));
   const int64_t per_split = (int64_t)p.batch * p.pool.kv_heads * plan.head_tiles;
-  const int64_t slots = (int64_t)dev.sm_count * std::max(plan.blocks_per_sm, 1);
   const int forced = env_int("KVMICRO_CUDA_SPLITS", 0);
   const int min_chunk = env_int("KVMICRO_CUDA_MIN_CHUNK", 64);
-  int splits =
-      forced > 0 ? std::min(forced, kMaxSplits)
-      : plan.tensor_cores
-          ? splits_for_blocks(p.max_ctx, per_split, (int64_t)kMmaBlocksPerSm * dev.sm_count,
-                              plan.tile, min_chunk)
-          : choose_splits(p.max_ctx, per_split, slots, plan.tile, min_chunk);
-  int64_t chunk = (int64_t)ceil_div(ceil_div(p.max_ctx, splits), plan.tile) * plan.tile;
+  auto chunk_for = [&](int splits) {
+    return ceil_div(ceil_div(p.max_ctx, splits), plan.tile) * plan.tile;
+  };
+  auto occupancy = [&](SplitFn<Src> fn) {
+    if (plan.smem_bytes > 0)  // static + dynamic past 48 KB needs the opt-in
+      KV_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(fn),
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         plan.smem_bytes));
+    KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&plan.blocks_per_sm, fn,
+                                                                kAttnThreads, plan.smem_bytes));
+  };
+  int splits = 1;
+  if (plan.tensor_cores) {
+    // Both tensor-core kernels fit at least kMmaBlocksPerSm blocks per SM at their defaults, so
+    // the split count comes first and the kernel is chosen from the tokens it leaves each warp.
+    const int per_sm = std::max(1, env_int("KVMICRO_CUDA_BLOCKS_PER_SM", kMmaBlocksPerSm));
+    auto splits_at = [&](int blocks_per_sm) {
+      return forced > 0 ? std::min(forced, kMaxSplits)
+                        : splits_for_blocks(p.max_ctx, per_split,
+                                            (int64_t)blocks_per_sm * dev.sm_count, plan.tile,
+                                            min_chunk);
+    };
+    splits = splits_at(per_sm);
+    const bool half = dt == DType::kFloat16;
+    const bool async =
+        kernel == "async" || (kernel == "" && chunk_for(splits) >= kAsyncMinTiles * plan.tile);
+    if (async) {
+      plan.stages = env_int("KVMICRO_CUDA_STAGES", kAsyncStages);
+      if (plan.stages != 2 && plan.stages != 3)
+        throw InvalidArgument("KVMICRO_CUDA_STAGES=" + std::to_string(plan.stages) +
+                              " is not 2 or 3");
+      plan.prefetch = 128;  // cp_async16's hint
+      split = half ? pick_async<Src, __half>(D, plan.stages)
+                   : pick_async<Src, __nv_bfloat16>(D, plan.stages);
+      plan.smem_bytes = async_smem_bytes(D, plan.stages, 2);
+    } else {
+      plan.prefetch = env_int("KVMICRO_CUDA_L2_PREFETCH", kMmaPrefetch);
+      if (plan.prefetch != 0 && plan.prefetch != 128)
+        throw InvalidArgument("KVMICRO_CUDA_L2_PREFETCH=" + std::to_string(plan.prefetch) +
+                              " is not 0 or 128");
+      split = half ? pick_mma<Src, __half>(D, plan.prefetch)
+                   : pick_mma<Src, __nv_bfloat16>(D, plan.prefetch);
+    }
+    occupancy(split);
+    if (plan.blocks_per_sm < per_sm) splits = splits_at(std::max(plan.blocks_per_sm, 1));
+  } else {
+    occupancy(split);
+    const int64_t slots = (int64_t)dev.sm_count * std::max(plan.blocks_per_sm, 1);
+    splits = forced > 0 ? std::min(forced, kMaxSplits)
+                        : choose_splits(p.max_ctx, per_split, slots, plan.tile, min_chunk);
+  }
+  plan.split = reinterpret_cast<const void*>(split);
+  plan.combine = reinterpret_cast<const void*>(combine);
+  const int64_t chunk = chunk_for(splits);
   splits = ceil_div(p.max_ctx, chunk);
   plan.splits = splits;
   plan.chunk = (int)chunk;
@@ -789,7 +1008,7 @@ template <class Src>
 void launch_attention(const AttnPlan& plan, const AttnArgs& args, const Src& src,
                       cudaStream_t stream) {
   auto split = reinterpret_cast<SplitFn<Src>>(plan.split);
-  split<<<plan.grid, kAttnThreads, 0, stream>>>(args, src);
+  split<<<plan.grid, kAttnThreads, plan.smem_bytes, stream>>>(args, src);
   KV_CUDA_CHECK_LAUNCH("attention split");
   if (plan.splits == 1) return;
   auto combine = reinterpret_cast<CombineFn>(plan.combine);

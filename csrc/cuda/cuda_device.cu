@@ -170,6 +170,7 @@ class CudaOp final : public PreparedOp {
   void select(int copy) override;
   void download(BufferIndex which, void* dst) override;
   void flush(int64_t bytes) override;
+  void poison_outputs() override;
   std::vector<double> device_times_us(int reps, int64_t flush_bytes) override;
   std::vector<double> graph_times_us(int reps, int k) override;
   std::string describe() const override;
@@ -413,6 +414,15 @@ void CudaOp::ensure_flush(int64_t bytes) {
   if ((int64_t)flush_.bytes() < bytes) flush_.allocate((size_t)bytes);
 }
 
+void CudaOp::poison_outputs() {
+  use_device(device_);
+  Set& s = *sets_[current_];
+  for (int w = 0; w < kBufCount; ++w)
+    if (fill_for((BufferIndex)w) == Fill::kPoison)
+      KV_CUDA_CHECK(cudaMemsetAsync(s.buf[w].get(), 0xFF, s.buf[w].bytes(), stream_));
+  sync();
+}
+
 void CudaOp::flush(int64_t bytes) {
   if (bytes <= 0) return;
   use_device(device_);
@@ -513,7 +523,11 @@ std::string CudaOp::describe() const {
     out += std::string("; attention ") + dtype_label(p_.dtype) + " D" + std::to_string(a.head_dim) +
            ", " + std::to_string(a.heads_per_block) + " q heads/block x " + std::to_string(a.head_tiles) +
            " tile(s), " +
-           (a.tensor_cores ? (a.pipeline ? "tensor cores (pipelined), " : "tensor cores, ") : "SIMT, ") +
+           (!a.tensor_cores ? std::string("SIMT, ")
+            : std::string("tensor cores (") +
+                  (a.stages ? "cp.async, " + std::to_string(a.stages) + " stages"
+                            : std::string("register loads")) +
+                  (a.prefetch ? ", L2 prefetch " + std::to_string(a.prefetch) + " B), " : "), ")) +
            (a.strided ? "strided path (D not innermost)" : "16-byte path") +
            ", splits " + std::to_string(a.splits) + " x " + std::to_string(a.chunk) + " tokens (tile " +
            std::to_string(a.tile) + "), " + std::to_string(a.blocks_per_sm) + " blocks/SM";

@@ -97,8 +97,10 @@ struct AttnPlan {
   int head_tiles = 1;
   int blocks_per_sm = 0;  // occupancy of the split kernel
   bool strided = false;   // generic (non D-innermost) path
-  bool tensor_cores = false;  // mma kernel (16-bit dtypes, D innermost, head_dim 64/96/128)
-  bool pipeline = false;      // mma kernel issues the next step's loads before this step's math
+  bool tensor_cores = false;  // mma kernels (16-bit dtypes, D innermost, head_dim 64/96/128)
+  int stages = 0;             // tensor cores: cp.async pipeline depth; 0 = register loads
+  int prefetch = 0;           // register loads: L2 prefetch hint in bytes (0, 128, 256)
+  int smem_bytes = 0;         // dynamic shared memory of the split kernel
   bool pdl = false;       // combine launched with programmatic dependent launch (sm_90+)
   int combine_blocks = 0;
   int head_dim = 0;
@@ -166,8 +168,10 @@ void launch_append(const AppendPlan& plan, const AppendArgs& args, cudaStream_t 
 // ---- tuning knobs (environment, read at prepare; for experiments, documented in docs/cuda.md) --
 // KVMICRO_CUDA_SPLITS=N forces the split count; KVMICRO_CUDA_MIN_CHUNK=T sets the fewest tokens
 // per split (default 64); KVMICRO_CUDA_PDL=0 turns programmatic dependent launch off.
-// KVMICRO_CUDA_KERNEL=simt forces the SIMT attention kernel where the tensor-core one would run;
-// KVMICRO_CUDA_PIPELINE=1 selects the tensor-core kernel that double-buffers its K/V loads.
+// KVMICRO_CUDA_KERNEL=simt|mma|async picks the attention kernel where tensor cores apply (default
+// mma: register loads; async: cp.async pipeline); KVMICRO_CUDA_STAGES=2|3 the async pipeline
+// depth (default 3); KVMICRO_CUDA_L2_PREFETCH=0|128|256 the mma kernel's L2 prefetch hint;
+// KVMICRO_CUDA_BLOCKS_PER_SM=N the tensor-core split rule's target (default 2).
 int env_int(const char* name, int fallback);
 std::string env_str(const char* name);
 

@@ -102,6 +102,10 @@ class NativePrepared(Prepared):
     def flush_cache(self, nbytes: int) -> None:
         self._op.flush(int(nbytes))
 
+    def poison_outputs(self) -> None:
+        """Overwrite the current copy's outputs with NaN bits (native:cuda only)."""
+        self._op.poison_outputs()
+
     def device_times(self, reps: int, flush_bytes: int = 0) -> list[float]:
         return list(self._op.device_times(int(reps), int(flush_bytes)))
 
@@ -139,6 +143,8 @@ class _NativeBackend(Backend):
     timers: tuple[str, ...] = ("host", "batched", "device")
 
     def __init__(self, index: int = 0, threads: int = 0, priority: str = "normal") -> None:
+        if priority not in _PRIORITY_LEVEL:
+            raise InvalidCase(f"priority {priority!r} is not one of {', '.join(_PRIORITY_LEVEL)}")
         self.index = index
         self.threads = threads
         self.priority = priority
