@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# On the GPU machine: the four CUDA backends side by side in one kvmicro sweep (issue 10 item 7),
+# after building native:cuda and running the peers' oracle tests. Carry .whl (fetch_device_wheels.sh).
+#   run(command="scripts/device_sweep_peers.sh", carry=[".whl"])
+# Writes $OUT/peers.jsonl (every record), $OUT/peers_tests.log, and prints the report last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/kvmicro-sweep}
+mkdir -p "$OUT"
+SITE=/tmp/kvmicro-site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" .whl/*.whl || exit 1
+tar -C "$SITE" -xJf .whl/flashinfer-trimmed.tar.xz || exit 1
+export PYTHONPATH="$SITE:$PWD/src" PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0a
+KVMICRO_CUDA=ON scripts/dev-build.sh "$PWD/build/device" -DCMAKE_CUDA_ARCHITECTURES=90 \
+    >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+
+timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
+    tests/test_peers.py tests/test_torch_backend.py -rs >"$OUT/peers_tests.log" 2>&1
+echo "peers tests rc=$?: $(tail -1 "$OUT/peers_tests.log")"
+
+# The issue's table: Hq 32, Hkv 8, D 128, float16, reverse placement over a 2x pool, graph timer,
+# hot and cold. Two sweeps because ctx x batch is a cross product; both append to one file.
+common=(--preset seed --op sdpa_contiguous,paged_sdpa --layout NSHD,NHSD --block "${BLOCKS:-16}"
+        --timer graph --cache hot,cold --max-time 0.5 --out "$OUT/peers.jsonl" -q)
+backends=native:cuda,cudnn:cuda,flashinfer:cuda,torch:cuda
+start=$SECONDS
+timeout "${SWEEP_TIMEOUT:-200}" python3 -m kvmicro sweep "${common[@]}" --backend "$backends" \
+    --ctx 1024,32768 --batch 1
+timeout "${SWEEP_TIMEOUT:-200}" python3 -m kvmicro sweep "${common[@]}" --backend "$backends" \
+    --ctx 4096,16384,32768 --batch 4 --resume
+# FlashInfer's second decode path (tensor cores) as its own records
+KVMICRO_FLASHINFER_TENSOR_CORES=1 timeout 90 python3 -m kvmicro sweep "${common[@]}" \
+    --backend flashinfer:cuda --op paged_sdpa --ctx 1024,4096,16384,32768 --batch 1,4 \
+    --out "$OUT/peers_fi_tc.jsonl"
+echo "sweeps took $((SECONDS - start)) s"
+python3 -m kvmicro report "$OUT/peers.jsonl" "$OUT/peers_fi_tc.jsonl" --columns median_us \
+    >"$OUT/report.txt" 2>&1
+tail -80 "$OUT/report.txt"
