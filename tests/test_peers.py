@@ -247,3 +247,19 @@ def test_peers_describe_their_device() -> None:
     if HAS_FLASHINFER:
         assert FlashInferBackend(tensor_cores=True).device_info().extra["variant"] == \
             "tensor-cores"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDNN or HAS_FLASHINFER), reason="no GPU peer here")
+@pytest.mark.parametrize("name,backend", _peers() or [("none", None)])
+def test_a_peer_names_the_path_it_runs(name: str, backend) -> None:
+    case = kv.Case(op="paged_sdpa", backend="x", batch=2, q_heads=32, kv_heads=8, head_dim=128,
+                   ctx=(300, 100), block_size=16, layout="NHSD", placement="reverse")
+    prepared = backend.prepare(case, kv.materialize(case))
+    try:
+        kernel = prepared.kernel
+    finally:
+        prepared.release()
+    expected = {"cudnn": "cudnn sdpa graph (cuDNN 9", "flashinfer-cc": "(cuda-cores, HND)",
+                "flashinfer-tc": "(tensor-cores, HND)"}[name]
+    assert expected in kernel

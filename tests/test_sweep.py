@@ -301,6 +301,16 @@ def test_every_point_becomes_one_record_and_failures_do_not_stop_the_sweep(
             assert r["derived"]["overhead_pct"] == pytest.approx(want)
 
 
+def test_records_name_the_kernel_that_ran(tmp_path: Path) -> None:
+    grid = tiny_grid(backends=("native:cpu",), ops=("paged_sdpa",), layouts=("NSHD",),
+                     ctxs=(33,), batches=(1,), timers=("host",))
+    out = tmp_path / "r.jsonl"
+    run_sweep(expand(grid), out, argv=["test"], measure=FAST, progress=False)
+    (record,) = read_results(out)[1]
+    assert record["status"] == "ok", record["reason"]
+    assert record["kernel"].startswith("paged_sdpa: ") and "float32" in record["kernel"]
+
+
 def test_an_exception_is_an_error_record_with_its_reason(fake: Any, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVMICRO_FAKE_RAISE", "gather_sdpa")

@@ -4,6 +4,7 @@ float64 oracle does, refuses what it cannot do with a reason, and rejects bad in
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -244,6 +245,19 @@ def test_both_gqa_strategies_compute_the_same_attention(mode: str,
                        head_dim=64, ctx=ctx, layout="HNSD", seed=3)
         arrays, out = _run(case)
         assert compare(case, arrays, out).passed
+
+
+@pytest.mark.parametrize("mode,ctx,named", [
+    ("fold", 90, "(heads folded into q_len)"), ("native", 90, "(enable_gqa)"),
+    ("native", (37, 90), "(enable_gqa, masked)")])
+def test_the_record_names_the_gqa_path(mode: str, ctx: Any, named: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVMICRO_TORCH_GQA", mode)
+    case = kv.Case(op="sdpa_contiguous", backend="torch:cpu", batch=2, q_heads=8, kv_heads=2,
+                   head_dim=64, ctx=ctx)
+    prepared = get_backend("torch:cpu").prepare(case, kv.materialize(case))
+    assert prepared.kernel == f"torch scaled_dot_product_attention {named}"
+    prepared.release()
 
 
 def test_an_unknown_gqa_strategy_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

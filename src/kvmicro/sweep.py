@@ -718,7 +718,7 @@ class Runner:
                                                       footprint_bytes(case))))
                          for pol in policies)
             prepared, check = self.prepare_checked(case, copies)
-            timings.update(self.timings)
+            timings.update(self.timings, kernel=prepared.kernel)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:

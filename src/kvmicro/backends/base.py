@@ -59,6 +59,12 @@ class Prepared(ABC):
     def __init__(self, case: Case) -> None:
         self.case = case
 
+    @property
+    def kernel(self) -> str:
+        """What runs this case: the kernel or framework path chosen at prepare, in words ("" where
+        the backend does not say). Records carry it, so two numbers name what produced them."""
+        return ""
+
     @abstractmethod
     def run(self) -> None:
         """Dispatch the op once on the current copy; do not wait for it."""

@@ -65,6 +65,12 @@ class _CudnnPrepared(TorchPrepared):
         with torch.cuda.device(self.device):
             self._build(arrays)
 
+    @property
+    def kernel(self) -> str:
+        what = f"paged K/V containers ({self.case.layout} as strides)" \
+            if self.case.op == "paged_sdpa" else "dense K/V"
+        return f"cudnn sdpa graph (cuDNN {self._cudnn.backend_version()}, {what})"
+
     # one input set ---------------------------------------------------------------------------
     def _make_set(self, arrays: dict[str, np.ndarray],
                   copy: int) -> tuple[Callable[[], None], Callable[[], Any]]:

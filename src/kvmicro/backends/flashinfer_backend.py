@@ -150,6 +150,12 @@ class _FlashInferPrepared(TorchPrepared):
     def variant(self) -> str:
         return "tensor-cores" if self._tensor_cores else "cuda-cores"
 
+    @property
+    def kernel(self) -> str:
+        if self.case.op == "append":
+            return f"flashinfer append_paged_kv_cache ({self._kv_layout})"
+        return f"flashinfer BatchDecodeWithPagedKVCacheWrapper ({self.variant}, {self._kv_layout})"
+
     def release(self) -> None:
         super().release()
         self._wrappers.clear()

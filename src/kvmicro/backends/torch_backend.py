@@ -324,6 +324,15 @@ class _TorchOpPrepared(TorchPrepared):
         self.gqa = gqa_mode(kind, masked=self._mask is not None)
         self._build(arrays)
 
+    @property
+    def kernel(self) -> str:
+        if self.case.op not in ("sdpa_contiguous", "gather_sdpa"):
+            return f"torch indexing ({self.case.op})"
+        gqa = "enable_gqa" if self.gqa == "native" and self.case.group > 1 else \
+            "heads folded into q_len" if self.case.group > 1 else "MHA"
+        return f"torch scaled_dot_product_attention ({gqa}" + \
+            (", masked)" if self._mask is not None else ")")
+
     # attention -----------------------------------------------------------------------------
     def _attend(self, q: Any, k: Any, v: Any, out: list[Any]) -> Callable[[], None]:
         """Decode attention, GQA served natively or folded (module docstring)."""
