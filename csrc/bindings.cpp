@@ -317,9 +317,13 @@ PYBIND11_MODULE(_native, m) {
            "`reps` samples (µs) of one op each between device-side timestamps, flushing "
            "`flush_bytes` of cache before each, outside the timed window.")
       .def("graph_times",
-           [](NativeOp& o, int reps, int k) { return o.op->graph_times_us(reps, k); },
-           py::arg("reps"), py::arg("k"), py::call_guard<py::gil_scoped_release>(),
-           "`reps` samples (µs per op) of `k` ops captured once and replayed (CUDA only).")
+           [](NativeOp& o, int reps, int k, bool rotate) {
+             return o.op->graph_times_us(reps, k, rotate);
+           },
+           py::arg("reps"), py::arg("k"), py::arg("rotate") = true,
+           py::call_guard<py::gil_scoped_release>(),
+           "`reps` samples (µs per op) of `k` ops captured once and replayed, cycling through "
+           "the copies when `rotate`, else all on the current copy (CUDA only).")
       .def("flush", [](NativeOp& o, int64_t nbytes) { o.op->flush(nbytes); }, py::arg("nbytes"),
            py::call_guard<py::gil_scoped_release>(),
            "Write `nbytes` of device scratch so that the next op starts with a cold cache.")

@@ -127,8 +127,8 @@ class FakeDevice(Fake):
         self.calls.append(("device", reps, flush_bytes, self.current))
         return [self._next() for _ in range(reps)]
 
-    def graph_times(self, reps: int, k: int) -> list[float]:
-        self.calls.append(("graph", reps, k))
+    def graph_times(self, reps: int, k: int, rotate: bool = True) -> list[float]:
+        self.calls.append(("graph", reps, k) if rotate else ("graph-one-copy", reps, k))
         return [self._next() for _ in range(reps)]
 
     def throttled(self) -> bool:
@@ -293,6 +293,16 @@ def test_graph_timer_calibrates_k_and_records_it():
     assert p.calls[-1] == ("graph", 1, m.k)
     m = measure(FakeDevice(per_op_us=0.5), quick(timer="graph", cache="hot"), HotCache())
     assert m.k == GRAPH_MAX_K
+
+
+def test_graph_timer_rotates_copies_only_under_a_rotating_policy():
+    # one prepared case serves hot and cold records (the sweep uploads the cold copies once):
+    # hot must replay on one copy, or it would measure cold
+    hot, cold = FakeDevice(copies=8), FakeDevice(copies=8)
+    measure(hot, quick(timer="graph", cache="hot"), HotCache())
+    measure(cold, quick(timer="graph", cache="cold:rotate"), ColdRotate(cache_bytes=1))
+    assert {c[0] for c in hot.calls} == {"graph-one-copy"}
+    assert {c[0] for c in cold.calls} == {"graph"}
 
 
 def test_graph_timer_refuses_a_flush_policy():

@@ -325,6 +325,30 @@ def test_every_run_writes_the_whole_output(
 
 
 @needs_gpu
+def test_a_graph_without_rotation_runs_on_the_current_copy_only() -> None:
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=2, q_heads=8, kv_heads=2,
+                head_dim=128, ctx=(300, 129), dtype="float16", seed=5)
+    arrays = kv.materialize(case)
+    prepared = NativeCudaBackend().prepare(case, arrays, copies=3)
+    try:
+        for copy in (0, 1, 2):
+            prepared.select(copy)
+            prepared.poison_outputs()
+        prepared.select(1)
+        prepared.graph_times(2, 5, rotate=False)
+        for copy, written in ((0, False), (1, True), (2, False)):
+            prepared.select(copy)
+            out = prepared.output()
+            assert compare(case, arrays, out).passed if written else np.isnan(out).all()
+        prepared.graph_times(1, 3, rotate=True)  # cycles: every copy's output written
+        for copy in (0, 2):
+            prepared.select(copy)
+            assert compare(case, arrays, prepared.output()).passed
+    finally:
+        prepared.release()
+
+
+@needs_gpu
 def test_bad_kernel_knobs_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     case = Case(op="paged_sdpa", backend="native:cuda", batch=1, q_heads=8, kv_heads=1,
                 head_dim=64, ctx=100, dtype="float16")

@@ -106,9 +106,10 @@ class PreparedOp {
   // events / Metal GPU times / a steady clock after a full sync on CPU), flushing `flush_bytes`
   // before each sample outside the timed window.
   virtual std::vector<double> device_times_us(int reps, int64_t flush_bytes) = 0;
-  // `reps` samples of the per-op time of `k` ops captured once and replayed, cycling through the
-  // copies. Throws UnsupportedError where the device has no graphs.
-  virtual std::vector<double> graph_times_us(int reps, int k) = 0;
+  // `reps` samples of the per-op time of `k` ops captured once and replayed: cycling through the
+  // copies when `rotate` (cold:rotate), else all k on the current copy (hot). Throws
+  // UnsupportedError where the device has no graphs.
+  virtual std::vector<double> graph_times_us(int reps, int k, bool rotate) = 0;
   // Overwrite the current copy's outputs with all-ones bits (NaN), so that a check after the
   // next run() proves that this run wrote them (not an earlier one). Synchronizes.
   virtual void poison_outputs() { throw UnsupportedError("poison_outputs: not implemented here"); }

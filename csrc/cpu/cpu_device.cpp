@@ -291,7 +291,7 @@ class CpuOp final : public PreparedOp {
     return samples;
   }
 
-  std::vector<double> graph_times_us(int, int) override {
+  std::vector<double> graph_times_us(int, int, bool) override {
     throw UnsupportedError(op_message(op_name(op_),
                                       "native:cpu has no graph timer: a CPU has no graph capture "
                                       "(the batched timer is the CPU's steady state)"));

@@ -4,7 +4,8 @@
 //
 // Timers live here so Python never enters a sample:
 //   device_times_us: [optional scratch memset on the stream] event, run, event, sync, elapsed.
-//   graph_times_us:  k runs cycling over the copies captured once into a CUDA graph, then
+//   graph_times_us:  k runs (cycling over the copies, or all on the current one) captured once
+//                    into a CUDA graph, then
 //                    (event, graph launch, event, sync) / k per sample.
 #include <algorithm>
 #include <cstdlib>
@@ -172,7 +173,7 @@ class CudaOp final : public PreparedOp {
   void flush(int64_t bytes) override;
   void poison_outputs() override;
   std::vector<double> device_times_us(int reps, int64_t flush_bytes) override;
-  std::vector<double> graph_times_us(int reps, int k) override;
+  std::vector<double> graph_times_us(int reps, int k, bool rotate) override;
   std::string describe() const override;
 
  private:
@@ -190,7 +191,7 @@ class CudaOp final : public PreparedOp {
   void build_args(Set& s);
   void enqueue(const Set& s);
   void ensure_flush(int64_t bytes);
-  void build_graph(int k);
+  void build_graph(int k, bool rotate);
   void destroy_graph();
 
   OpKind op_;
@@ -211,6 +212,7 @@ class CudaOp final : public PreparedOp {
   AppendPlan append_plan_;
   cudaGraphExec_t graph_ = nullptr;
   int graph_k_ = 0;
+  int graph_copy_ = -1;  // the copy every op of the graph uses; -1: the graph cycles the copies
 };
 
 Fill CudaOp::fill_for(BufferIndex which) const {
@@ -458,14 +460,15 @@ void CudaOp::destroy_graph() {
   if (graph_) (void)cudaGraphExecDestroy(graph_);
   graph_ = nullptr;
   graph_k_ = 0;
+  graph_copy_ = -1;
 }
 
-void CudaOp::build_graph(int k) {
+void CudaOp::build_graph(int k, bool rotate) {
   destroy_graph();
   cudaGraph_t graph = nullptr;
   KV_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
   try {
-    for (int i = 0; i < k; ++i) enqueue(*sets_[i % copies()]);
+    for (int i = 0; i < k; ++i) enqueue(*sets_[rotate ? i % copies() : current_]);
   } catch (...) {
     // Leave the stream out of capture mode before reporting the launch that failed.
     (void)cudaStreamEndCapture(stream_, &graph);
@@ -481,9 +484,10 @@ void CudaOp::build_graph(int k) {
     KV_CUDA_CHECK(err);
   }
   graph_k_ = k;
+  graph_copy_ = rotate ? -1 : current_;
 }
 
-std::vector<double> CudaOp::graph_times_us(int reps, int k) {
+std::vector<double> CudaOp::graph_times_us(int reps, int k, bool rotate) {
   if (reps < 1)
     throw InvalidArgument(std::string("[") + name_ + "] reps " + std::to_string(reps) + " must be >= 1");
   if (k < 1)
@@ -491,7 +495,7 @@ std::vector<double> CudaOp::graph_times_us(int reps, int k) {
                           " ops: k must be >= 1");
   use_device(device_);
   sync();
-  if (!graph_ || graph_k_ != k) build_graph(k);
+  if (!graph_ || graph_k_ != k || graph_copy_ != (rotate ? -1 : current_)) build_graph(k, rotate);
   KV_CUDA_CHECK(cudaGraphLaunch(graph_, stream_));  // warm replay: first upload of the graph
   sync();
   std::vector<double> out;

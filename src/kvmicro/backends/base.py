@@ -97,9 +97,10 @@ class Prepared(ABC):
         flush ``flush_bytes`` of cache outside the timed window. Only where ``device`` in timers."""
         raise Unsupported(f"{self.case.backend} has no device timer")
 
-    def graph_times(self, reps: int, k: int) -> list[float]:
-        """``reps`` samples of the per-op time of ``k`` ops captured once and replayed (cycling
-        through the copies), in µs. Only where ``graph`` in timers."""
+    def graph_times(self, reps: int, k: int, rotate: bool = True) -> list[float]:
+        """``reps`` samples of the per-op time of ``k`` ops captured once and replayed, in µs:
+        cycling through the copies when ``rotate`` (cold:rotate), else all ``k`` on the current
+        copy (hot). Only where ``graph`` in timers."""
         raise Unsupported(f"{self.case.backend} has no graph timer")
 
     def release(self) -> None:  # noqa: B027 (optional: a no-op unless the backend holds buffers)

@@ -149,9 +149,9 @@ class _CudnnPrepared(TorchPrepared):
         super().release()
         self._graph, self._workspace = None, None
 
-    def graph_times(self, reps: int, k: int) -> list[float]:
+    def graph_times(self, reps: int, k: int, rotate: bool = True) -> list[float]:
         try:
-            return super().graph_times(reps, k)
+            return super().graph_times(reps, k, rotate)
         except _PROGRAMMING_ERRORS:
             raise
         except RuntimeError as exc:

@@ -109,10 +109,10 @@ class NativePrepared(Prepared):
     def device_times(self, reps: int, flush_bytes: int = 0) -> list[float]:
         return list(self._op.device_times(int(reps), int(flush_bytes)))
 
-    def graph_times(self, reps: int, k: int) -> list[float]:
+    def graph_times(self, reps: int, k: int, rotate: bool = True) -> list[float]:
         if "graph" not in self.timers:
             raise Unsupported(f"{self.case.backend} has no graph timer")
-        return list(self._op.graph_times(int(reps), int(k)))
+        return list(self._op.graph_times(int(reps), int(k), bool(rotate)))
 
     @property
     def dropped_samples(self) -> int:

@@ -177,7 +177,7 @@ class TorchPrepared(Prepared):
         self._current = 0
         self._call: Callable[[], None] = lambda: None
         self._scratch: Any = None
-        self._graphs: dict[int, Any] = {}
+        self._graphs: dict[tuple[int, int], Any] = {}  # (k, copy or -1 for cycling)
 
     def _build(self, arrays: dict[str, np.ndarray]) -> None:
         for i in range(self.copies):
@@ -244,9 +244,10 @@ class TorchPrepared(Prepared):
             stream.synchronize()
             return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends, strict=True)]
 
-    def graph_times(self, reps: int, k: int) -> list[float]:
-        """``k`` calls captured once in a CUDA graph (cycling through the copies), replayed
-        between CUDA events; each sample is replay time / k."""
+    def graph_times(self, reps: int, k: int, rotate: bool = True) -> list[float]:
+        """``k`` calls captured once in a CUDA graph (cycling through the copies when ``rotate``,
+        else all on the current copy), replayed between CUDA events; each sample is replay time /
+        k."""
         if self.kind != "cuda":
             raise Unsupported(f"{self.case.backend} has no graph timer on {self.kind} "
                               "(timers here: host, batched)")
@@ -254,7 +255,8 @@ class TorchPrepared(Prepared):
             raise InvalidCase(f"[{self.case.op}] graph timer needs k >= 1, got {k}")
         torch = import_torch()
         with torch.cuda.device(self.device):
-            graph = self._graphs.get(k) or self._capture(k)
+            key = (k, -1 if rotate else self._current)
+            graph = self._graphs.get(key) or self._capture(k, key[1])
             stream = torch.cuda.current_stream()
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -266,7 +268,8 @@ class TorchPrepared(Prepared):
             stream.synchronize()
             return [s.elapsed_time(e) * 1e3 / k for s, e in zip(starts, ends, strict=True)]
 
-    def _capture(self, k: int) -> Any:
+    def _capture(self, k: int, copy: int) -> Any:
+        """Capture ``k`` calls: on copy ``copy``, or cycling through the copies when it is -1."""
         torch = import_torch()
         keep = self._current
         main = torch.cuda.current_stream()
@@ -285,12 +288,12 @@ class TorchPrepared(Prepared):
             with torch.cuda.graph(graph):
                 self._bind_stream()
                 for i in range(k):
-                    self.select(i % self.copies)
+                    self.select(i % self.copies if copy < 0 else copy)
                     self.run()
         finally:
             self._bind_stream()
             self.select(keep)
-        self._graphs[k] = graph
+        self._graphs[(k, copy)] = graph
         return graph
 
     def release(self) -> None:

@@ -141,15 +141,17 @@ class DeviceTimer(Timer):
 
 
 class GraphTimer(Timer):
-    """``k`` ops captured once and replayed on the device clock, per op. The replay cycles
-    through the prepared copies itself, so rotation needs nothing from Python."""
+    """``k`` ops captured once and replayed on the device clock, per op. Under a rotating policy
+    the replay cycles through the prepared copies itself (nothing from Python); otherwise all
+    ``k`` ops use the current copy, so a case prepared with copies for a cold policy still
+    measures hot under ``hot``."""
 
     name = "graph"
     calibrated = True
     default_max_k = GRAPH_MAX_K
 
     def sample(self, prepared: Prepared, cache: CachePolicy) -> float:
-        times = prepared.graph_times(1, self.k)
+        times = prepared.graph_times(1, self.k, rotate=cache.rotates)
         if len(times) != 1:
             raise InvalidCase(f"[measure] {prepared.case.backend} graph_times(1, {self.k}) "
                               f"returned {len(times)} samples")
