@@ -2,15 +2,18 @@
 // two passes: a split kernel and a combine kernel.
 //
 // Split kernels: one thread block per (context split, kv head x head tile, batch entry) serves a
-// whole GQA group (up to 8 query heads), so each K/V element is read from memory once. Two of them:
-// attention_split_mma_kernel (tensor cores; 16-bit dtypes, D innermost, head_dim 64/96/128; see
-// its comment) and attention_split_kernel (SIMT; everything else). In the SIMT one threads are
-// grouped into "workers" of TPR lanes; a worker owns one key row at a time and each lane holds 16
-// bytes of it (VPT vectors when a row is wider than a warp). A worker issues U rows of K and V
+// whole GQA group (up to 8 query heads), so each K/V element is read from memory once. Three of
+// them: two on tensor cores for 16-bit dtypes with D innermost and head_dim 64/96/128, sharing
+// their math (MmaWarpState) and differing in how K/V reach registers -- attention_split_mma_kernel
+// (register loads) and attention_split_async_kernel (a cp.async pipeline through shared memory,
+// for long splits) -- and attention_split_kernel (SIMT; everything else). In the SIMT one threads
+// are grouped into "workers" of TPR lanes; a worker owns one key row at a time and each lane holds
+// 16 bytes of it (VPT vectors when a row is wider than a warp). A worker issues U rows of K and V
 // (16-byte loads) before using any, keeps an online softmax per query head in float in the log2
 // domain (q is prescaled by scale*log2(e), so exp2f does the work of expf), and the block's
-// workers are merged in shared memory at the end. With one split the block writes the output; otherwise it writes an
-// unnormalised partial state (max, sum, acc) and the combine kernel merges the splits.
+// workers are merged in shared memory at the end. With one split the block writes the output;
+// otherwise it writes an unnormalised partial state (max, sum, acc) and the combine kernel merges
+// the splits.
 //
 // Instantiated per source in paged_sdpa.cu and sdpa_contiguous.cu through the pickers at the
 // bottom of this file (pick_split_*, pick_mma*): they are the support matrix (dtype x head_dim x

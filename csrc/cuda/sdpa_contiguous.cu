@@ -3,7 +3,8 @@
 // Same kernels as paged_sdpa (attention.cuh), so the two differ only in how a row is addressed.
 // Instantiations: dtype {float16, bfloat16, float32} x head_dim {64, 80, 96, 128, 256}
 //   x query heads per block {1, 4, 8}, 16-byte path only (dense rows are D-innermost), SIMT; and
-//   float16/bfloat16 x head_dim {64, 96, 128} x {plain, pipelined} on tensor cores.
+//   float16/bfloat16 x head_dim {64, 96, 128} on tensor cores: register loads (L2 prefetch hint
+//   0 / 128 B) and cp.async (2 / 3 stages).
 #include "cuda/attention.cuh"
 
 namespace kvmicro {
