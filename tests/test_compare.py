@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from kvmicro import InvalidCase
 from kvmicro.cli import main
-from kvmicro.compare import compare_files, compare_records, noise_pct, verdict
+from kvmicro.compare import compare_backends, compare_files, compare_records, noise_pct, verdict
 from kvmicro.harness.measure import Measurement
 from kvmicro.harness.stats import Stats
 from kvmicro.results import ResultsWriter, case_record
@@ -19,9 +20,9 @@ from kvmicro.workload import Case
 
 
 def rec(median: float, rel_sd: float = 0.002, op: str = "gather", ctx: int = 1024,
-        status: str = "ok", seed: int = 0) -> dict[str, Any]:
+        status: str = "ok", seed: int = 0, backend: str = "torch:cpu") -> dict[str, Any]:
     """A record of 201 samples around ``median`` with relative spread ``rel_sd``."""
-    case = Case(op=op, backend="torch:cpu", ctx=ctx, q_heads=8, kv_heads=2, head_dim=64,
+    case = Case(op=op, backend=backend, ctx=ctx, q_heads=8, kv_heads=2, head_dim=64,
                 dtype="float32", placement="reverse")
     if status != "ok":
         return case_record(case, status=status, reason="boom",
@@ -109,3 +110,37 @@ def test_compare_command_rejects_bad_input_in_one_line(tmp_path: Path, capsys: A
     assert err == ["kvmicro: error: --threshold -1.0 must be >= 0 (percent)"]
     assert main(["compare", str(base)]) == 2
     assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_a_backend_is_compared_with_the_fastest_of_its_peers_on_each_case() -> None:
+    records = [
+        rec(100.0, ctx=1024, backend="native:cpu"), rec(120.0, ctx=1024, backend="torch:cpu"),
+        rec(101.0, ctx=1024, backend="mlx:cpu", seed=1),                # the best peer here
+        rec(90.0, ctx=2048, backend="native:cpu"), rec(60.0, ctx=2048, backend="mlx:cpu"),
+        rec(70.0, ctx=4096, backend="torch:cpu"),                       # no native record
+        rec(10.0, ctx=8192, backend="native:cpu"),                      # no peer record
+    ]
+    result = compare_backends(records, ["torch:cpu", "mlx:cpu"], "native:cpu")
+    by_ctx = {c.new["ctx"]: c for c in result.comparisons}
+    assert by_ctx[1024].base["backend"] == "mlx:cpu" and by_ctx[1024].verdict == "same"
+    assert by_ctx[2048].verdict == "slower" and by_ctx[2048].ratio == pytest.approx(1.5)
+    assert [r["ctx"] for r in result.only_base] == [4096]
+    assert [r["ctx"] for r in result.only_new] == [8192]
+    assert result.exit_code == 1
+    with pytest.raises(InvalidCase, match="native:cpu is on both sides"):
+        compare_backends(records, ["native:cpu"], "native:cpu")
+
+
+def test_compare_command_across_backends_pools_files_and_names_the_base(
+        tmp_path: Path, capsys: Any) -> None:
+    a = _write(tmp_path / "a.jsonl", [rec(50.0, backend="native:cpu"),
+                                      rec(80.0, backend="torch:cpu")], "h")
+    b = _write(tmp_path / "b.jsonl", [rec(60.0, backend="mlx:cpu")], "h")
+    assert main(["compare", str(a), str(b), "--new-backend", "native:cpu",
+                 "--base-backend", "torch:cpu,mlx:cpu"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["case", "base"]
+    assert "mlx:cpu" in lines[2] and "faster" in lines[2] and "1 matched cases: faster 1" in out
+    assert main(["compare", str(a), "--new-backend", "native:cpu"]) == 2
+    assert "go together" in capsys.readouterr().err

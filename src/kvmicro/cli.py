@@ -5,6 +5,8 @@
     kvmicro sweep [--preset quick]   measure a grid of cases into a JSONL results file
     kvmicro report FILE...           tables (text / Markdown), CSV, plots
     kvmicro compare BASE NEW         per-case verdicts; exit 1 on a slowdown beyond noise
+    kvmicro compare FILE... --new-backend native:cuda --base-backend cudnn:cuda,flashinfer:cuda
+                                     the same, a backend against the fastest of its peers
     kvmicro merge FILE... --out F    join shards into one file
 
 Bad input prints one line ``kvmicro: error: ...`` on stderr and exits 2. A check mismatch, a sweep
@@ -298,7 +300,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if not args.threshold >= 0:
         raise InvalidCase(f"--threshold {args.threshold} must be >= 0 (percent)")
-    result = compare.compare_files(args.base, args.new, args.threshold)
+    if args.new_backend or args.base_backend:
+        if not (args.new_backend and args.base_backend):
+            raise InvalidCase("--new-backend and --base-backend go together")
+        from .results import read_results
+
+        records = [r for path in args.files for r in read_results(path)[1]]
+        bases = [b.strip() for b in args.base_backend.split(",") if b.strip()]
+        result = compare.compare_backends(records, bases, args.new_backend, args.threshold)
+    elif len(args.files) != 2:
+        raise InvalidCase(f"compare takes two files, BASE and NEW (got {len(args.files)}), or "
+                          "--new-backend/--base-backend with any number of files")
+    else:
+        result = compare.compare_files(args.files[0], args.files[1], args.threshold)
     for warning in result.warnings:
         _err(f"kvmicro compare: warning: {warning}")
     _print(compare.render(result, args.threshold, show_same=not args.changes_only))
@@ -387,9 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default); any of Stats.FIELDS and bytes, gbps, pct_of_peak")
     rep.set_defaults(func=cmd_report)
 
-    cmp_ = sub.add_parser("compare", help="per-case verdicts between two result files")
-    cmp_.add_argument("base", metavar="BASE")
-    cmp_.add_argument("new", metavar="NEW")
+    cmp_ = sub.add_parser("compare", help="per-case verdicts between two result files, or "
+                          "between backends in the same files")
+    cmp_.add_argument("files", nargs="+", metavar="FILE",
+                      help="BASE NEW; or, with --new-backend, any files whose records are pooled")
+    cmp_.add_argument("--new-backend", metavar="BACKEND",
+                      help="compare this backend's cases with --base-backend's on the same cases")
+    cmp_.add_argument("--base-backend", metavar="BACKENDS",
+                      help="comma-separated; on each case the fastest of them is the base")
     cmp_.add_argument("--threshold", type=float, default=5.0,
                       help="percent change below which a case is the same (default 5)")
     cmp_.add_argument("--changes-only", action="store_true", help="hide cases that are the same")

@@ -1,4 +1,9 @@
-"""Comparing two result files case by case: is NEW faster, slower or the same as BASE?
+"""Comparing results case by case: is NEW faster, slower or the same as BASE?
+
+Two ways: two result files (``compare_files``: the same cases before and after a change), or two
+sides of one pool of records (``compare_backends``: a backend against the fastest of its peers on
+the same cases, the engine builder's "is our kernel at least as fast as the best one we could
+pick instead?").
 
 Records are matched by ``results.record_key`` (the case, timer and cache policy). For each pair the
 ratio is new median / base median and the verdict is CI-aware, as nvbench's compare is noise-aware:
@@ -121,6 +126,51 @@ def compare_records(base_runs: Sequence[dict[str, Any]], base: Sequence[dict[str
                          provenance_warnings(base_runs, new_runs))
 
 
+def _faster(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
+    """Whether record ``a`` should replace ``b`` as the representative of a case: ok beats not
+    ok, then the lower median."""
+    if b is None:
+        return True
+    if (a.get("status") == "ok") != (b.get("status") == "ok"):
+        return a.get("status") == "ok"
+    if a.get("status") != "ok":
+        return False
+    return float(stat(a, "median_us")) < float(stat(b, "median_us"))
+
+
+def compare_backends(records: Sequence[dict[str, Any]], base_backends: Sequence[str],
+                     new_backend: str,
+                     threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> CompareResult:
+    """Each case of ``new_backend`` against the fastest of ``base_backends`` on the same case (op,
+    shape, layout, placement, dtype, timer, cache and seed equal; only the backend differs).
+    Several records of one side for a case (two files, two variants of a backend) count as their
+    fastest ok one. The verdicts are ``verdict``'s: ``slower`` means slower than the best base
+    beyond noise and threshold."""
+    from .results import record_key
+
+    if new_backend in base_backends:
+        from .errors import InvalidCase
+
+        raise InvalidCase(f"[compare] backend {new_backend} is on both sides")
+
+    def shape_key(r: dict[str, Any]) -> Any:
+        return record_key({**r, "backend": ""})
+
+    bases: dict[Any, dict[str, Any]] = {}
+    news: dict[Any, dict[str, Any]] = {}
+    for r in records:
+        side = news if r.get("backend") == new_backend else \
+            bases if r.get("backend") in base_backends else None
+        if side is not None:
+            k = shape_key(r)
+            if _faster(r, side.get(k)):
+                side[k] = r
+    comparisons = [verdict(bases[k], r, threshold_pct) for k, r in news.items() if k in bases]
+    only_base = [r for k, r in bases.items() if k not in news]
+    only_new = [r for k, r in news.items() if k not in bases]
+    return CompareResult(comparisons, only_base, only_new, [])
+
+
 def compare_files(base: str | Path, new: str | Path,
                   threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> CompareResult:
     from .results import read_results
@@ -135,7 +185,11 @@ def render(result: CompareResult, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
     """A table of the matched cases (slowest change first), then counts."""
     rows = sorted(result.comparisons,
                   key=lambda c: (-c.change_pct if math.isfinite(c.change_pct) else -math.inf))
+    # across backends: name the base that each case was compared with
+    across = any(c.base.get("backend") != c.new.get("backend") for c in rows)
     header = ["case", "base µs", "new µs", "ratio", "change", "noise", "verdict"]
+    if across:
+        header.insert(1, "base")
     table = []
     for c in rows:
         if c.verdict == "same" and not show_same:
@@ -143,6 +197,7 @@ def render(result: CompareResult, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
         ok = math.isfinite(c.ratio)
         table.append([
             c.label,
+            *([str(c.base.get("backend"))] if across else []),
             fmt_number(stat(c.base, "median_us")) if c.base.get("status") == "ok"
             else str(c.base.get("status")),
             fmt_number(stat(c.new, "median_us")) if c.new.get("status") == "ok"
@@ -174,5 +229,6 @@ def render(result: CompareResult, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["DEFAULT_THRESHOLD_PCT", "CompareResult", "Comparison", "compare_files",
-           "compare_records", "noise_pct", "provenance_warnings", "render", "verdict"]
+__all__ = ["DEFAULT_THRESHOLD_PCT", "CompareResult", "Comparison", "compare_backends",
+           "compare_files", "compare_records", "noise_pct", "provenance_warnings", "render",
+           "verdict"]
