@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from kvmicro.cli import main
+from kvmicro.results import read_results
 
 pytest_plugins = ["pytester"]
 
@@ -40,6 +41,10 @@ class EchoPrepared(Prepared):
         self._out = (tuple((r + shift).astype(dtype) for r in ref) if isinstance(ref, tuple)
                      else (ref + shift).astype(dtype))
         self._work = np.zeros(16)
+
+    @property
+    def kernel(self):
+        return f"echo of the oracle ({self.case.op})"
 
     def run(self):
         self._work += 1.0
@@ -123,6 +128,8 @@ def test_benches_are_parametrized_checked_grouped_and_readable_by_report(
                for b in benches}
     gs = by_name["gather_sdpa-NSHD"]["extra_info"]
     assert gs["check"]["passed"] and gs["timer"] == "host" and gs["cache"] == "hot"
+    assert gs["kernel"] == "echo of the oracle (gather_sdpa)"
+    assert {r["kernel"] for r in read_results(out)[1]} >= {"echo of the oracle (append)"}
     assert gs["derived"]["bytes"] > 0 and gs["derived"]["overhead_pct"] is not None
     assert by_name["gather-HNSD"]["stats"]["rounds"] >= 5
     assert main(["report", str(out)]) == 0

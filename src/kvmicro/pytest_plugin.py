@@ -213,7 +213,7 @@ def kv_bench(kv_session: BenchSession, benchmark: Any) -> Any:
             f"{check.max_abs_err:.3g} > tolerance {check.tolerance:.3g} {check.detail}")
         device = kv_session.runner.device_name(case.backend)
         benchmark.group = group_key(case)
-        extra: dict[str, Any] = {"case": case.flat(), "device": device,
+        extra: dict[str, Any] = {"case": case.flat(), "device": device, "kernel": prepared.kernel,
                                  "timer": "host", "cache": "hot", "check": check.to_dict()}
         device_stats = kv_session.device_stats(case, prepared)
         if device_stats is not None:

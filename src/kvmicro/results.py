@@ -373,13 +373,16 @@ def _pb_records(bench: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
         flat = dict(extra["case"])
     elif "op" in extra and "backend" in extra:
         flat = {k: v for k, v in extra.items()
-                if k not in ("device_timer", "derived", "check", "device", "timer", "cache")}
+                if k not in ("device_timer", "derived", "check", "device", "timer", "cache",
+                             "kernel")}
     else:
         return []
     samples, stats = _pb_stats(bench.get("stats") or {})
     base = {"type": "case", "schema_version": SCHEMA_VERSION, **flat,
             "device": extra.get("device", ""), "check": extra.get("check"), "status": "ok",
             "reason": "", **origin}
+    if extra.get("kernel") is not None:
+        base["kernel"] = extra["kernel"]
     host_stats = dict(stats) if stats else None
     host = {**base, "timer": _name(extra.get("timer")) or "host",
             "cache": _name(extra.get("cache")) or "hot", "samples_us": samples,
