@@ -114,6 +114,30 @@ __device__ __forceinline__ void unpack(const uint4& v, float* out) {
   }
 }
 
+// What a split kernel's thread block owns, from its place in the grid (context split, kv head x
+// head tile, batch entry): query heads g0 .. g0+gcount-1 of kv head hk, tokens [start, end) of
+// sequence b.
+struct SplitSlice {
+  int split, hk, g0, b, gcount, start, end;
+};
+
+// The block's slice; false for a split that starts past its (short) sequence's end: that block
+// does nothing and the combine pass never reads it. Uniform across the block, so the caller
+// returns before any barrier.
+template <int GT>
+__device__ __forceinline__ bool split_slice(const AttnArgs& a, SplitSlice& w) {
+  w.split = blockIdx.x;
+  w.hk = blockIdx.y / a.head_tiles;
+  w.g0 = (blockIdx.y % a.head_tiles) * GT;
+  w.b = blockIdx.z;
+  w.gcount = min(GT, a.group - w.g0);
+  const int ctx_b = a.ctx[w.b];
+  w.start = w.split * a.chunk;
+  if (w.start >= ctx_b) return false;
+  w.end = min(w.start + a.chunk, ctx_b);
+  return true;
+}
+
 // The block's last step, shared by both split kernels: merge the workers' states (in shared
 // memory, after a barrier) per query head and element, then write the output (one split) or this
 // split's unnormalised partial state.
@@ -160,17 +184,10 @@ __global__ void __launch_bounds__(kAttnThreads)
   __shared__ float s_m[NW][GT];
   __shared__ float s_l[NW][GT];
 
-  const int split = blockIdx.x;
-  const int hk = blockIdx.y / a.head_tiles;
-  const int g0 = (blockIdx.y % a.head_tiles) * GT;
-  const int b = blockIdx.z;
-  const int gcount = min(GT, a.group - g0);
-  const int ctx_b = a.ctx[b];
-  const int start = split * a.chunk;
-  // Uniform across the block, before any barrier: splits past a short sequence's end do nothing
-  // (the combine pass never reads them).
-  if (start >= ctx_b) return;
-  const int end = min(start + a.chunk, ctx_b);
+  SplitSlice slice;
+  if (!split_slice<GT>(a, slice)) return;
+  const int split = slice.split, hk = slice.hk, g0 = slice.g0, b = slice.b;
+  const int gcount = slice.gcount, start = slice.start, end = slice.end;
 
   const int lane = threadIdx.x & 31;
   const int r = lane % TPR;
@@ -535,15 +552,10 @@ __global__ void __launch_bounds__(kAttnThreads)
   __shared__ float s_m[NW][kMmaHeads];
   __shared__ float s_l[NW][kMmaHeads];
 
-  const int split = blockIdx.x;
-  const int hk = blockIdx.y / a.head_tiles;
-  const int g0 = (blockIdx.y % a.head_tiles) * kMmaHeads;
-  const int b = blockIdx.z;
-  const int gcount = min(kMmaHeads, a.group - g0);
-  const int ctx_b = a.ctx[b];
-  const int start = split * a.chunk;
-  if (start >= ctx_b) return;  // uniform across the block, before any barrier
-  const int end = min(start + a.chunk, ctx_b);
+  SplitSlice slice;
+  if (!split_slice<kMmaHeads>(a, slice)) return;
+  const int split = slice.split, hk = slice.hk, g0 = slice.g0, b = slice.b;
+  const int gcount = slice.gcount, start = slice.start, end = slice.end;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gr = lane >> 2, tq = lane & 3;
@@ -636,15 +648,10 @@ __global__ void __launch_bounds__(kAttnThreads)
   __shared__ float s_m[NW][kMmaHeads];
   __shared__ float s_l[NW][kMmaHeads];
 
-  const int split = blockIdx.x;
-  const int hk = blockIdx.y / a.head_tiles;
-  const int g0 = (blockIdx.y % a.head_tiles) * kMmaHeads;
-  const int b = blockIdx.z;
-  const int gcount = min(kMmaHeads, a.group - g0);
-  const int ctx_b = a.ctx[b];
-  const int start = split * a.chunk;
-  if (start >= ctx_b) return;  // uniform across the block, before any barrier
-  const int end = min(start + a.chunk, ctx_b);
+  SplitSlice slice;
+  if (!split_slice<kMmaHeads>(a, slice)) return;
+  const int split = slice.split, hk = slice.hk, g0 = slice.g0, b = slice.b;
+  const int gcount = slice.gcount, start = slice.start, end = slice.end;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gr = lane >> 2, tq = lane & 3;
