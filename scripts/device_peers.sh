@@ -14,11 +14,7 @@ cd "$(dirname "$0")/.."
 what=${1:-all}
 OUT=${OUT:-/tmp/kvmicro-peers}
 mkdir -p "$OUT"
-SITE=/tmp/kvmicro-site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" .whl/*.whl || exit 1
-tar -C "$SITE" -xJf .whl/flashinfer-trimmed.tar.xz || exit 1
-export PYTHONPATH="$SITE:$PWD/src" PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0a
+source scripts/device_site.sh
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu \
     --format=csv,noheader
 python3 -c "import torch, cudnn, flashinfer.decode as d; from flashinfer.version import \

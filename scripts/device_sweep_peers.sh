@@ -8,11 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kvmicro-sweep}
 mkdir -p "$OUT"
-SITE=/tmp/kvmicro-site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" .whl/*.whl || exit 1
-tar -C "$SITE" -xJf .whl/flashinfer-trimmed.tar.xz || exit 1
-export PYTHONPATH="$SITE:$PWD/src" PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0a
+source scripts/device_site.sh
 KVMICRO_CUDA=ON scripts/dev-build.sh "$PWD/build/device" -DCMAKE_CUDA_ARCHITECTURES=90 \
     >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 
