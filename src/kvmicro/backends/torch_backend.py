@@ -23,8 +23,9 @@ GQA in decode, two ways (``KVMICRO_TORCH_GQA`` = ``native`` | ``fold`` | ``auto`
   ``auto`` takes it on CUDA for unmasked (equal-length) batches, where the project's reference
   figures (FIELD.md) have torch's own SDPA at 6.8 / 179.8 µs for those shapes. A ragged batch
   needs a mask, and torch's masked kernel (memory-efficient attention) does not take
-  ``enable_gqa``, so torch would fall back to its math path; ``auto`` folds there. kvmicro has not
-  yet timed ``native`` on the device: ``scripts/device_peers.sh gqa`` compares the two.
+  ``enable_gqa``, so torch would fall back to its math path; ``auto`` folds there. Timed on the
+  H100 (graph timer, docs/peers.md): 6.5 µs at ctx 1024 and 180.5 µs at 32768 x 4, FIELD's figures.
+  ``scripts/device_peers.sh gqa`` compares the two paths on the same data.
 
 Expanding K/V to ``Hq`` heads is never used: it copies them ``group`` times.
 """
@@ -328,10 +329,15 @@ class _TorchOpPrepared(TorchPrepared):
         self._build(arrays)
 
     @property
+    def _enable_gqa(self) -> bool:
+        """Whether attention passes ``enable_gqa=True`` (else GQA is folded, or there is none)."""
+        return self.gqa == "native" and self.case.group > 1
+
+    @property
     def kernel(self) -> str:
         if self.case.op not in ("sdpa_contiguous", "gather_sdpa"):
             return f"torch indexing ({self.case.op})"
-        gqa = "enable_gqa" if self.gqa == "native" and self.case.group > 1 else \
+        gqa = "enable_gqa" if self._enable_gqa else \
             "heads folded into q_len" if self.case.group > 1 else "MHA"
         return f"torch scaled_dot_product_attention ({gqa}" + \
             (", masked)" if self._mask is not None else ")")
@@ -348,7 +354,7 @@ class _TorchOpPrepared(TorchPrepared):
             k, v = k[:, :, :self._ctx_slice], v[:, :, :self._ctx_slice]
         else:
             k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
-        if self.gqa == "native" and case.group > 1:
+        if self._enable_gqa:
             def call() -> None:
                 out[0] = sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
