@@ -128,7 +128,7 @@ class Bench:
                 prepared.run()
                 prepared.sync()
                 samples = prepared.device_times(self.reps, 2 * self.l2 if cache == "cold" else 0)
-            rec["kernel"] = getattr(prepared, "kernel", "")
+            rec["kernel"] = prepared.kernel
         except Exception as err:
             rec.update(status="error", reason=f"{type(err).__name__}: {err}")
             self.records.append(rec)
