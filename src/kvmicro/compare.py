@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import InvalidCase
 from .report import cache_of, ctx_label, fmt_number, stat, timer_of
 
 DEFAULT_THRESHOLD_PCT = 5.0
@@ -149,8 +150,6 @@ def compare_backends(records: Sequence[dict[str, Any]], base_backends: Sequence[
     from .results import record_key
 
     if new_backend in base_backends:
-        from .errors import InvalidCase
-
         raise InvalidCase(f"[compare] backend {new_backend} is on both sides")
 
     def shape_key(r: dict[str, Any]) -> Any:
