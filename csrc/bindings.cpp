@@ -331,8 +331,6 @@ PYBIND11_MODULE(_native, m) {
            py::call_guard<py::gil_scoped_release>(),
            "Overwrite the current copy's outputs with NaN bits (CUDA only), so a check after "
            "the next run proves that run wrote them.")
-      .def_property_readonly("dropped_samples",
-                             [](const NativeOp& o) { return o.op->dropped_samples(); })
       .def_property_readonly("kernel", [](const NativeOp& o) { return o.op->describe(); },
                              "The kernel chosen at prepare, and why.")
       .def_property_readonly("device", [](const NativeOp& o) { return o.device; })

@@ -131,8 +131,9 @@ class FakeDevice(Fake):
         self.calls.append(("graph", reps, k) if rotate else ("graph-one-copy", reps, k))
         return [self._next() for _ in range(reps)]
 
-    def throttled(self) -> bool:
-        return self._last_throttled
+    def clock_fraction(self) -> float:
+        """A GPU at 1200 of 1980 MHz after a throttled sample, at its maximum otherwise."""
+        return 1200 / 1980 if self._last_throttled else 1.0
 
 
 def quick(**kw) -> MeasureConfig:
@@ -357,6 +358,24 @@ def test_throttled_samples_are_dropped_and_counted():
     m = measure(p, quick(timer="device", criterion="sample-count", min_samples=20), HotCache())
     assert m.stats.n == 20 and 999.0 not in m.samples_us
     assert m.dropped == m.dropped_why["throttled"] >= 9
+    assert m.clock == {"threshold": 0.75, "min_fraction": 1.0, "median_fraction": 1.0}
+
+
+def test_the_throttle_threshold_decides_what_counts_as_throttled():
+    # 1200/1980 = 0.61: throttled under the default 0.75, kept under 0.5 and with the guard off
+    for threshold, dropped in ((0.75, True), (0.5, False), (0.0, False)):
+        p = FakeDevice(per_op_us=4.0, throttle_every=3)
+        config = quick(timer="device", criterion="sample-count", min_samples=20,
+                       throttle_threshold=threshold)
+        m = measure(p, config, HotCache())
+        assert bool(m.dropped) is dropped, threshold
+        if not dropped:
+            assert 999.0 in m.samples_us and m.clock["min_fraction"] == round(1200 / 1980, 4)
+
+
+def test_a_device_without_a_clock_is_never_called_throttled():
+    m = measure(Fake(), quick(criterion="sample-count", min_samples=5), HotCache())
+    assert m.dropped == 0 and m.clock == {}
 
 
 def test_invalid_samples_are_dropped_and_counted():
@@ -402,6 +421,8 @@ def test_criterion_params_reach_the_criterion():
     ("noise", 1.5, "noise 1.5"),
     ("warmup_count", -1, "warmup_count -1"),
     ("max_k", 0, "max_k 0"),
+    ("throttle_threshold", 1.0, "throttle_threshold 1.0"),
+    ("throttle_threshold", -0.1, "throttle_threshold -0.1"),
 ])
 def test_config_is_validated(field, value, text):
     with pytest.raises(InvalidCase, match=text):

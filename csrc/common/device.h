@@ -113,8 +113,6 @@ class PreparedOp {
   // Overwrite the current copy's outputs with all-ones bits (NaN), so that a check after the
   // next run() proves that this run wrote them (not an earlier one). Synchronizes.
   virtual void poison_outputs() { throw UnsupportedError("poison_outputs: not implemented here"); }
-  // Device timer's throttle guard: samples dropped since prepare (clock below threshold).
-  virtual int64_t dropped_samples() const { return 0; }
   // The kernel chosen at prepare and why (a fallback names its reason), for records and tests.
   virtual std::string describe() const { return std::string(); }
 };

@@ -31,6 +31,7 @@ void register_cuda(py::module_& m) {
         d["priority_least"] = info.priority_least;
         d["priority_greatest"] = info.priority_greatest;
         d["max_shared_per_block_optin"] = info.max_shared_per_block_optin;
+        d["pci_bus_id"] = info.pci_bus_id;
         return d;
       },
       py::arg("index") = 0, "Properties of CUDA device `index` (raises for a bad index).");

@@ -99,6 +99,9 @@ CudaDeviceInfo device_info(int index) {
   info.max_shared_per_block_optin = attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, index);
   KV_CUDA_CHECK(cudaDriverGetVersion(&info.driver_version));
   KV_CUDA_CHECK(cudaRuntimeGetVersion(&info.runtime_version));
+  char bus_id[32] = {0};
+  KV_CUDA_CHECK(cudaDeviceGetPCIBusId(bus_id, sizeof(bus_id), index));
+  info.pci_bus_id = bus_id;
   use_device(index);
   KV_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&info.priority_least, &info.priority_greatest));
   return info;

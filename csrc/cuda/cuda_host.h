@@ -27,6 +27,7 @@ struct CudaDeviceInfo {
   int priority_least = 0;   // cudaDeviceGetStreamPriorityRange: numerically largest = lowest
   int priority_greatest = 0;
   int max_shared_per_block_optin = 0;
+  std::string pci_bus_id;   // "0000:3B:00.0": how NVML (the throttle guard) finds this device
 };
 
 CudaDeviceInfo device_info(int index);

@@ -42,8 +42,8 @@ KEY_FIELDS: tuple[str, ...] = ("backend", "op", "batch", "q_heads", "kv_heads", 
 #: fields a case record always has (case_record refuses to let ``extra`` replace them)
 _CORE_FIELDS: tuple[str, ...] = (
     "type", "schema_version", "device", "timer", "cache", "cache_bytes", "cache_pools",
-    "cache_policy", "criterion", "k", "dropped", "dropped_why", "warmup_samples", "elapsed_s",
-    "samples_us", "stats", "derived", "check", "status", "reason", "flags")
+    "cache_policy", "criterion", "k", "dropped", "dropped_why", "clock", "warmup_samples",
+    "elapsed_s", "samples_us", "stats", "derived", "check", "status", "reason", "flags")
 
 
 # ------------------------------------------------------------------------------------ JSON
@@ -238,6 +238,7 @@ def case_record(case: Case, *, status: str, reason: str = "",
             "k": m.k,
             "dropped": m.dropped,
             "dropped_why": dict(m.dropped_why),
+            "clock": dict(m.clock),
             "warmup_samples": m.warmup_samples,
             "elapsed_s": m.elapsed_s,
             "samples_us": list(m.samples_us),
@@ -247,7 +248,7 @@ def case_record(case: Case, *, status: str, reason: str = "",
     else:
         record.update({"timer": timer, "cache": cache, "cache_bytes": None, "cache_pools": None,
                        "cache_policy": None, "criterion": None, "k": None, "dropped": 0,
-                       "dropped_why": {}, "warmup_samples": 0, "elapsed_s": None,
+                       "dropped_why": {}, "clock": {}, "warmup_samples": 0, "elapsed_s": None,
                        "samples_us": [], "stats": None})
         flags = []
     record.update({

@@ -55,6 +55,9 @@ class Prepared(ABC):
     timers: tuple[str, ...] = ("host", "batched")
     #: independent input sets uploaded (for cache rotation); ``select`` picks the current one
     copies: int = 1
+    #: the device's SM clock for the throttle guard (a :class:`~kvmicro.backends.nvml.SmClock`,
+    #: set by GPU backends where NVML reads it); None: no clock, no throttle guard
+    sm_clock: Any = None
 
     def __init__(self, case: Case) -> None:
         self.case = case
@@ -91,6 +94,11 @@ class Prepared(ABC):
             scratch = np.empty(max(nbytes, 1), dtype=np.uint8)
             self._flush_scratch = scratch
         scratch[:nbytes] += 1
+
+    def clock_fraction(self) -> float | None:
+        """The device's SM clock now as a fraction of its maximum (read by the throttle guard
+        right after each sample), or None where this device's clock is not read."""
+        return None if self.sm_clock is None else self.sm_clock.fraction()
 
     def device_times(self, reps: int, flush_bytes: int = 0) -> list[float]:
         """``reps`` samples of one op each, in µs, between device-side timestamps; before each,

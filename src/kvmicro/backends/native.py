@@ -8,6 +8,7 @@ the extension takes (16-bit dtypes as uint16 bit patterns) and back.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -22,6 +23,7 @@ from ..errors import InvalidCase, Unsupported
 from ..workload import OPS, Case
 from .base import Availability, Backend, DeviceInfo, Prepared
 from .common import require
+from .nvml import sm_clock, sm_clock_status
 
 _ARRAY_ARGS = ("q", "k_pool", "v_pool", "block_table", "ctx", "k_dense", "v_dense", "k_new",
                "v_new")
@@ -114,10 +116,6 @@ class NativePrepared(Prepared):
             raise Unsupported(f"{self.case.backend} has no graph timer")
         return list(self._op.graph_times(int(reps), int(k), bool(rotate)))
 
-    @property
-    def dropped_samples(self) -> int:
-        return int(self._op.dropped_samples)
-
     def release(self) -> None:
         # Dropping the only reference frees the buffers and joins the CPU threads now.
         self._op = _Released(self.case.backend)
@@ -163,7 +161,13 @@ class _NativeBackend(Backend):
             self.device, case.op, case.layout, case.dtype, case.block_size, case.softmax_scale,
             *args, copies=copies, threads=self.threads, index=self.index,
             priority=_PRIORITY_LEVEL[self.priority])
-        return NativePrepared(case, op, self.timers)
+        prepared = NativePrepared(case, op, self.timers)
+        prepared.sm_clock = self._sm_clock()
+        return prepared
+
+    def _sm_clock(self) -> Any:
+        """The throttle guard's clock for this backend's device (None on the CPU)."""
+        return None
 
 
 class NativeCpuBackend(_NativeBackend):
@@ -219,6 +223,7 @@ class NativeCudaBackend(_NativeBackend):
         if info_fn is None or not self.availability():
             return DeviceInfo(name="unavailable", kind="cuda", extra={"index": self.index})
         info = dict(info_fn(self.index))
+        info["throttle_guard"] = sm_clock_status(_cuda_bus_id(self.index))
         name = str(info.pop("name", f"CUDA device {self.index}"))
         cache = int(info.pop("l2_cache_bytes", info.pop("l2_bytes", 0)) or 0)
         memory = int(info.pop("total_memory_bytes", info.pop("memory_bytes", 0)) or 0)
@@ -227,12 +232,20 @@ class NativeCudaBackend(_NativeBackend):
         return DeviceInfo(name=name, kind="cuda", cache_bytes=cache, memory_bytes=memory,
                           extra=info)
 
+    def _sm_clock(self) -> Any:
+        return sm_clock(_cuda_bus_id(self.index))
+
     def bandwidth(self) -> dict[str, Any]:
         measure = None if _import_problem() else getattr(load_native(), "cuda_bandwidth", None)
         if measure is None:
             # The host's numpy figure would be silently wrong for a GPU.
             raise Unsupported("native:cuda: this kvmicro._native has no cuda_bandwidth()")
         return dict(measure(self.index))
+
+
+@functools.cache
+def _cuda_bus_id(index: int) -> str:
+    return str(load_native().cuda_device_info(index).get("pci_bus_id", ""))
 
 
 class NativeMetalBackend(Backend):

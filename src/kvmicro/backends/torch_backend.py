@@ -44,6 +44,7 @@ from ..errors import InvalidCase, Unsupported
 from ..workload import AXES, Case
 from .base import Availability, Backend, DeviceInfo, Prepared, host_bandwidth
 from .common import cuda_backend_name, host_device_info, require, validate_arrays
+from .nvml import sm_clock, sm_clock_status, torch_bus_id
 
 #: the ops torch serves; ``paged_sdpa`` is refused with a reason in ``supports``
 TORCH_OPS: tuple[str, ...] = ("sdpa_contiguous", "gather", "gather_sdpa", "append")
@@ -122,7 +123,9 @@ def cuda_device_info(index: int, extra: dict[str, Any] | None = None) -> DeviceI
     info = {"index": index, "sm_count": props.multi_processor_count,
             "compute_capability": f"{props.major}.{props.minor}",
             "torch": torch.__version__, "cuda_runtime": torch.version.cuda or "",
-            "cudnn": str(torch.backends.cudnn.version() or "")}
+            "cudnn": str(torch.backends.cudnn.version() or ""),
+            "pci_bus_id": torch_bus_id(props),
+            "throttle_guard": sm_clock_status(torch_bus_id(props))}
     info.update(extra or {})
     return DeviceInfo(name=props.name, kind="cuda", cache_bytes=int(props.L2_cache_size),
                       memory_bytes=int(props.total_memory), extra=info)
@@ -179,6 +182,9 @@ class TorchPrepared(Prepared):
         self._call: Callable[[], None] = lambda: None
         self._scratch: Any = None
         self._graphs: dict[tuple[int, int], Any] = {}  # (k, copy or -1 for cycling)
+        if kind == "cuda":
+            props = import_torch().cuda.get_device_properties(device)
+            self.sm_clock = sm_clock(torch_bus_id(props))
 
     def _build(self, arrays: dict[str, np.ndarray]) -> None:
         for i in range(self.copies):

@@ -11,8 +11,9 @@ closures and its device clocks) and never imports a framework. It reads top to b
    the criterion } until the criterion is done, or ``max_samples`` or ``max_time_s`` is reached.
 
 Guards drop, and count by reason, samples that must not be averaged: non-finite or non-positive
-times (a broken clock) and samples a backend reports as throttled (its optional ``throttled()``
-method, e.g. CUDA's SM clock below a threshold during the sample).
+times (a broken clock), and throttled samples: the device's SM clock, read right after the sample
+(``Prepared.clock_fraction()``; CUDA devices through NVML), below ``throttle_threshold`` of its
+maximum, as nvbench's throttle guard does.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class MeasureConfig:
     max_k: int | None = None
     #: extra parameters of the criterion (e.g. {"count": 50} for sample-count)
     criterion_params: dict[str, Any] = field(default_factory=dict)
+    #: drop a sample when the SM clock after it is below this fraction of the maximum (0: never)
+    throttle_threshold: float = 0.75
 
     def __post_init__(self) -> None:
         if self.timer not in TIMERS:
@@ -78,6 +81,9 @@ class MeasureConfig:
             raise InvalidCase(f"[measure] warmup_time_s {self.warmup_time_s!r} must be >= 0")
         if not isinstance(self.noise, Real) or not 0 < self.noise < 1:
             raise InvalidCase(f"[measure] noise {self.noise!r} must be a fraction in (0, 1)")
+        if not isinstance(self.throttle_threshold, Real) or not 0 <= self.throttle_threshold < 1:
+            raise InvalidCase(f"[measure] throttle_threshold {self.throttle_threshold!r} must be "
+                              "a fraction in [0, 1)")
         if self.max_k is not None and (not isinstance(self.max_k, Integral) or self.max_k < 1):
             raise InvalidCase(f"[measure] max_k {self.max_k!r} must be an integer >= 1")
 
@@ -112,20 +118,23 @@ class Measurement:
     dropped_why: dict[str, int] = field(default_factory=dict)
     #: warm-up samples taken before calibration
     warmup_samples: int = 0
+    #: the throttle guard's view of the device clock: threshold, and the lowest and median SM
+    #: clock fraction read after the kept samples; empty where the backend reads no clock
+    clock: dict[str, Any] = field(default_factory=dict)
 
     @property
     def converged(self) -> bool:
         return bool(self.criterion.get("converged"))
 
 
-def _guard(prepared: Prepared, sample_us: float) -> str:
-    """Why a sample must be dropped, or "" to keep it."""
+def _guard(prepared: Prepared, sample_us: float, threshold: float) -> tuple[str, float | None]:
+    """Why a sample must be dropped ("" to keep it), and the clock fraction read after it."""
     if not (sample_us == sample_us and 0 < sample_us < float("inf")):
-        return "invalid"
-    throttled = getattr(prepared, "throttled", None)
-    if callable(throttled) and throttled():
-        return "throttled"
-    return ""
+        return "invalid", None
+    fraction = prepared.clock_fraction()
+    if fraction is not None and fraction < threshold:
+        return "throttled", fraction
+    return "", fraction
 
 
 def measure(prepared: Prepared, config: MeasureConfig, cache: CachePolicy) -> Measurement:
@@ -148,6 +157,7 @@ def measure(prepared: Prepared, config: MeasureConfig, cache: CachePolicy) -> Me
 
     # 4. sample until the criterion is done or a budget runs out
     samples: list[float] = []
+    fractions: list[float] = []
     dropped: Counter[str] = Counter()
     stop = ""
     loop_start = perf_counter()
@@ -159,11 +169,13 @@ def measure(prepared: Prepared, config: MeasureConfig, cache: CachePolicy) -> Me
             stop = f"stopped at max_time {config.max_time_s:g} s after {len(samples)} samples"
             break
         sample = timer.sample(prepared, cache)
-        why = _guard(prepared, sample)
+        why, fraction = _guard(prepared, sample, config.throttle_threshold)
         if why:
             dropped[why] += 1
             continue
         samples.append(sample)
+        if fraction is not None:
+            fractions.append(fraction)
         criterion.add(sample)
 
     if not samples:
@@ -183,7 +195,16 @@ def measure(prepared: Prepared, config: MeasureConfig, cache: CachePolicy) -> Me
         elapsed_s=perf_counter() - started,
         dropped_why=dict(dropped),
         warmup_samples=warmup,
+        clock=_clock_summary(fractions, config.throttle_threshold),
     )
+
+
+def _clock_summary(fractions: list[float], threshold: float) -> dict[str, Any]:
+    if not fractions:
+        return {}
+    ordered = sorted(fractions)
+    return {"threshold": threshold, "min_fraction": round(ordered[0], 4),
+            "median_fraction": round(ordered[len(ordered) // 2], 4)}
 
 
 __all__ = ["MeasureConfig", "Measurement", "footprint_bytes", "measure", "working_set_bytes"]
