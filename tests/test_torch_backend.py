@@ -265,3 +265,18 @@ def test_an_unknown_gqa_strategy_is_named(monkeypatch: pytest.MonkeyPatch) -> No
     case = kv.Case(op="sdpa_contiguous", backend="torch:cpu", ctx=32, q_heads=8, kv_heads=2)
     with pytest.raises(kv.InvalidCase, match="KVMICRO_TORCH_GQA='tile'"):
         kv.execute(case)
+
+
+def test_bandwidth_is_bytes_over_the_best_time_the_device_clock_gives() -> None:
+    timed: list[Any] = []
+    times = iter([4e-3, 2e-3, 3e-3, 8e-3, 5e-3, 6e-3])  # read: best 2 ms; copy: best 5 ms
+
+    def seconds(fn):
+        timed.append(fn)
+        fn()
+        return next(times)
+
+    read, copy = torch_backend.read_and_copy_gbps("cpu", 1 << 20, 3, seconds)
+    assert len(timed) == 6  # the warm calls are not timed
+    assert read == pytest.approx((1 << 20) / 2e-3 / 1e9)
+    assert copy == pytest.approx(2 * (1 << 20) / 5e-3 / 1e9)

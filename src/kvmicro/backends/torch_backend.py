@@ -131,29 +131,37 @@ def cuda_device_info(index: int, extra: dict[str, Any] | None = None) -> DeviceI
                       memory_bytes=int(props.total_memory), extra=info)
 
 
-def cuda_bandwidth(index: int, nbytes: int = 1 << 31, reps: int = 5) -> dict[str, Any]:
-    """Read ceiling (a float16 ``sum`` over ``nbytes``) and copy bandwidth (``copy_``, bytes read
-    plus written) of CUDA device ``index``, best of ``reps`` between CUDA events, decimal GB/s."""
+def read_and_copy_gbps(device: Any, nbytes: int, reps: int,
+                       seconds: Callable[[Callable[[], Any]], float]) -> tuple[float, float]:
+    """Read (a float16 ``sum`` over ``nbytes``) and copy (``copy_``, bytes read plus written)
+    bandwidth on a torch device in decimal GB/s: after one warm call, the best of ``reps`` times
+    that ``seconds(fn)`` takes of ``fn``; ``seconds`` is the device's own way to time work."""
     torch = import_torch()
+    x = torch.empty(nbytes // 2, dtype=torch.float16, device=device).uniform_()
+    y = torch.empty_like(x)
+
+    def best(fn: Callable[[], Any]) -> float:
+        fn()
+        return min(seconds(fn) for _ in range(reps))
+
+    return nbytes / best(x.sum) / 1e9, 2 * nbytes / best(lambda: y.copy_(x)) / 1e9
+
+
+def cuda_bandwidth(index: int, nbytes: int = 1 << 31, reps: int = 5) -> dict[str, Any]:
+    """The read ceiling and copy bandwidth of CUDA device ``index``, timed between CUDA events."""
+    torch = import_torch()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def seconds(fn: Callable[[], Any]) -> float:
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
     with torch.cuda.device(index):
-        x = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda").uniform_()
-        y = torch.empty_like(x)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-        def best(fn: Callable[[], Any]) -> float:
-            fn()
-            times = []
-            for _ in range(reps):
-                torch.cuda.synchronize()
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            return min(times)
-
-        read = nbytes / best(x.sum) / 1e9
-        copy = 2 * nbytes / best(lambda: y.copy_(x)) / 1e9
+        read, copy = read_and_copy_gbps(torch.device("cuda", index), nbytes, reps, seconds)
     return {"read_gbps": read, "copy_gbps": copy,
             "method": f"torch float16 sum / copy_, {nbytes / 1e9:.2f} GB, CUDA events, "
                       f"best of {reps}"}
@@ -583,22 +591,15 @@ class TorchMpsBackend(_TorchBackend):
         through torch that this backend uses, so the figure includes one sync per rep."""
         torch = import_torch()
         nbytes, reps = 1 << 30, 5
-        x = torch.empty(nbytes // 2, dtype=torch.float16, device="mps").uniform_()
-        y = torch.empty_like(x)
 
-        def best(fn: Callable[[], Any]) -> float:
+        def seconds(fn: Callable[[], Any]) -> float:
+            torch.mps.synchronize()
+            t0 = time.perf_counter()
             fn()
             torch.mps.synchronize()
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                torch.mps.synchronize()
-                times.append(time.perf_counter() - t0)
-            return min(times)
+            return time.perf_counter() - t0
 
-        read = nbytes / best(x.sum) / 1e9
-        copy = 2 * nbytes / best(lambda: y.copy_(x)) / 1e9
+        read, copy = read_and_copy_gbps("mps", nbytes, reps, seconds)
         return {"read_gbps": read, "copy_gbps": copy,
                 "method": f"torch float16 sum / copy_ on mps, {nbytes / 1e9:.2f} GB, host clock "
                           f"around synchronize, best of {reps}"}
