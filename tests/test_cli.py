@@ -89,6 +89,8 @@ def one_error_line(capsys: Any) -> str:
     (["sweep", "--preset", "huge"], ["invalid choice: 'huge'", "quick"]),
     (["sweep", "--criterion", "eyeball"], ["'eyeball'", "ci-median"]),
     (["sweep", "--noise", "5"], ["--noise 5.0 must be a fraction"]),
+    (["sweep", "--throttle-threshold", "75"], ["--throttle-threshold 75.0 must be a fraction",
+                                                "0 turns the throttle guard off"]),
     (["sweep", "--min-samples", "0"], ["min_samples 0 must be an integer >= 1"]),
     (["sweep", "--max-time", "-1"], ["max_time_s -1.0 must be a positive finite time"]),
     (["sweep", "--resume"], ["--resume needs --out"]),

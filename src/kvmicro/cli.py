@@ -235,13 +235,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     points = sweep.expand(grid, shard)
     measure = dict(preset.measure)
     for option, name in (("noise", "noise"), ("min_samples", "min_samples"),
-                         ("max_time", "max_time_s"), ("criterion", "criterion")):
+                         ("max_time", "max_time_s"), ("criterion", "criterion"),
+                         ("throttle_threshold", "throttle_threshold")):
         if getattr(args, option) is not None:
             measure[name] = getattr(args, option)
     if not args.rotate_budget > 0:
         raise InvalidCase(f"--rotate-budget {args.rotate_budget} must be a positive number of GiB")
     if args.noise is not None and not 0 < args.noise < 1:
         raise InvalidCase(f"--noise {args.noise} must be a fraction in (0, 1), e.g. 0.02 for 2%")
+    if args.throttle_threshold is not None and not 0 <= args.throttle_threshold < 1:
+        raise InvalidCase(f"--throttle-threshold {args.throttle_threshold} must be a fraction in "
+                          "[0, 1), e.g. 0.75; 0 turns the throttle guard off")
     if args.criterion is not None:
         from .harness.criteria import make_criterion
 
@@ -382,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--max-time", dest="max_time", type=float,
                     help="seconds of sampling per case at most")
     sw.add_argument("--criterion", help="stopping rule: ci-median (default), stdrel, sample-count")
+    sw.add_argument("--throttle-threshold", dest="throttle_threshold", type=float,
+                    help="drop a sample when the GPU's SM clock after it is below this fraction "
+                    "of its maximum (default 0.75; 0: off; CUDA with nvidia-ml-py only)")
     sw.add_argument("--rotate-budget", dest="rotate_budget", type=float, default=2.0,
                     metavar="GB", help="device memory for the input copies cold:rotate uploads "
                     "per case (default 2 GiB)")
