@@ -223,7 +223,7 @@ class NativeCudaBackend(_NativeBackend):
         if info_fn is None or not self.availability():
             return DeviceInfo(name="unavailable", kind="cuda", extra={"index": self.index})
         info = dict(info_fn(self.index))
-        info["throttle_guard"] = sm_clock_status(_cuda_bus_id(self.index))
+        info["throttle_guard"] = sm_clock_status(str(info.get("pci_bus_id", "")))
         name = str(info.pop("name", f"CUDA device {self.index}"))
         cache = int(info.pop("l2_cache_bytes", info.pop("l2_bytes", 0)) or 0)
         memory = int(info.pop("total_memory_bytes", info.pop("memory_bytes", 0)) or 0)

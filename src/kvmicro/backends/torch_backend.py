@@ -120,12 +120,12 @@ def index_tensor(x: np.ndarray, device: Any, dtype: Any = None) -> Any:
 def cuda_device_info(index: int, extra: dict[str, Any] | None = None) -> DeviceInfo:
     torch = import_torch()
     props = torch.cuda.get_device_properties(index)
+    bus_id = torch_bus_id(props)
     info = {"index": index, "sm_count": props.multi_processor_count,
             "compute_capability": f"{props.major}.{props.minor}",
             "torch": torch.__version__, "cuda_runtime": torch.version.cuda or "",
             "cudnn": str(torch.backends.cudnn.version() or ""),
-            "pci_bus_id": torch_bus_id(props),
-            "throttle_guard": sm_clock_status(torch_bus_id(props))}
+            "pci_bus_id": bus_id, "throttle_guard": sm_clock_status(bus_id)}
     info.update(extra or {})
     return DeviceInfo(name=props.name, kind="cuda", cache_bytes=int(props.L2_cache_size),
                       memory_bytes=int(props.total_memory), extra=info)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from numbers import Integral, Real
+from statistics import median
 from time import perf_counter
 from typing import Any
 
@@ -202,9 +203,8 @@ def measure(prepared: Prepared, config: MeasureConfig, cache: CachePolicy) -> Me
 def _clock_summary(fractions: list[float], threshold: float) -> dict[str, Any]:
     if not fractions:
         return {}
-    ordered = sorted(fractions)
-    return {"threshold": threshold, "min_fraction": round(ordered[0], 4),
-            "median_fraction": round(ordered[len(ordered) // 2], 4)}
+    return {"threshold": threshold, "min_fraction": round(min(fractions), 4),
+            "median_fraction": round(median(fractions), 4)}
 
 
 __all__ = ["MeasureConfig", "Measurement", "footprint_bytes", "measure", "working_set_bytes"]
