@@ -5,14 +5,28 @@
 // the four element strides parsed once from that string, and every address a kernel forms goes
 // through it; no kernel multiplies strides inline. Mirrored in Python by kvmicro.workload.Layout
 // (tests/test_layout.py proves the two agree on all 24 permutations).
+//
+// The same text compiles as C++17, CUDA and Metal Shading Language (the MSL shim of tests/msl_shim
+// takes the MSL branch too: it defines __METAL_VERSION__). MSL has no <stdint.h> (metal_stdlib
+// provides the fixed-width types), needs an address space on every pointer (KV_DEVICE) and has no
+// use for the layout-string parser, which only host code calls.
 #pragma once
 
+#if !defined(__METAL_VERSION__)
 #include <stdint.h>
+#endif
 
 #if defined(__CUDACC__)
 #define KV_HD __host__ __device__ __forceinline__
 #else
 #define KV_HD inline
+#endif
+
+// The address space of pointers into device buffers: `device` in MSL, nothing in C++ and CUDA.
+#if defined(__METAL_VERSION__)
+#define KV_DEVICE device
+#else
+#define KV_DEVICE
 #endif
 
 namespace kvmicro {
@@ -50,7 +64,8 @@ struct TokenLocation {
 };
 
 // Page math for one sequence: its row of the block table (width max_blocks).
-KV_HD TokenLocation logical_to_physical(const int32_t* table_row, int32_t block_size, int64_t t) {
+KV_HD TokenLocation logical_to_physical(const KV_DEVICE int32_t* table_row, int32_t block_size,
+                                        int64_t t) {
   TokenLocation loc;
   loc.block = table_row[t / block_size];
   loc.slot = (int32_t)(t % block_size);
@@ -59,8 +74,9 @@ KV_HD TokenLocation logical_to_physical(const int32_t* table_row, int32_t block_
 
 // Like logical_to_physical, but never reads past the row or returns a block outside the pool:
 // out-of-range gives block -1. Used where a kernel could otherwise trust unvalidated input.
-KV_HD TokenLocation checked_logical_to_physical(const int32_t* table_row, int32_t max_blocks,
-                                                int32_t block_size, int32_t num_blocks, int64_t t) {
+KV_HD TokenLocation checked_logical_to_physical(const KV_DEVICE int32_t* table_row,
+                                                int32_t max_blocks, int32_t block_size,
+                                                int32_t num_blocks, int64_t t) {
   TokenLocation loc;
   int64_t logical_block = t / block_size;
   loc.slot = (int32_t)(t % block_size);
@@ -72,6 +88,7 @@ KV_HD TokenLocation checked_logical_to_physical(const int32_t* table_row, int32_
   return loc;
 }
 
+#if !defined(__METAL_VERSION__)
 // Parse a layout string into strides. Returns false (and leaves `view` untouched) unless `layout`
 // is exactly a permutation of the letters N, S, H, D.
 inline bool make_pool_view(const char* layout, int32_t num_blocks, int32_t block_size,
@@ -106,5 +123,6 @@ inline bool make_pool_view(const char* layout, int32_t num_blocks, int32_t block
   view->head_dim = head_dim;
   return true;
 }
+#endif  // !__METAL_VERSION__
 
 }  // namespace kvmicro
