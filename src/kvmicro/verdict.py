@@ -1,0 +1,336 @@
+"""Verdicts: is NEW faster, slower, the same as BASE, or can the data not tell?
+
+Every comparison kvmicro makes (``kvmicro compare``, the report's fastest-layout mark, the ADR
+rules) goes through this module, so one rule decides everywhere:
+
+- ``ratio`` is ``median(new) / median(base)``; ``ratio_ci`` its 95% confidence interval from a
+  percentile bootstrap (:data:`BOOTSTRAP_RESAMPLES` resamples, a fixed seed, so a verdict is
+  reproducible). When a side's samples were taken in rounds (interleaved with other cases) the
+  bootstrap resamples rounds first and samples within them, so drift between rounds widens the
+  interval instead of hiding in it.
+- the test is the two-sided Mann-Whitney U test on the samples (normal approximation with tie and
+  continuity corrections), at level ``alpha`` (default 0.01).
+- **same**: the ratio CI lies inside ``[1 - threshold, 1 + threshold]``;
+- **faster** / **slower**: the test rejects at ``alpha``, the ratio CI lies entirely beyond the
+  threshold, and so does every pairing of one side's round medians with the other's;
+- **unsure**: anything else - in particular whenever either record is not ok, did not converge,
+  or is flagged ``noisy``, ``not-converged``, ``few-samples``, ``host-busy`` or
+  ``rounds-disagree``: such a record never yields faster or slower, whatever its numbers.
+
+``threshold`` is the smallest change worth naming (pyperf's ``--min-speed``), a fraction: 0.05
+means 5%. docs/methodology.md reports this rule's false-verdict and detection rates measured on
+the development machine (``scripts/calibrate_verdicts.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidCase
+
+VERDICTS: tuple[str, ...] = ("faster", "slower", "same", "unsure")
+#: the smallest change named faster or slower, as a fraction
+DEFAULT_THRESHOLD = 0.05
+#: the Mann-Whitney U test's level
+DEFAULT_ALPHA = 0.01
+#: confidence of the ratio's interval
+RATIO_CI_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+#: the bootstrap's seed: the same samples always give the same verdict
+BOOTSTRAP_SEED = 0x6B766D
+#: fewest samples per side for any verdict but unsure
+MIN_SAMPLES = 5
+#: record flags that make a record unusable for faster/slower
+UNTRUSTED_FLAGS: tuple[str, ...] = ("noisy", "not-converged", "few-samples", "host-busy",
+                                    "rounds-disagree")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The verdict for ``new`` against ``base``: "faster" means new takes less time."""
+
+    verdict: str
+    #: median(new) / median(base)
+    ratio: float
+    #: 95% CI of that ratio
+    ratio_ci: tuple[float, float]
+    #: two-sided Mann-Whitney U p-value (None when no test ran)
+    p_value: float | None
+    #: why unsure, or what decided it, in words
+    reason: str
+
+    @property
+    def change_pct(self) -> float:
+        return (self.ratio - 1.0) * 100.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "ratio": self.ratio, "ratio_ci": list(self.ratio_ci),
+                "p_value": self.p_value, "reason": self.reason}
+
+
+# ------------------------------------------------------------------------------- the test
+
+
+def _normal_sf(z: float) -> float:
+    """P(Z > z) for a standard normal Z."""
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+def mann_whitney_u(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """The Mann-Whitney U statistic of ``x`` (the number of pairs with x > y, ties counting one
+    half) and its two-sided p-value by the normal approximation with tie and continuity
+    corrections. Identical samples give p = 1."""
+    a = np.asarray(x, dtype=np.float64)
+    b = np.asarray(y, dtype=np.float64)
+    n1, n2 = a.size, b.size
+    if n1 == 0 or n2 == 0:
+        raise InvalidCase(f"[verdict] Mann-Whitney U needs samples on both sides (got {n1}, "
+                          f"{n2})")
+    both = np.concatenate([a, b])
+    order = np.argsort(both, kind="mergesort")
+    ranks = np.empty(both.size, dtype=np.float64)
+    sorted_ = both[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    u = float(ranks[:n1].sum() - n1 * (n1 + 1) / 2.0)
+    n = n1 + n2
+    tie = float(np.sum(counts.astype(np.float64) ** 3 - counts))
+    var = n1 * n2 / 12.0 * ((n + 1) - tie / (n * (n - 1))) if n > 1 else 0.0
+    if var <= 0:
+        return u, 1.0
+    mean = n1 * n2 / 2.0
+    z = max(abs(u - mean) - 0.5, 0.0) / math.sqrt(var)
+    return u, min(1.0, 2.0 * _normal_sf(z))
+
+
+# -------------------------------------------------------------------------- the interval
+
+
+def _split(samples: np.ndarray, rounds: Sequence[int] | None) -> list[np.ndarray]:
+    if not rounds:
+        return [samples]
+    sizes = [int(s) for s in rounds]
+    if sum(sizes) != samples.size or any(s < 1 for s in sizes):
+        return [samples]   # round sizes that do not describe these samples: one group
+    return np.split(samples, np.cumsum(sizes)[:-1])
+
+
+#: in the two-stage bootstrap, draws per round slot at most (more only sharpens a within-round
+#: spread that the between-round spread dwarfs; fewer keeps a 10,000-sample record fast)
+MAX_DRAWS_PER_ROUND = 256
+
+
+def _bootstrap_one(x: np.ndarray, rng: np.random.Generator, resamples: int) -> np.ndarray:
+    """Medians of ``resamples`` ordinary bootstrap resamples of ``x``, drawn in O(resamples):
+    a resample is ``sorted(x)[floor(n U)]`` for n uniforms U, a monotone map, so its k-th order
+    statistic is ``sorted(x)[floor(n U_(k))]`` with ``U_(k) ~ Beta(k, n - k + 1)``; for even n
+    the next one is ``U_(k) + (1 - U_(k)) Beta(1, n - k)``."""
+    xs = np.sort(x)
+    n = xs.size
+    k = (n + 1) // 2
+    u_k = rng.beta(k, n - k + 1, size=resamples)
+    low = xs[np.minimum((u_k * n).astype(np.int64), n - 1)]
+    if n % 2:
+        return low
+    u_next = u_k + (1.0 - u_k) * rng.beta(1, n - k, size=resamples)
+    return 0.5 * (low + xs[np.minimum((u_next * n).astype(np.int64), n - 1)])
+
+
+def _bootstrap_medians(groups: list[np.ndarray], rng: np.random.Generator,
+                       resamples: int) -> np.ndarray:
+    """Medians of ``resamples`` bootstrap resamples. One group: the ordinary bootstrap. Several
+    rounds: each round's slot is filled by a round drawn with replacement, and as many samples as
+    that slot holds (at most :data:`MAX_DRAWS_PER_ROUND`) are drawn with replacement from the
+    drawn round: a two-stage bootstrap, so that rounds that disagree widen the interval."""
+    if len(groups) == 1:
+        return _bootstrap_one(groups[0], rng, resamples)
+    sizes = np.array([g.size for g in groups])
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    flat = np.concatenate(groups)
+    draws = np.minimum(sizes, MAX_DRAWS_PER_ROUND)
+    out = np.empty(resamples)
+    chunk = max(1, 2_000_000 // max(1, int(draws.sum())))
+    for start in range(0, resamples, chunk):
+        rows = min(resamples, start + chunk) - start
+        picks = rng.integers(0, len(groups), size=(rows, len(groups)))
+        parts = []
+        for slot, size in enumerate(draws):
+            chosen = picks[:, slot][:, None]
+            u = rng.random((rows, int(size)))
+            parts.append(offsets[chosen] + (u * sizes[chosen]).astype(np.int64))
+        out[start:start + rows] = np.median(flat[np.concatenate(parts, axis=1)], axis=1)
+    return out
+
+
+def ratio_interval(new_us: Sequence[float], base_us: Sequence[float], *,
+                   new_rounds: Sequence[int] | None = None,
+                   base_rounds: Sequence[int] | None = None,
+                   level: float = RATIO_CI_LEVEL,
+                   resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
+    """Percentile-bootstrap ``level`` CI of ``median(new) / median(base)``."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    new = _bootstrap_medians(_split(np.asarray(new_us, float), new_rounds), rng, resamples)
+    base = _bootstrap_medians(_split(np.asarray(base_us, float), base_rounds), rng, resamples)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = new / base
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(ratios, [tail, 100.0 - tail])
+    return float(lo), float(hi)
+
+
+# ---------------------------------------------------------------------------- the verdict
+
+
+def _check_threshold(threshold: float, alpha: float) -> None:
+    if not (isinstance(threshold, (int, float)) and 0 <= threshold < 1):
+        raise InvalidCase(f"[verdict] threshold {threshold!r} must be a fraction in [0, 1), "
+                          "e.g. 0.05 for 5%")
+    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise InvalidCase(f"[verdict] alpha {alpha!r} must be in (0, 1), e.g. 0.01")
+
+
+def _clean(samples: Sequence[float], side: str) -> np.ndarray:
+    x = np.asarray(samples, dtype=np.float64).ravel()
+    if x.size and not np.all(np.isfinite(x) & (x > 0)):
+        raise InvalidCase(f"[verdict] {side} samples must be finite positive times (µs)")
+    return x
+
+
+def _round_medians(x: np.ndarray, rounds: Sequence[int] | None) -> list[float]:
+    groups = _split(x, rounds)
+    return [float(np.median(g)) for g in groups] if len(groups) > 1 else []
+
+
+def compare_samples(new_us: Sequence[float], base_us: Sequence[float], *,
+                    threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA,
+                    new_rounds: Sequence[int] | None = None,
+                    base_rounds: Sequence[int] | None = None) -> Verdict:
+    """The verdict of two sets of samples (µs). ``new_rounds``/``base_rounds``: the sizes of the
+    consecutive rounds the samples were taken in, if any (see the module docstring)."""
+    _check_threshold(threshold, alpha)
+    new, base = _clean(new_us, "new"), _clean(base_us, "base")
+    if new.size == 0 or base.size == 0:
+        return Verdict("unsure", math.nan, (math.nan, math.nan), None,
+                       f"no samples to compare (new {new.size}, base {base.size})")
+    ratio = float(np.median(new) / np.median(base))
+    lo, hi = ratio_interval(new, base, new_rounds=new_rounds, base_rounds=base_rounds)
+    _, p = mann_whitney_u(new, base)
+    ci = f"ratio {ratio:.3f}, 95% CI [{lo:.3f}, {hi:.3f}]"
+    band = f"±{threshold * 100:g}%"
+    if min(new.size, base.size) < MIN_SAMPLES:
+        return Verdict("unsure", ratio, (lo, hi), p,
+                       f"too few samples (new {new.size}, base {base.size}; a verdict needs "
+                       f"{MIN_SAMPLES} on each side); {ci}")
+    if 1.0 - threshold <= lo and hi <= 1.0 + threshold:
+        return Verdict("same", ratio, (lo, hi), p, f"{ci} inside {band}")
+    beyond = lo > 1.0 + threshold or hi < 1.0 - threshold
+    if not beyond:
+        return Verdict("unsure", ratio, (lo, hi), p, f"{ci} straddles the {band} band")
+    if p >= alpha:
+        return Verdict("unsure", ratio, (lo, hi), p,
+                       f"{ci} beyond {band} but Mann-Whitney p {p:.3g} >= alpha {alpha:g}")
+    new_meds, base_meds = _round_medians(new, new_rounds), _round_medians(base, base_rounds)
+    if new_meds or base_meds:
+        new_meds = new_meds or [float(np.median(new))]
+        base_meds = base_meds or [float(np.median(base))]
+        worst_lo = min(new_meds) / max(base_meds)
+        worst_hi = max(new_meds) / min(base_meds)
+        if not (worst_lo > 1.0 + threshold or worst_hi < 1.0 - threshold):
+            return Verdict("unsure", ratio, (lo, hi), p,
+                           f"{ci}, but the rounds disagree: round-median ratios span "
+                           f"[{worst_lo:.3f}, {worst_hi:.3f}], not all beyond {band}")
+    word = "slower" if ratio > 1.0 else "faster"
+    return Verdict(word, ratio, (lo, hi), p,
+                   f"{ci} beyond {band}; Mann-Whitney p {p:.2g} < {alpha:g}")
+
+
+# ------------------------------------------------------------------------------- records
+
+
+def _converged(rec: Mapping[str, Any]) -> bool | None:
+    stats = rec.get("stats") or {}
+    value = stats.get("converged") if isinstance(stats, Mapping) else None
+    if value is None:
+        crit = rec.get("criterion")
+        value = crit.get("converged") if isinstance(crit, Mapping) else None
+    return value
+
+
+def untrusted_reason(rec: Mapping[str, Any]) -> str:
+    """Why a record may not yield faster or slower ("" when it may)."""
+    status = rec.get("status")
+    if status != "ok":
+        return f"status {status}"
+    flags = rec.get("flags")
+    bad = [f for f in (flags if isinstance(flags, list) else []) if f in UNTRUSTED_FLAGS]
+    if bad:
+        return f"flagged {', '.join(bad)}"
+    if _converged(rec) is False:
+        return "not converged"
+    return ""
+
+
+def record_rounds(rec: Mapping[str, Any]) -> list[int] | None:
+    """The sizes of the rounds a record's samples were taken in (None: one round)."""
+    rounds = rec.get("rounds")
+    sizes = rounds.get("sizes") if isinstance(rounds, Mapping) else None
+    return [int(s) for s in sizes] if isinstance(sizes, list) and len(sizes) > 1 else None
+
+
+def _median_of(rec: Mapping[str, Any], samples: np.ndarray) -> float | None:
+    if samples.size:
+        return float(np.median(samples))
+    stats = rec.get("stats") or {}
+    value = stats.get("median_us") if isinstance(stats, Mapping) else None
+    return float(value) if value else None
+
+
+def _ci_box(new: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[float, float] | None:
+    """Without samples: the ratio's interval from the two medians' CIs (conservative)."""
+    try:
+        n, b = new["stats"], base["stats"]
+        return float(n["ci95_lo_us"]) / float(b["ci95_hi_us"]), \
+            float(n["ci95_hi_us"]) / float(b["ci95_lo_us"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def compare_records(new: Mapping[str, Any], base: Mapping[str, Any], *,
+                    threshold: float = DEFAULT_THRESHOLD,
+                    alpha: float = DEFAULT_ALPHA) -> Verdict:
+    """The verdict of two case records (dicts as results files hold them). Unsure whenever either
+    record is not ok, did not converge, or carries a flag of :data:`UNTRUSTED_FLAGS`; records
+    without samples (pytest-benchmark files) can be "same" from their CIs, never faster/slower."""
+    _check_threshold(threshold, alpha)
+    new_x = np.asarray(new.get("samples_us") or [], dtype=np.float64)
+    base_x = np.asarray(base.get("samples_us") or [], dtype=np.float64)
+    new_m, base_m = _median_of(new, new_x), _median_of(base, base_x)
+    ratio = new_m / base_m if new_m and base_m else math.nan
+    nan_ci = (math.nan, math.nan)
+    for side, rec in (("new", new), ("base", base)):
+        why = untrusted_reason(rec)
+        if why:
+            ci = _ci_box(new, base) if math.isfinite(ratio) else None
+            return Verdict("unsure", ratio, ci or nan_ci, None, f"{side} record {why}")
+    if new_x.size == 0 or base_x.size == 0:
+        box = _ci_box(new, base)
+        if box and 1.0 - threshold <= box[0] and box[1] <= 1.0 + threshold:
+            return Verdict("same", ratio, box, None,
+                           f"no samples; the medians' CIs give ratio [{box[0]:.3f}, "
+                           f"{box[1]:.3f}] inside ±{threshold * 100:g}%")
+        return Verdict("unsure", ratio, box or nan_ci, None,
+                       "no samples in the records: no test can name a difference")
+    return compare_samples(new_x, base_x, threshold=threshold, alpha=alpha,
+                           new_rounds=record_rounds(new), base_rounds=record_rounds(base))
+
+
+__all__ = ["BOOTSTRAP_RESAMPLES", "DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "MIN_SAMPLES",
+           "UNTRUSTED_FLAGS", "VERDICTS", "Verdict", "compare_records", "compare_samples",
+           "mann_whitney_u", "ratio_interval", "record_rounds", "untrusted_reason"]
