@@ -8,6 +8,8 @@
     kvmicro compare FILE... --new-backend native:cuda --base-backend cudnn:cuda,flashinfer:cuda
                                      the same, a backend against the fastest of its peers
     kvmicro merge FILE... --out F    join shards into one file
+    kvmicro adr fill ADR.md [--check] / adr new --title T --results FILE...
+                                     decision records filled from results files
 
 Bad input prints one line ``kvmicro: error: ...`` on stderr and exits 2. A check mismatch, a sweep
 error record or a compare slowdown exits 1; Ctrl-C during a sweep exits 130 with a valid file.
@@ -425,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("files", nargs="+", metavar="FILE")
     mg.add_argument("--out", "-o", required=True, help="the merged file (must not exist)")
     mg.set_defaults(func=cmd_merge)
+
+    from .adr import add_parser as add_adr_parser
+
+    add_adr_parser(sub)   # kvmicro adr fill|new: the parser and handlers live in adr.py
     return parser
 
 
