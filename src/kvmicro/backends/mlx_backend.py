@@ -181,6 +181,9 @@ class _MlxPrepared(Prepared):
 class _MlxBackend(Backend):
     kind = "cpu"
     ops = MLX_OPS
+    # MLX's CUDA build and torch cannot share a process ("cuDNN version incompatibility:
+    # PyTorch was compiled against (9, 19, 0) but found runtime version (9, 14, 0)")
+    process_group = "mlx"
 
     def _device(self) -> Any:
         mx = import_mlx()

@@ -1,0 +1,242 @@
+"""Worker processes: a sweep measures in child processes, so a backend that segfaults or hangs
+costs the case in flight (an error record naming the signal or the timeout) and the sweep goes on
+with a fresh worker; every other record is there. Backends that declare different process groups
+never share a worker; Ctrl-C stops the workers.
+
+The backends here exist only in this file: the test registers them in the parent's registry, and
+the parent hands its registry and sys.path to each worker it starts."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvmicro import oracle
+from kvmicro.backends import registry
+from kvmicro.backends.base import Availability, Backend, DeviceInfo, Prepared
+from kvmicro.dtypes import carrier
+from kvmicro.grid import Grid
+from kvmicro.points import expand
+from kvmicro.results import read_results, record_key
+from kvmicro.sweep import run_sweep
+from kvmicro.worker import describe_exit, spawn, stop, worker_jobs
+from kvmicro.workload import Case
+
+#: the ctx at which the misbehaving backends misbehave; every other case of theirs is fine
+BAD_CTX = 33
+
+
+class OraclePrepared(Prepared):
+    """Returns the oracle's answer; ``misbehave`` runs inside run() (the oracle check's run)."""
+
+    def __init__(self, case: Case, arrays: dict[str, np.ndarray], misbehave: Any) -> None:
+        super().__init__(case)
+        ref = oracle.run(case, arrays)
+        dtype = carrier(case.dtype)
+        self._out = (tuple(r.astype(dtype) for r in ref) if isinstance(ref, tuple)
+                     else ref.astype(dtype))
+        self._misbehave = misbehave
+        self._work = np.zeros(64)
+
+    def run(self) -> None:
+        if self.case.ctx == BAD_CTX and self.case.op == "gather":
+            self._misbehave()
+        self._work += 1.0
+
+    def sync(self) -> None:
+        pass
+
+    def output(self) -> Any:
+        return self._out
+
+
+class _TestBackend(Backend):
+    ops = ("sdpa_contiguous", "gather", "gather_sdpa")
+
+    def availability(self) -> Availability:
+        return Availability(True, "test double")
+
+    def device_info(self) -> DeviceInfo:
+        return DeviceInfo("test cpu", "cpu", cache_bytes=1 << 16, memory_bytes=1 << 28)
+
+    def bandwidth(self) -> dict[str, float]:
+        return {"read_gbps": 10.0, "copy_gbps": 20.0, "pid": os.getpid()}
+
+    def prepare(self, case: Case, arrays: dict[str, np.ndarray], copies: int = 1) -> Prepared:
+        return OraclePrepared(case, arrays, self.misbehave)
+
+    def misbehave(self) -> None:
+        pass
+
+
+class GoodBackend(_TestBackend):
+    name = "good:cpu"
+
+
+class SegfaultBackend(_TestBackend):
+    name = "segv:cpu"
+
+    def misbehave(self) -> None:
+        faulthandler.disable()          # a plain crash, without a traceback on stderr
+        faulthandler._sigsegv()
+
+
+class HangBackend(_TestBackend):
+    name = "hang:cpu"
+
+    def misbehave(self) -> None:
+        time.sleep(3600)
+
+
+class IsolatedBackend(_TestBackend):
+    """A backend that must not share a process with the others."""
+
+    name = "loner:cpu"
+    process_group = "loner"
+
+
+TEST_BACKENDS = {"good:cpu": "GoodBackend", "segv:cpu": "SegfaultBackend",
+                 "hang:cpu": "HangBackend", "loner:cpu": "IsolatedBackend"}
+
+
+@pytest.fixture
+def test_backends(monkeypatch: pytest.MonkeyPatch) -> Any:
+    for name, cls in TEST_BACKENDS.items():
+        monkeypatch.setitem(registry._FACTORIES, name, (__name__, cls))
+    registry.get_backend.cache_clear()
+    yield
+    registry.get_backend.cache_clear()
+
+
+FAST = dict(min_samples=5, max_time_s=0.01, warmup_count=1, warmup_time_s=0.0,
+            sample_time_s=2e-4)
+
+
+def grid(*backends: str) -> Grid:
+    return Grid(backends=backends, ops=("sdpa_contiguous", "gather", "gather_sdpa"),
+                layouts=("NSHD",), placements=("reverse",), ctxs=(BAD_CTX, 70), batches=(1,),
+                blocks=(16,), heads=((4, 2),), head_dims=(16,), dtypes=("float32",),
+                slacks=(2.0,), timers=("host",), caches=("hot",))
+
+
+def keys(points: Any) -> set[tuple[Any, ...]]:
+    return {record_key({**p.case.flat(), "timer": p.timer, "cache": p.cache}) for p in points}
+
+
+def test_a_segfault_and_a_hang_cost_one_case_each_and_the_sweep_finishes(
+        test_backends: Any, tmp_path: Path) -> None:
+    points = expand(grid("good:cpu", "segv:cpu", "hang:cpu"))
+    out = tmp_path / "r.jsonl"
+    started = time.monotonic()
+    outcome = run_sweep(points, out, argv=["test"], measure=FAST, progress=False,
+                        case_timeout_s=3.0)
+    assert not outcome.interrupted
+    assert time.monotonic() - started < 60
+    runs, records = read_results(out)
+    assert {record_key(r) for r in records} == keys(points)     # every record is there, once
+    assert len(records) == len(points)
+    bad = {(r["backend"], r["op"], r["ctx"]): r for r in records if r["status"] != "ok"}
+    assert set(bad) == {("segv:cpu", "gather", BAD_CTX), ("hang:cpu", "gather", BAD_CTX)}
+    segv, hang = bad[("segv:cpu", "gather", BAD_CTX)], bad[("hang:cpu", "gather", BAD_CTX)]
+    assert segv["status"] == "error" and "SIGSEGV" in segv["reason"]
+    assert hang["status"] == "error" and "no result within 3 s" in hang["reason"]
+    assert "case timeout" in hang["reason"]
+    # the cases after a crash ran in a fresh worker and derive the same figures: the overhead of
+    # gather_sdpa is against the sdpa_contiguous measured by the worker that died
+    for r in records:
+        if r["op"] == "gather_sdpa":
+            assert r["derived"]["overhead_pct"] is not None, r["backend"]
+    # the run line's devices and bandwidth came from the workers, not from this process
+    assert runs[0]["bandwidth"]["good:cpu"]["pid"] != os.getpid()
+    assert runs[0]["devices"]["segv:cpu"]["name"] == "test cpu"
+
+
+def test_backends_of_another_process_group_get_their_own_worker(test_backends: Any,
+                                                                 tmp_path: Path) -> None:
+    points = expand(grid("good:cpu", "loner:cpu"))
+    jobs = worker_jobs(points)
+    assert [(str(j.key), j.backends) for j in jobs] == [("cpu", ["good:cpu"]),
+                                                         ("cpu (loner)", ["loner:cpu"])]
+    out = tmp_path / "r.jsonl"
+    run_sweep(points, out, argv=["test"], measure=FAST, progress=False)
+    runs, records = read_results(out)
+    assert all(r["status"] == "ok" for r in records)
+    pids = {name: runs[0]["bandwidth"][name]["pid"] for name in ("good:cpu", "loner:cpu")}
+    assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
+
+
+def test_a_backend_group_from_mlx_never_shares_a_worker_with_torch() -> None:
+    from kvmicro.worker import process_group, worker_key
+
+    assert process_group("mlx:gpu") == process_group("mlx:cpu") == "mlx"
+    assert process_group("torch:cuda") == process_group("native:cuda") == ""
+    assert worker_key("mlx:gpu") != worker_key("torch:cuda")
+    assert worker_key("native:cuda:1").device == "cuda:1"
+    assert worker_key("native:cuda") == worker_key("cudnn:cuda") == worker_key("torch:cuda:0")
+
+
+def test_exit_statuses_are_described_in_words() -> None:
+    assert describe_exit(-signal.SIGSEGV) == "killed by SIGSEGV"
+    assert describe_exit(-signal.SIGABRT) == "killed by SIGABRT"
+    assert describe_exit(3) == "exited with status 3"
+
+
+def test_stop_ends_a_child_that_ignores_its_stdin_and_sigterm() -> None:
+    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('up', flush=True); time.sleep(60)")
+    proc = spawn([sys.executable, "-c", code])
+    assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+    started = time.monotonic()
+    assert stop(proc, grace_s=0.3) == -signal.SIGKILL
+    assert time.monotonic() - started < 5
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_stops_the_workers_and_keeps_every_finished_record(tmp_path: Path) -> None:
+    here = Path(__file__).resolve().parent
+    out = tmp_path / "r.jsonl"
+    code = (f"import sys; sys.path[:0] = [{str(here)!r}, {str(here.parent / 'src')!r}]; "
+            "import test_worker; from kvmicro.backends import registry; "
+            "registry._FACTORIES.update({n: ('test_worker', c) for n, c in "
+            "test_worker.TEST_BACKENDS.items()}); from kvmicro.cli import main; "
+            "raise SystemExit(main(sys.argv[1:]))")
+    argv = [sys.executable, "-c", code, "sweep", "--backend", "good:cpu,hang:cpu", "--preset",
+            "smoke", "--ctx", f"70,{BAD_CTX}", "--batch", "1", "--op", "sdpa_contiguous,gather",
+            "--layout", "NSHD", "--timer", "host", "--cache", "hot", "--min-samples", "5",
+            "--max-time", "0.01", "--out", str(out), "-q"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        # ctx 33 comes first: both sdpa_contiguous and good:cpu's gather, then hang:cpu's gather
+        while time.monotonic() < deadline:
+            if out.exists() and out.read_text().count('"type": "case"') >= 3:
+                break
+            assert proc.poll() is None
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert workers, "the sweep has no worker process"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err.decode()
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or \
+            "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], f"worker {pid} survived"
+    records = read_results(out)[1]
+    assert len(records) == 3 and all(r["status"] == "ok" for r in records)
