@@ -231,11 +231,11 @@ def test_resume_after_a_killed_writer(tmp_path):
     last_start = data.rstrip(b"\n").rfind(b"\n") + 1
     path.write_bytes(data[:last_start + (len(data) - last_start) // 2])
 
-    with pytest.warns(UserWarning, match="truncated last line"):
+    with pytest.warns(UserWarning, match="truncated or damaged last line"):
         runs, found = read_results(path)
     assert len(runs) == 1 and [r["layout"] for r in found] == ["NSHD", "HNSD"]
 
-    with pytest.warns(UserWarning, match="dropping a truncated last line"):
+    with pytest.warns(UserWarning, match="dropping a truncated or damaged last line"):
         w = ResultsWriter(path, provenance_for(), resume=True)
     with w:
         assert w.done_keys == {case_key(c, "device", "hot") for c in cases[:2]}
@@ -289,8 +289,8 @@ def test_corruption_before_the_last_line_is_an_error(tmp_path):
         read_results(path)
 
 
-@pytest.mark.parametrize("version,ok", [(1, True), ("1.4", True), (2, False), ("2.0", False),
-                                        (None, False)])
+@pytest.mark.parametrize("version,ok", [(1, True), ("1.4", True), (2, True), ("2.0", True),
+                                        (3, False), ("3.1", False), (None, False)])
 def test_schema_versions(tmp_path, version, ok):
     path = tmp_path / "r.jsonl"
     rec = {**ok_record(), "schema_version": version}

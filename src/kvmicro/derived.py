@@ -96,40 +96,64 @@ def _median(stats: Stats | float) -> float:
     return median
 
 
-def derive(case: Case, stats: Stats | float, copy_gbps: float | None = None,
-           contiguous_median_us: float | None = None, *,
-           read_gbps: float | None = None) -> dict[str, Any]:
-    """Derived figures of one measured case.
+def overhead_pct(op: str, median_us: float, contiguous_median_us: float | None) -> float | None:
+    """``(median / contiguous_median - 1) * 100`` for attention ops against sdpa_contiguous of the
+    same shape (same backend, options, timer and cache); 0 for sdpa_contiguous itself; None when
+    the baseline is unknown or the op is not an attention op."""
+    if op == "sdpa_contiguous":
+        return 0.0
+    if op not in ATTENTION_OPS or contiguous_median_us is None:
+        return None
+    return (_median(median_us) / _median(contiguous_median_us) - 1.0) * 100.0
 
-    - ``bytes``: :func:`bytes_moved`;
+
+def _ceiling(value: float | None, what: str) -> float | None:
+    if value is None:
+        return None
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidCase(f"[derived] {what} bandwidth {value!r} GB/s must be positive")
+    return float(value)
+
+
+def figures(op: str, nbytes: int, median_us: float, copy_gbps: float | None = None,
+            contiguous_median_us: float | None = None, *,
+            read_gbps: float | None = None) -> dict[str, Any]:
+    """The derived figures of a record from its byte count and median: the one place they are
+    computed (``derive`` for a case; readers rescaling a record to another median).
+
+    - ``bytes``: ``nbytes`` (:func:`bytes_moved`);
     - ``gbps``: ``bytes / median_us / 1e3`` (decimal GB/s);
     - ``pct_of_peak``: ``gbps / copy_gbps * 100``, the device's copy bandwidth (read + write)
       measured at the start of the run; None when unknown;
     - ``pct_of_read``: the same against the measured read ceiling, when ``read_gbps`` is given;
-    - ``overhead_pct``: for attention ops, ``(median / contiguous_median - 1) * 100`` against
-      sdpa_contiguous of the same shape on the same backend, timer and cache; 0 for
-      sdpa_contiguous itself; None when unknown or not an attention op.
-
-    ``stats`` may be a :class:`Stats` or a median in µs.
+    - ``overhead_pct``: :func:`overhead_pct`.
     """
-    median = _median(stats)
-    nbytes = bytes_moved(case)
+    median = _median(median_us)
     gbps = nbytes / median / 1e3
-    out: dict[str, Any] = {"bytes": nbytes, "gbps": gbps, "pct_of_peak": None,
-                           "overhead_pct": None}
-    if copy_gbps is not None:
-        if not (math.isfinite(copy_gbps) and copy_gbps > 0):
-            raise InvalidCase(f"[derived] copy bandwidth {copy_gbps!r} GB/s must be positive")
-        out["pct_of_peak"] = gbps / copy_gbps * 100.0
-    if read_gbps is not None:
-        if not (math.isfinite(read_gbps) and read_gbps > 0):
-            raise InvalidCase(f"[derived] read bandwidth {read_gbps!r} GB/s must be positive")
-        out["pct_of_read"] = gbps / read_gbps * 100.0
-    if case.op == "sdpa_contiguous":
-        out["overhead_pct"] = 0.0
-    elif case.op in ATTENTION_OPS and contiguous_median_us is not None:
-        out["overhead_pct"] = (median / _median(contiguous_median_us) - 1.0) * 100.0
+    copy = _ceiling(copy_gbps, "copy")
+    read = _ceiling(read_gbps, "read")
+    out: dict[str, Any] = {"bytes": nbytes, "gbps": gbps,
+                           "pct_of_peak": gbps / copy * 100.0 if copy else None,
+                           "overhead_pct": overhead_pct(op, median, contiguous_median_us)}
+    if read is not None:
+        out["pct_of_read"] = gbps / read * 100.0
     return out
+
+
+def derive(case: Case, stats: Stats | float, copy_gbps: float | None = None,
+           contiguous_median_us: float | None = None, *,
+           read_gbps: float | None = None) -> dict[str, Any]:
+    """Derived figures of one measured case: :func:`figures` with ``bytes`` =
+    :func:`bytes_moved`. ``stats`` may be a :class:`Stats` or a median in µs."""
+    return figures(case.op, bytes_moved(case), _median(stats), copy_gbps, contiguous_median_us,
+                   read_gbps=read_gbps)
+
+
+def exceeds_ceiling(derived: dict[str, Any] | None) -> bool:
+    """Whether a record's GB/s is above the device's measured copy ceiling (``pct_of_peak`` over
+    100): more than memory can deliver, so the bytes came from a cache."""
+    pct = (derived or {}).get("pct_of_peak")
+    return pct is not None and float(pct) > 100.0
 
 
 def contiguous_twin(case: Case) -> Case:
@@ -139,5 +163,5 @@ def contiguous_twin(case: Case) -> Case:
     return case.with_(op="sdpa_contiguous")
 
 
-__all__ = ["INDEX_BYTES", "bytes_moved", "contiguous_twin", "derive", "footprint_bytes",
-           "working_set_bytes"]
+__all__ = ["INDEX_BYTES", "bytes_moved", "contiguous_twin", "derive", "exceeds_ceiling",
+           "figures", "footprint_bytes", "overhead_pct", "working_set_bytes"]

@@ -6,8 +6,12 @@ order measured. A resumed run appends a new run line and its cases to the same f
 describes every field.
 
 Writes are append-only, one ``write`` of a whole line each, flushed and fsynced, so a killed writer
-loses at most the line in flight; readers ignore a truncated last line, and a resumed writer cuts it
-off before appending. A reader refuses a file of another major schema version by name.
+loses at most the line in flight. A damaged last line (cut short, or not valid UTF-8) is one rule
+everywhere: readers ignore it with a warning, and a resumed writer cuts it off before appending.
+A writer holds an exclusive lock on its file (``flock``), so two sweeps never append to one file
+at once. A reader refuses a file of an unknown major schema version by name; version 1 (before
+backend options) and version 2 are read. Case lines are :class:`~kvmicro.record.Record` objects
+in JSON; their identity is :func:`~kvmicro.record.record_key`.
 """
 
 from __future__ import annotations
@@ -23,22 +27,31 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from .derived import exceeds_ceiling, figures
 from .errors import InvalidCase
 from .harness.measure import Measurement
 from .harness.stats import MIN_CI_SAMPLES, Stats
+from .record import (
+    KEY_FIELDS,
+    READABLE_VERSIONS,
+    SCHEMA_VERSION,
+    STATUSES,
+    Record,
+    case_key,
+    record_key,
+)
 from .workload import Case
 
-SCHEMA_VERSION = 1
-STATUSES: tuple[str, ...] = ("ok", "skipped", "error")
+try:  # POSIX: an exclusive lock per results file; elsewhere writers are not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
 #: a record whose spread_pct exceeds this is flagged ``noisy``
 SPREAD_FLAG_PCT = 10.0
 #: the flags a case record may carry (docs/schema.md says what each means)
 FLAGS: tuple[str, ...] = ("noisy", "not-converged", "dropped", "few-samples", "cache-not-cold",
-                          "cache-size-assumed")
-#: the record fields a case's identity is made of (:func:`record_key`)
-KEY_FIELDS: tuple[str, ...] = ("backend", "op", "batch", "q_heads", "kv_heads", "head_dim", "ctx",
-                               "q_len", "block_size", "layout", "placement", "slack", "dtype",
-                               "timer", "cache", "seed")
+                          "cache-size-assumed", "cache-hit-suspected")
 #: fields a case record always has (case_record refuses to let ``extra`` replace them)
 _CORE_FIELDS: tuple[str, ...] = (
     "type", "schema_version", "device", "timer", "cache", "cache_bytes", "cache_pools",
@@ -167,8 +180,10 @@ def provenance_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[s
 
 def flags_for(stats: Mapping[str, Any] | None, criterion: Mapping[str, Any] | None,
               dropped: int, cache_policy: Mapping[str, Any] | None,
-              spread_threshold_pct: float = SPREAD_FLAG_PCT) -> list[str]:
-    """The flags of a measured record (see :data:`FLAGS`)."""
+              spread_threshold_pct: float = SPREAD_FLAG_PCT,
+              derived: Mapping[str, Any] | None = None) -> list[str]:
+    """The flags of a measured record (see :data:`FLAGS`). ``cache-hit-suspected``: a cold
+    policy, yet the derived GB/s is above the device's measured copy ceiling."""
     flags: list[str] = []
     if stats:
         spread = stats.get("spread_pct")
@@ -184,6 +199,9 @@ def flags_for(stats: Mapping[str, Any] | None, criterion: Mapping[str, Any] | No
         flags.append("cache-not-cold")
     if cache_policy and cache_policy.get("cache_bytes_assumed"):
         flags.append("cache-size-assumed")
+    if cache_policy and str(cache_policy.get("name", "")).startswith("cold") \
+            and exceeds_ceiling(dict(derived) if derived else None):
+        flags.append("cache-hit-suspected")
     return flags
 
 
@@ -216,79 +234,35 @@ def case_record(case: Case, *, status: str, reason: str = "",
     extra = dict(extra or {})
     timer = timer or str(extra.pop("timer", "") or "")
     cache = cache or str(extra.pop("cache", "") or "")
-    flat = case.flat()
-    clash = sorted(set(extra) & (set(_CORE_FIELDS) | set(flat)))
+    clash = sorted(set(extra) & (set(_CORE_FIELDS) | set(case.flat())))
     if clash:
         raise InvalidCase(f"[results] extra fields {', '.join(clash)} would replace record fields")
-
-    record: dict[str, Any] = {"type": "case", "schema_version": SCHEMA_VERSION, **flat,
-                              "device": device}
+    derived_dict = dict(derived) if derived is not None else None
+    measured: dict[str, Any] = {}
     if measurement is not None:
         m = measurement
         if timer and timer != m.timer:
             raise InvalidCase(f"[results] timer {timer!r} given but measured with {m.timer!r}")
         stats = {**m.stats.to_dict(), "converged": m.converged}
-        record.update({
-            "timer": m.timer,
-            "cache": m.cache.get("name", cache),
-            "cache_bytes": m.cache.get("bytes", 0),
-            "cache_pools": m.cache.get("pools", 1),
-            "cache_policy": dict(m.cache),
-            "criterion": dict(m.criterion),
-            "k": m.k,
-            "dropped": m.dropped,
-            "dropped_why": dict(m.dropped_why),
-            "clock": dict(m.clock),
-            "warmup_samples": m.warmup_samples,
-            "elapsed_s": m.elapsed_s,
-            "samples_us": list(m.samples_us),
-            "stats": stats,
-        })
-        flags = flags_for(stats, m.criterion, m.dropped, m.cache, spread_threshold_pct)
+        measured = {
+            "timer": m.timer, "cache": m.cache.get("name", cache),
+            "cache_bytes": m.cache.get("bytes", 0), "cache_pools": m.cache.get("pools", 1),
+            "cache_policy": dict(m.cache), "criterion": dict(m.criterion), "k": m.k,
+            "dropped": m.dropped, "dropped_why": dict(m.dropped_why), "clock": dict(m.clock),
+            "warmup_samples": m.warmup_samples, "elapsed_s": m.elapsed_s,
+            "samples_us": tuple(m.samples_us), "stats": stats,
+            "flags": tuple(flags_for(stats, m.criterion, m.dropped, m.cache,
+                                     spread_threshold_pct, derived_dict)),
+        }
     else:
-        record.update({"timer": timer, "cache": cache, "cache_bytes": None, "cache_pools": None,
-                       "cache_policy": None, "criterion": None, "k": None, "dropped": 0,
-                       "dropped_why": {}, "clock": {}, "warmup_samples": 0, "elapsed_s": None,
-                       "samples_us": [], "stats": None})
-        flags = []
-    record.update({
-        "derived": dict(derived) if derived is not None else None,
-        "check": _check_dict(check),
-        "status": status,
-        "reason": reason,
-        "flags": flags,
-    })
-    record.update(extra)
-    return _json_safe(record)
+        measured = {"timer": timer, "cache": cache}
+    record = Record(case=case, status=status, reason=reason, device=device,
+                    derived=derived_dict, check=_check_dict(check), extra=extra, **measured)
+    return _json_safe(record.to_json())
 
 
 def _name(value: Any) -> Any:
     return value.get("name") if isinstance(value, Mapping) else value
-
-
-def record_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
-    """The identity of a case record, for resume, merge and compare: backend, op, shape
-    (batch, heads, head_dim, per-sequence ctx, q_len, block_size), layout, placement, slack,
-    dtype, timer, cache and seed."""
-    missing = [f for f in ("backend", "op", "batch", "ctx") if f not in record]
-    if missing:
-        raise InvalidCase(f"[results] record lacks {', '.join(missing)}: not a case record")
-    ctx = record["ctx"]
-    batch = int(record["batch"])
-    ctx_key = tuple(int(c) for c in ctx) if isinstance(ctx, (list, tuple)) else (int(ctx),) * batch
-    slack = record.get("slack")
-    return (record["backend"], record["op"], batch, record.get("q_heads"),
-            record.get("kv_heads"), record.get("head_dim"), ctx_key, int(record.get("q_len", 1)),
-            record.get("block_size"), record.get("layout"), record.get("placement"),
-            round(float(slack), 6) if slack is not None else None, record.get("dtype"),
-            _name(record.get("timer", "")) or "", _name(record.get("cache", "")) or "",
-            int(record.get("seed", 0)))
-
-
-def case_key(case: Case, timer: str, cache: str) -> tuple[Any, ...]:
-    """:func:`record_key` of the record ``case`` would get under ``timer`` and the concrete
-    ``cache`` policy name, without building it."""
-    return record_key({**case.flat(), "timer": timer, "cache": cache})
 
 
 # --------------------------------------------------------------------------------- reading
@@ -309,29 +283,40 @@ def _check_version(obj: Mapping[str, Any], where: str) -> None:
     if major is None:
         raise InvalidCase(f"{where}: no usable schema_version ({version!r}); not a kvmicro "
                           "results line")
-    if major != SCHEMA_VERSION:
+    if major not in READABLE_VERSIONS:
         raise InvalidCase(f"{where}: schema_version {version} is not readable by this kvmicro "
-                          f"(it reads schema {SCHEMA_VERSION}); use a kvmicro release that "
-                          f"writes schema {major}")
+                          f"(it reads schemas {', '.join(map(str, READABLE_VERSIONS))}); use a "
+                          f"kvmicro release that writes schema {major}")
 
 
-def _iter_jsonl(path: Path, text: str) -> Iterator[dict[str, Any]]:
-    lines = text.split("\n")
+def _parse_line(raw: bytes) -> tuple[Any, str]:
+    """A line's JSON value and "" , or None and why it is damaged (not UTF-8, not JSON)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not valid UTF-8 at byte {exc.start}"
+    try:
+        return json.loads(text), ""
+    except json.JSONDecodeError as exc:
+        return None, f"not a JSON line ({exc.msg})"
+
+
+def _iter_jsonl(path: Path, data: bytes) -> Iterator[dict[str, Any]]:
+    lines = data.split(b"\n")
     # the index of the last line holding anything: only that one may be a killed writer's stub
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         where = f"{path}:{i + 1}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
+        obj, damage = _parse_line(line)
+        if damage:
             if i == last:
-                warnings.warn(f"{where}: ignoring a truncated last line (a writer was killed "
-                              "mid-write)", stacklevel=3)
+                warnings.warn(f"{where}: ignoring a truncated or damaged last line ({damage}; "
+                              "a writer was killed mid-write)", stacklevel=3)
                 return
-            raise InvalidCase(f"{where}: not a JSON line ({exc.msg}); the file is corrupt "
-                              "before its last line") from None
+            raise InvalidCase(f"{where}: {damage}; the file is corrupt before its last "
+                              "line") from None
         if not isinstance(obj, dict):
             raise InvalidCase(f"{where}: a results line must be a JSON object")
         _check_version(obj, where)
@@ -399,12 +384,13 @@ def _pb_records(bench: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
             # device-timer contiguous median this benchmark does not have
             hd = extra["derived"]
             nbytes = hd.get("bytes")
-            gbps = nbytes / dstats["median_us"] / 1e3 if nbytes else None
-            peak = hd.get("pct_of_peak")
-            scale = gbps / hd["gbps"] if gbps and hd.get("gbps") else None
-            derived = {"bytes": nbytes, "gbps": gbps,
-                       "pct_of_peak": peak * scale if peak is not None and scale else None,
-                       "overhead_pct": None}
+            copy_gbps = (float(hd["gbps"]) / float(hd["pct_of_peak"]) * 100.0
+                         if hd.get("gbps") and hd.get("pct_of_peak") else None)
+            if nbytes:
+                derived = figures(str(flat.get("op", "")), int(nbytes),
+                                  float(dstats["median_us"]), copy_gbps)
+            else:
+                derived = {"bytes": None, "gbps": None, "pct_of_peak": None, "overhead_pct": None}
         crit = device.get("criterion") if isinstance(device.get("criterion"), Mapping) else None
         cache = device.get("cache")
         out.append({**base, "timer": _name(device.get("timer")) or "device",
@@ -413,7 +399,7 @@ def _pb_records(bench: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
                     "samples_us": list(device.get("samples_us") or []), "stats": dstats,
                     "criterion": crit, "derived": derived,
                     "flags": flags_for(dstats, crit, 0, cache if isinstance(cache, Mapping)
-                                       else None)})
+                                       else None, derived=derived)})
     return out
 
 
@@ -440,11 +426,12 @@ def iter_results(path: str | Path) -> Iterator[dict[str, Any]]:
     yields one synthesised run line and its benchmarks as case records."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise InvalidCase(f"results file {path} does not exist") from None
-    except UnicodeDecodeError:
-        raise InvalidCase(f"{path} is not a text results file") from None
+    except IsADirectoryError:
+        raise InvalidCase(f"results file {path} is a directory") from None
+    text = data.decode("utf-8", errors="replace")
     stripped = text.lstrip()
     if stripped.startswith("{") and "\n{" not in stripped.rstrip():
         # one JSON document: pytest-benchmark's output (a kvmicro file has a line per object)
@@ -455,7 +442,7 @@ def iter_results(path: str | Path) -> Iterator[dict[str, Any]]:
         if isinstance(doc, dict) and "benchmarks" in doc and "type" not in doc:
             yield from _iter_pytest_benchmark(path, doc)
             return
-    yield from _iter_jsonl(path, text)
+    yield from _iter_jsonl(path, data)
 
 
 def read_results(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -476,28 +463,40 @@ def read_results(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str,
 # --------------------------------------------------------------------------------- writing
 
 def _repair_tail(path: Path) -> None:
-    """Cut a killed writer's partial last line so that appending starts on a fresh line; a last
-    line that is complete JSON but lost only its newline is kept."""
+    """Cut a damaged last line (what readers ignore: cut short by a killed writer, or not valid
+    UTF-8) so that appending starts on a fresh line; a last line that is complete JSON but lost
+    only its newline is kept and given one."""
     with open(path, "rb+") as f:
         data = f.read()
-        if not data or data.endswith(b"\n"):
+        body = data.rstrip(b"\n\r\t ")
+        if not body:
             return
-        cut = data.rfind(b"\n") + 1
-        tail = data[cut:]
-        try:
-            json.loads(tail)
-            complete = True
-        except ValueError:
-            complete = False
-        if complete:
-            f.seek(0, os.SEEK_END)
-            f.write(b"\n")
+        cut = body.rfind(b"\n") + 1
+        tail = body[cut:]
+        _, damage = _parse_line(tail)
+        if not damage:
+            if not data.endswith(b"\n"):
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
         else:
-            warnings.warn(f"{path}: dropping a truncated last line ({len(tail)} bytes) before "
-                          "resuming", stacklevel=3)
+            warnings.warn(f"{path}: dropping a truncated or damaged last line ({len(tail)} "
+                          f"bytes, {damage}) before resuming", stacklevel=3)
             f.truncate(cut)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _lock(file: IO[str], path: Path) -> None:
+    """Hold an exclusive lock on an open results file until it is closed; refuse at once when
+    another writer (a second ``sweep --resume``) holds it."""
+    if fcntl is None:  # pragma: no cover
+        return
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.close()
+        raise InvalidCase(f"{path} is being written by another kvmicro process (its lock is "
+                          "held); wait for it to finish or write to another --out") from None
 
 
 class ResultsWriter:
@@ -506,7 +505,8 @@ class ResultsWriter:
     A new file starts with ``provenance``; an existing non-empty file is never overwritten:
     without ``resume`` opening it raises, with ``resume`` a truncated last line is cut, a new run
     line is appended and :attr:`done_keys` holds the :func:`record_key` of every case already in
-    it (whatever its status), so a sweep can skip them.
+    it (whatever its status), so a sweep can skip them. The file is locked (exclusive
+    ``flock``) from before it is read until :meth:`close`: a second writer is refused.
     """
 
     def __init__(self, path: str | Path, provenance: Mapping[str, Any],
@@ -517,7 +517,21 @@ class ResultsWriter:
         self.existing: list[dict[str, Any]] = []
         self._file: IO[str] | None = None
         run = {**provenance, "type": "run", "schema_version": SCHEMA_VERSION}
-        if self.path.exists() and self.path.stat().st_size > 0:
+        if self.path.exists() and self.path.stat().st_size > 0 and not resume:
+            raise InvalidCase(f"{self.path} exists; results files are never overwritten: "
+                              "resume it (--resume) or choose another --out")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a", encoding="utf-8")
+        _lock(file, self.path)
+        self._file = file
+        try:
+            self._start(run, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, run: dict[str, Any], resume: bool) -> None:
+        if self.path.stat().st_size > 0:
             if not resume:
                 raise InvalidCase(f"{self.path} exists; results files are never overwritten: "
                                   "resume it (--resume) or choose another --out")
@@ -528,12 +542,10 @@ class ResultsWriter:
                                   "files can be resumed")
             for line in provenance_differences(runs[-1], run) if runs else []:
                 warnings.warn(f"{self.path}: resuming on different provenance: {line}",
-                              stacklevel=2)
+                              stacklevel=3)
             self.existing = cases
             self.done_keys = {record_key(c) for c in cases}
             run["resumed"] = True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
         self._write_line(run)
 
     def _write_line(self, obj: Mapping[str, Any]) -> None:
@@ -611,6 +623,7 @@ def merge(paths: Sequence[str | Path], out: str | Path) -> int:
     return sum(keys.values())
 
 
-__all__ = ["FLAGS", "KEY_FIELDS", "SCHEMA_VERSION", "SPREAD_FLAG_PCT", "STATUSES",
-           "ResultsWriter", "case_key", "case_record", "dumps", "flags_for", "iter_results",
-           "merge", "provenance", "provenance_differences", "read_results", "record_key"]
+__all__ = ["FLAGS", "KEY_FIELDS", "READABLE_VERSIONS", "SCHEMA_VERSION", "SPREAD_FLAG_PCT",
+           "STATUSES", "Record", "ResultsWriter", "case_key", "case_record", "dumps", "flags_for",
+           "iter_results", "merge", "provenance", "provenance_differences", "read_results",
+           "record_key"]

@@ -58,7 +58,13 @@ class Layout:
 
     @classmethod
     def parse(cls, value: str | Layout) -> Layout:
-        return value if isinstance(value, Layout) else cls(str(value).upper())
+        """A layout from its letters, in either case; anything but a string is refused."""
+        if isinstance(value, Layout):
+            return value
+        if not isinstance(value, str):
+            raise InvalidCase(f"layout {value!r} must be a string of the letters N, S, H, D; "
+                              f"presets: {', '.join(PRESET_LAYOUTS)}")
+        return cls(value.upper())
 
     def __str__(self) -> str:
         return self.order
@@ -165,11 +171,34 @@ def _fragmented(blocks_per_seq: list[int], num_blocks: int,
 # ------------------------------------------------------------------------------------------- case
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and \
+        not isinstance(value, (bool, np.bool_))
+
+
 def _ctx_tuple(ctx: Any, batch: int) -> tuple[int, ...]:
-    if isinstance(ctx, (int, np.integer)):
-        values = (int(ctx),) * batch
+    """ctx as one int per sequence. An int (every sequence) or a sequence of ints, one per
+    sequence; anything else (None, a string, floats, bools, a nested list) is refused by value."""
+    if _is_int(ctx):
+        values: tuple[int, ...] = (int(ctx),) * batch
     else:
-        values = tuple(int(c) for c in ctx)
+        if isinstance(ctx, np.ndarray):
+            items = list(ctx.tolist()) if ctx.ndim == 1 else None
+        elif isinstance(ctx, (list, tuple)):
+            items = list(ctx)
+        else:
+            items = None
+        if items is None:
+            raise InvalidCase(f"ctx {ctx!r} must be an integer or a list of integers (one per "
+                              "sequence)")
+        bad = [c for c in items if not _is_int(c)]
+        if bad:
+            raise InvalidCase(f"ctx {ctx!r} holds {bad[0]!r}, not an integer number of tokens")
+        values = tuple(int(c) for c in items)
         if len(values) != batch:
             raise InvalidCase(f"ctx has {len(values)} entries {list(values)} but batch is {batch}")
     for c in values:
@@ -178,13 +207,90 @@ def _ctx_tuple(ctx: Any, batch: int) -> tuple[int, ...]:
     return values
 
 
+_OPTION_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def _option_text(value: Any) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if _is_int(value):
+        return str(int(value))
+    if isinstance(value, str):
+        return value.strip()
+    raise InvalidCase(f"option value {value!r} must be a string, an integer or a bool")
+
+
+def canonical_pairs(options: Any) -> tuple[tuple[str, str], ...]:
+    """Options as ``Case.options`` holds them: (key, string value) pairs sorted by key, each key
+    once. Only the syntax is checked here; which keys and values a backend takes is the
+    registry's and the backend's to check (``Backend.canonical_options``)."""
+    if options is None:
+        return ()
+    if isinstance(options, dict):
+        pairs = list(options.items())
+    elif isinstance(options, (list, tuple)):
+        pairs = []
+        for pair in options:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise InvalidCase(f"option {pair!r} is not a (key, value) pair")
+            pairs.append((pair[0], pair[1]))
+    else:
+        raise InvalidCase(f"options {options!r} must be key=value pairs (a dict or a list of "
+                          "pairs)")
+    out: dict[str, str] = {}
+    for key, value in pairs:
+        if not isinstance(key, str) or not key or not set(key) <= _OPTION_KEY_CHARS \
+                or key[0].isdigit():
+            raise InvalidCase(f"option name {key!r} must be lower-case letters, digits and _")
+        if key in out:
+            raise InvalidCase(f"option {key} given more than once")
+        text = _option_text(value)
+        if not text or any(c in text for c in "[],=") or not text.isprintable():
+            raise InvalidCase(f"option {key} value {value!r} must be a non-empty word (no "
+                              "brackets, commas, '=' or control characters)")
+        out[key] = text
+    return tuple(sorted(out.items()))
+
+
+def parse_backend_spec(spec: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """``"native:cuda[kernel=mma,splits=8]"`` -> (``"native:cuda"``, (("kernel", "mma"),
+    ("splits", "8"))): the plain backend name and its options as written (syntax only)."""
+    if not isinstance(spec, str):
+        raise InvalidCase(f"backend {spec!r} must be a string such as native:cpu")
+    text = spec.strip()
+    if "[" not in text and "]" not in text:
+        return text, ()
+    if text.count("[") != 1 or not text.endswith("]") or text.index("]") != len(text) - 1:
+        raise InvalidCase(f"backend {spec!r}: options go in one trailing [key=value,...]")
+    name, body = text[:-1].split("[")
+    pairs = []
+    for item in (body.split(",") if body.strip() else []):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise InvalidCase(f"backend {spec!r}: option {item.strip()!r} is not key=value")
+        pairs.append((key.strip(), value.strip()))
+    return name.strip(), canonical_pairs(pairs)
+
+
+def format_backend_spec(backend: str, options: Any = ()) -> str:
+    """The spec form of a backend and its options: ``native:cuda[kernel=mma,splits=8]``."""
+    pairs = canonical_pairs(options)
+    if not pairs:
+        return backend
+    return f"{backend}[{','.join(f'{k}={v}' for k, v in pairs)}]"
+
+
 @dataclass(frozen=True)
 class Case:
     """One point to compute: an op on a backend for a shape, layout, placement and dtype.
 
     ``ctx`` is an int (every sequence) or one int per sequence (ragged). ``scale`` defaults to
-    ``1/sqrt(head_dim)``. Validation happens here, once; an invalid case raises :class:`InvalidCase`
-    naming the bad value.
+    ``1/sqrt(head_dim)`` (a scale equal to that default is stored as None, so that the two spell
+    one case). ``backend`` is the plain backend name; ``options`` are the backend's variant knobs
+    as sorted (key, string) pairs, and a spec such as ``native:cuda[splits=8]`` given as the
+    backend is split into the two. The registry validates options against the backend and drops
+    defaults (``registry.parse_spec``). Validation happens here, once; an invalid case raises
+    :class:`InvalidCase` naming the bad value.
     """
 
     op: str = "paged_sdpa"
@@ -202,34 +308,56 @@ class Case:
     q_len: int = 1
     scale: float | None = None
     seed: int = 0
+    options: tuple[tuple[str, str], ...] = ()
     ctx_list: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.op not in OPS:
+        if not isinstance(self.op, str) or self.op not in OPS:
             raise InvalidCase(f"unknown op {self.op!r}; expected one of {', '.join(OPS)}")
+        backend, spec_options = parse_backend_spec(self.backend)
+        if not backend:
+            raise InvalidCase(f"backend {self.backend!r} is empty; e.g. native:cpu")
+        options = canonical_pairs(self.options)
+        if spec_options:
+            if options and dict(options) != dict(spec_options):
+                raise InvalidCase(f"backend {self.backend!r} and options {list(options)} "
+                                  "disagree; give the options once")
+            options = spec_options
+        object.__setattr__(self, "backend", backend)
+        object.__setattr__(self, "options", options)
         for name in ("batch", "q_heads", "kv_heads", "head_dim", "block_size", "q_len"):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise InvalidCase(f"{name} {value!r} must be a positive integer")
+            object.__setattr__(self, name, int(value))
+        if not _is_int(self.seed) or self.seed < 0:
+            raise InvalidCase(f"seed {self.seed!r} must be an integer >= 0")
+        object.__setattr__(self, "seed", int(self.seed))
         if self.q_heads % self.kv_heads:
             raise InvalidCase(
                 f"q_heads {self.q_heads} is not a multiple of kv_heads {self.kv_heads}")
         check_dtype(self.dtype)
         layout = Layout.parse(self.layout)
         object.__setattr__(self, "layout", layout.order)
-        if self.placement not in PLACEMENTS:
+        if not isinstance(self.placement, str) or self.placement not in PLACEMENTS:
             raise InvalidCase(
                 f"unknown placement {self.placement!r}; expected one of {', '.join(PLACEMENTS)}")
-        if not float(self.slack) >= 1.0:
-            raise InvalidCase(f"slack {self.slack!r} must be >= 1.0 (pool size over blocks needed)")
+        if not _is_real(self.slack) or not float(self.slack) >= 1.0 \
+                or not math.isfinite(float(self.slack)):
+            raise InvalidCase(f"slack {self.slack!r} must be a number >= 1.0 (pool size over "
+                              "blocks needed)")
+        object.__setattr__(self, "slack", float(self.slack))
         ctx = _ctx_tuple(self.ctx, self.batch)
-        if not isinstance(self.ctx, (int, np.integer)):
-            object.__setattr__(self, "ctx", ctx)
+        object.__setattr__(self, "ctx", int(self.ctx) if _is_int(self.ctx) else ctx)
         object.__setattr__(self, "ctx_list", ctx)
         if self.q_len > min(ctx):
             raise InvalidCase(f"q_len {self.q_len} exceeds the shortest ctx {min(ctx)}")
-        if self.scale is not None and not math.isfinite(self.scale):
-            raise InvalidCase(f"scale {self.scale!r} must be finite")
+        if self.scale is not None:
+            if not _is_real(self.scale) or not math.isfinite(float(self.scale)):
+                raise InvalidCase(f"scale {self.scale!r} must be a finite number")
+            scale = float(self.scale)
+            object.__setattr__(self, "scale",
+                               None if scale == 1.0 / math.sqrt(self.head_dim) else scale)
 
     # derived quantities ----------------------------------------------------------------------
     @property
@@ -276,14 +404,21 @@ class Case:
     def itemsize(self) -> int:
         return ITEMSIZE[self.dtype]
 
+    @property
+    def spec(self) -> str:
+        """The backend with its options, as a user writes it: ``native:cuda[splits=8]``."""
+        return format_backend_spec(self.backend, self.options)
+
     def with_(self, **changes: Any) -> Case:
         return replace(self, **changes)
 
     def flat(self) -> dict[str, Any]:
-        """The case as flat JSON-ready fields (for records and pytest extra_info)."""
+        """The case as flat JSON-ready fields (for records and pytest extra_info).
+        :meth:`from_flat` inverts it for every field."""
         return {
-            "backend": self.backend, "op": self.op, "batch": self.batch,
-            "q_heads": self.q_heads, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+            "backend": self.backend, "options": dict(self.options), "op": self.op,
+            "batch": self.batch, "q_heads": self.q_heads, "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
             "ctx": self.ctx if isinstance(self.ctx, int) else list(self.ctx_list),
             "q_len": self.q_len, "block_size": self.block_size, "layout": self.layout,
             "placement": self.placement, "slack": float(self.slack), "dtype": self.dtype,
@@ -292,15 +427,24 @@ class Case:
 
     @classmethod
     def from_flat(cls, fields: dict[str, Any]) -> Case:
+        """The case of flat fields (a record, or :meth:`flat`). Missing optional fields take
+        their defaults (version-1 records have no ``options``); a missing required one raises
+        InvalidCase naming it."""
+        missing = [f for f in ("op", "backend", "batch", "q_heads", "kv_heads", "head_dim",
+                               "ctx", "block_size", "layout", "placement", "dtype")
+                   if f not in fields]
+        if missing:
+            raise InvalidCase(f"case fields lack {', '.join(missing)}")
         ctx = fields["ctx"]
         return cls(
-            op=fields["op"], backend=fields["backend"], batch=int(fields["batch"]),
-            q_heads=int(fields["q_heads"]), kv_heads=int(fields["kv_heads"]),
-            head_dim=int(fields["head_dim"]), ctx=ctx if isinstance(ctx, int) else tuple(ctx),
-            block_size=int(fields["block_size"]), layout=fields["layout"],
-            placement=fields["placement"], slack=float(fields.get("slack", DEFAULT_SLACK)),
-            dtype=fields["dtype"], q_len=int(fields.get("q_len", 1)),
-            seed=int(fields.get("seed", 0)),
+            op=fields["op"], backend=fields["backend"], batch=fields["batch"],
+            q_heads=fields["q_heads"], kv_heads=fields["kv_heads"],
+            head_dim=fields["head_dim"], ctx=tuple(ctx) if isinstance(ctx, list) else ctx,
+            block_size=fields["block_size"], layout=fields["layout"],
+            placement=fields["placement"], slack=fields.get("slack", DEFAULT_SLACK),
+            dtype=fields["dtype"], q_len=fields.get("q_len", 1),
+            scale=fields.get("scale"), seed=fields.get("seed", 0),
+            options=fields.get("options") or (),
         )
 
 
@@ -383,7 +527,10 @@ __all__ = [
     "Layout",
     "block_table",
     "blocks_for",
+    "canonical_pairs",
+    "format_backend_spec",
     "materialize",
+    "parse_backend_spec",
     "place_blocks",
     "pool_bytes",
 ]

@@ -12,12 +12,13 @@ Backends never compute statistics and never compare against the oracle themselve
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import Unsupported
+from ..errors import InvalidCase, Unsupported
 from ..workload import Case
 
 #: every timer kind a record may name (docs/methodology.md says what one sample of each is)
@@ -25,6 +26,110 @@ TIMERS: tuple[str, ...] = ("host", "batched", "device", "graph")
 
 #: submission priorities a backend may offer (`--priority`): the stream / queue priority class
 PRIORITIES: tuple[str, ...] = ("low", "normal", "high")
+
+OPTION_KINDS: tuple[str, ...] = ("choice", "int", "bool")
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One variant knob of a backend: what a case spec ``native:cuda[splits=8]`` may set.
+
+    Every knob that changes what runs is an option, so that it is part of the case's identity
+    (records, ``--resume``, merge, compare, report). ``kind`` is ``choice`` (one of ``choices``),
+    ``int`` (within ``minimum``/``maximum`` where given) or ``bool``. Values arrive as strings
+    (from a spec or a record) or typed; :meth:`parse` returns the typed value and
+    :meth:`canonical` the one string a record stores for it.
+    """
+
+    kind: str
+    default: Any
+    choices: tuple[str, ...] = ()
+    minimum: int | None = None
+    maximum: int | None = None
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in OPTION_KINDS:
+            raise InvalidCase(f"[options] kind {self.kind!r} is not one of "
+                              f"{', '.join(OPTION_KINDS)}")
+        if self.kind == "choice" and self.default not in self.choices:
+            raise InvalidCase(f"[options] default {self.default!r} is not one of the choices "
+                              f"{', '.join(self.choices)}")
+
+    def valid(self) -> str:
+        """The valid values, in words (for error messages and ``--help``)."""
+        if self.kind == "choice":
+            return "one of " + ", ".join(self.choices)
+        if self.kind == "bool":
+            return "true or false"
+        low = "" if self.minimum is None else f" >= {self.minimum}"
+        high = "" if self.maximum is None else f" <= {self.maximum}"
+        return "an integer" + (low + (" and" if low and high else "") + high)
+
+    def parse(self, value: Any, *, where: str = "option") -> Any:
+        """The typed value of ``value``; InvalidCase naming it and the valid values otherwise."""
+        def bad() -> InvalidCase:
+            return InvalidCase(f"{where} value {value!r} is not valid; expected {self.valid()}")
+
+        if self.kind == "choice":
+            if not isinstance(value, str) or value.strip() not in self.choices:
+                raise bad()
+            return value.strip()
+        if self.kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = value.strip().lower() if isinstance(value, str) else None
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise bad()
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, np.integer)):
+            number = int(value)
+        elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            number = int(value.strip())
+        else:
+            raise bad()
+        if (self.minimum is not None and number < self.minimum) or \
+                (self.maximum is not None and number > self.maximum):
+            raise bad()
+        return number
+
+    def canonical(self, value: Any) -> str:
+        """The string a record stores for a valid (typed or string) value."""
+        typed = self.parse(value)
+        if self.kind == "bool":
+            return "true" if typed else "false"
+        return str(typed)
+
+
+#: the submission priority, an option of the backends whose stream or queue has one
+PRIORITY_OPTION = Option("choice", "normal", PRIORITIES,
+                         help="stream / queue priority class the op is submitted with")
+
+
+def _option_pairs(options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None,
+                  where: str) -> list[tuple[str, Any]]:
+    if options is None:
+        return []
+    if isinstance(options, Mapping):
+        return [(k, v) for k, v in options.items()]
+    if isinstance(options, (str, bytes)):
+        raise InvalidCase(f"{where}: options {options!r} must be key=value pairs, not a string")
+    pairs: list[tuple[str, Any]] = []
+    for pair in options:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise InvalidCase(f"{where}: option {pair!r} is not a (key, value) pair")
+        pairs.append((pair[0], pair[1]))
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise InvalidCase(f"{where}: option {', '.join(repeated)} given more than once")
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -123,11 +228,62 @@ class Backend(ABC):
     name: str = ""
     ops: tuple[str, ...] = ()
     dtypes: tuple[str, ...] = ("float16", "bfloat16", "float32")
-    #: whether prepare() honours `priority` (a CUDA stream / Metal queue priority class)
+    #: the variant knobs a case may set (``native:cuda[kernel=mma]``); prepare() reads them
+    #: only through ``self.parse_options(case.options)``
+    OPTIONS: ClassVar[dict[str, Option]] = {}
+    #: whether prepare() honours the ``priority`` option (a CUDA stream / Metal queue priority
+    #: class). A class that says True and does not declare the option gets it (see
+    #: __init_subclass__); new code declares ``OPTIONS = {"priority": PRIORITY_OPTION, ...}``.
     has_priority: bool = False
-    #: one of PRIORITIES; set by the registry for the whole process (one measuring process per
-    #: device), so every case of a run is submitted alike
+    #: backends of different process groups never share a sweep worker process ("" is the common
+    #: group): a framework whose native libraries clash with another's (MLX's CUDA build loads a
+    #: cuDNN that torch refuses) names its own group (kvmicro.worker reads it)
+    process_group: ClassVar[str] = ""
+    #: deprecated: the process-wide ``--priority`` (registry.set_priority), kept until every
+    #: backend reads the per-case ``priority`` option (:meth:`submission_priority`)
     priority: str = "normal"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.has_priority and "priority" not in cls.OPTIONS:
+            cls.OPTIONS = {**cls.OPTIONS, "priority": PRIORITY_OPTION}
+        if "priority" in cls.OPTIONS:
+            cls.has_priority = True
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None
+                      ) -> dict[str, Any]:
+        """Every option of this backend as a typed value, defaults filled in. An unknown key or
+        a bad value raises InvalidCase naming it and listing the valid ones."""
+        name = cls.name or cls.__name__
+        typed = {key: option.default for key, option in cls.OPTIONS.items()}
+        for key, value in _option_pairs(options, name):
+            option = cls.OPTIONS.get(key) if isinstance(key, str) else None
+            if option is None:
+                valid = (f"valid options: {', '.join(sorted(cls.OPTIONS))}" if cls.OPTIONS
+                         else "it has no options")
+                raise InvalidCase(f"{name}: unknown option {key!r}; {valid}")
+            typed[key] = option.parse(value, where=f"{name}: option {key}")
+        return typed
+
+    @classmethod
+    def canonical_options(cls, options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None
+                          ) -> tuple[tuple[str, str], ...]:
+        """``Case.options`` for these options: validated, sorted by key, string values, and
+        the options left at their defaults dropped (so ``[priority=normal]`` is no variant)."""
+        typed = cls.parse_options(options)
+        return tuple((key, cls.OPTIONS[key].canonical(value))
+                     for key, value in sorted(typed.items())
+                     if value != cls.OPTIONS[key].default)
+
+    def submission_priority(self, case: Case) -> str:
+        """The priority ``case`` is to be submitted with: its ``priority`` option, else the
+        deprecated process-wide one (registry.set_priority), for backends not yet reading
+        options."""
+        if "priority" not in self.OPTIONS:
+            return "normal"
+        chosen = self.parse_options(case.options)["priority"]
+        return chosen if dict(case.options).get("priority") else self.priority
 
     @abstractmethod
     def availability(self) -> Availability:
@@ -148,6 +304,7 @@ class Backend(ABC):
         if self.priority != "normal" and not self.has_priority:
             raise Unsupported(f"{self.name} has no stream or queue priority control "
                               f"(asked for priority {self.priority!r})")
+        self.parse_options(case.options)
 
     @abstractmethod
     def prepare(self, case: Case, arrays: dict[str, np.ndarray], copies: int = 1) -> Prepared:
