@@ -76,6 +76,12 @@ class Criterion(ABC):
     def n(self) -> int:
         """Samples taken so far."""
 
+    def expected_n(self) -> int:
+        """A guess of the samples this criterion will want in all: the measure loop spreads that
+        many over its rounds. The base guess is ``min_samples``; criteria that can extrapolate
+        from their current noise do."""
+        return max(int(self.params.get("min_samples") or 1), self.n)
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "params": dict(self.params)}
 
@@ -116,6 +122,14 @@ class CiMedianCriterion(Criterion):
     def done(self) -> bool:
         return (self.n >= max(self.params["min_samples"], MIN_CI_SAMPLES)
                 and self.halfwidth() <= self.params["noise"])
+
+    def expected_n(self) -> int:
+        base = max(self.params["min_samples"], MIN_CI_SAMPLES)
+        half = self.halfwidth()
+        if self.n < MIN_CI_SAMPLES or not math.isfinite(half):
+            return max(base, self.n)
+        # the CI's width shrinks as 1/sqrt(n)
+        return max(base, self.n, math.ceil(self.n * (half / self.params["noise"]) ** 2))
 
     def why_not(self) -> str:
         n, min_samples, noise = self.n, self.params["min_samples"], self.params["noise"]
@@ -245,6 +259,9 @@ class SampleCountCriterion(Criterion):
 
     def done(self) -> bool:
         return self._n >= self.target
+
+    def expected_n(self) -> int:
+        return max(self.target, self._n)
 
     def why_not(self) -> str:
         return "" if self.done() else f"{self._n} samples < count {self.target}"

@@ -1,23 +1,29 @@
-"""Measure one prepared case: warm up, calibrate, sample until the stopping rule is met.
+"""Measure one prepared case: warm up, calibrate, sample in rounds until the stopping rule is met.
 
-:func:`measure` sees only the :class:`~kvmicro.backends.base.Prepared` object (its run/sync
+:class:`Sampler` sees only the :class:`~kvmicro.backends.base.Prepared` object (its run/sync
 closures and its device clocks) and never imports a framework. It reads top to bottom:
 
-1. check   — the timer exists for this case and suits the cache policy;
-2. warm up — at least ``warmup_count`` samples and at least ``warmup_time_s`` of them (lazy
+1. check   - the timer exists for this case and suits the cache policy;
+2. warm up - at least ``warmup_count`` samples and at least ``warmup_time_s`` of them (lazy
    initialisation, JIT, graph capture, clocks ramping up);
-3. calibrate k — ops per sample for the batched and graph timers;
-4. loop    — { prepare the cache, take a sample (both inside the timer), apply the guards, feed
-   the criterion } until the criterion is done, or ``max_samples`` or ``max_time_s`` is reached.
+3. calibrate k - ops per sample for the batched and graph timers;
+4. rounds  - each ``round()`` { prepare the cache, take a sample (both inside the timer), apply
+   the guards, feed the criterion } for its share of the samples; a runner interleaves the rounds
+   of several cases so that slow drift of the host lands in every case alike and shows up as
+   disagreement between a case's rounds, not as a difference between cases.
+
+:func:`measure` is the plain loop: one case's rounds back to back.
 
 Guards drop, and count by reason, samples that must not be averaged: non-finite or non-positive
-times (a broken clock), and throttled samples: the device's SM clock, read right after the sample
+times (a broken clock); throttled samples: the device's SM clock, read right after the sample
 (``Prepared.clock_fraction()``; CUDA devices through NVML), below ``throttle_threshold`` of its
-maximum, as nvbench's throttle guard does.
+maximum, as nvbench's throttle guard does; and samples that other work on the host disturbed
+(``preempted``, ``steal``: :mod:`kvmicro.harness.noise`).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from numbers import Integral, Real
@@ -30,7 +36,9 @@ from ..derived import footprint_bytes, working_set_bytes
 from ..errors import InvalidCase, KvmicroError
 from .cache import CACHE_POLICIES, CachePolicy
 from .criteria import CRITERIA, Criterion, make_criterion
-from .stats import Stats
+from .noise import BUSY_DROP_FRACTION, HostGuard, announce_guard_off, announce_if_busy
+from .noise import REASONS as HOST_REASONS
+from .stats import Stats, median_ci_ranks
 from .timers import make_timer
 
 
@@ -55,6 +63,10 @@ class MeasureConfig:
     criterion_params: dict[str, Any] = field(default_factory=dict)
     #: drop a sample when the SM clock after it is below this fraction of the maximum (0: never)
     throttle_threshold: float = 0.75
+    #: rounds a case's samples are spread over (at least; more when the criterion wants more)
+    rounds: int = 3
+    #: drop samples that other work on the host disturbed (harness/noise.py)
+    host_guard: bool = True
 
     def __post_init__(self) -> None:
         if self.timer not in TIMERS:
@@ -85,6 +97,9 @@ class MeasureConfig:
         if not isinstance(self.throttle_threshold, Real) or not 0 <= self.throttle_threshold < 1:
             raise InvalidCase(f"[measure] throttle_threshold {self.throttle_threshold!r} must be "
                               "a fraction in [0, 1)")
+        if not isinstance(self.rounds, Integral) or isinstance(self.rounds, bool) \
+                or self.rounds < 1:
+            raise InvalidCase(f"[measure] rounds {self.rounds!r} must be an integer >= 1")
         if self.max_k is not None and (not isinstance(self.max_k, Integral) or self.max_k < 1):
             raise InvalidCase(f"[measure] max_k {self.max_k!r} must be an integer >= 1")
 
@@ -122,6 +137,16 @@ class Measurement:
     #: the throttle guard's view of the device clock: threshold, and the lowest and median SM
     #: clock fraction read after the kept samples; empty where the backend reads no clock
     clock: dict[str, Any] = field(default_factory=dict)
+    #: the rounds the samples were taken in: count, sizes (consecutive runs of ``samples_us``),
+    #: medians_us, spread_pct (max - min round median over the median), agree
+    rounds: dict[str, Any] = field(default_factory=dict)
+    #: the host-noise guard's view: guard on/off (why_off), usable_cores, loadavg, others_cores,
+    #: steal_pct, wait_pct, disturbed (samples it dropped)
+    host: dict[str, Any] = field(default_factory=dict)
+    #: flags the measurement itself raises: "host-busy", "rounds-disagree"
+    flags: list[str] = field(default_factory=list)
+    #: samples discarded at the start of each round after the first
+    rewarm_samples: int = 0
 
     @property
     def converged(self) -> bool:
@@ -138,66 +163,193 @@ def _guard(prepared: Prepared, sample_us: float, threshold: float) -> tuple[str,
     return "", fraction
 
 
-def measure(prepared: Prepared, config: MeasureConfig, cache: CachePolicy) -> Measurement:
-    """Sample ``prepared`` under ``cache`` as ``config`` says; see the module docstring."""
-    started = perf_counter()
+class Sampler:
+    """One case's measurement, taken in rounds that other cases' rounds may interleave with.
 
-    # 1. check, before any work
-    timer = make_timer(config.timer)
-    timer.check(prepared, cache)
-    criterion = config.make_criterion()
+    ``round()`` takes one round: the first warms up and calibrates k, later ones re-warm with one
+    discarded sample (other cases ran in between). Each round aims at 1/``rounds`` of the samples
+    the criterion expects (:meth:`Criterion.expected_n`) within 1/``rounds`` of ``max_time_s``;
+    from round ``rounds`` on, a round also ends as soon as the criterion is done. ``done()`` is
+    true once ``rounds`` rounds were taken and the criterion is done, or a budget (``max_samples``,
+    ``max_time_s`` of sampling, rounds' re-warm and other cases excluded) ran out. ``result()``
+    summarises; a case whose round medians disagree (their 95% CIs share no value and they span
+    more than ``noise``) is not converged.
+    """
 
-    # 2. warm up, by count and by time
-    warmup, warm_start = 0, perf_counter()
-    while warmup < config.warmup_count or perf_counter() - warm_start < config.warmup_time_s:
-        timer.sample(prepared, cache)
-        warmup += 1
+    def __init__(self, prepared: Prepared, config: MeasureConfig, cache: CachePolicy, *,
+                 host_guard: HostGuard | None = None) -> None:
+        self.started = perf_counter()
+        self.prepared, self.config, self.cache = prepared, config, cache
+        # check, before any work
+        self.timer = make_timer(config.timer)
+        self.timer.check(prepared, cache)
+        self.criterion = config.make_criterion()
+        self.guard = host_guard if host_guard is not None else (
+            HostGuard() if config.host_guard else None)
+        self.samples: list[float] = []
+        self.round_sizes: list[int] = []
+        self.rounds_taken = 0
+        self.k: int | None = None
+        self.warmup = 0
+        self.rewarm = 0
+        self.sampling_s = 0.0
+        self._fractions: list[float] = []
+        self._dropped: Counter[str] = Counter()
+        self._stop = ""
 
-    # 3. calibrate ops per sample
-    k = timer.calibrate(prepared, cache, config.sample_time_s, config.max_k)
+    @property
+    def n(self) -> int:
+        return len(self.samples)
 
-    # 4. sample until the criterion is done or a budget runs out
-    samples: list[float] = []
-    fractions: list[float] = []
-    dropped: Counter[str] = Counter()
-    stop = ""
-    loop_start = perf_counter()
-    while not criterion.done():
-        if len(samples) >= config.max_samples:
-            stop = f"stopped at max_samples {config.max_samples}"
-            break
-        if perf_counter() - loop_start >= config.max_time_s:
-            stop = f"stopped at max_time {config.max_time_s:g} s after {len(samples)} samples"
-            break
-        sample = timer.sample(prepared, cache)
-        why, fraction = _guard(prepared, sample, config.throttle_threshold)
+    def done(self) -> bool:
+        if self._stop:
+            return True
+        if self.n >= self.config.max_samples:
+            self._stop = f"stopped at max_samples {self.config.max_samples}"
+        elif self.sampling_s >= self.config.max_time_s:
+            self._stop = (f"stopped at max_time {self.config.max_time_s:g} s after "
+                          f"{self.n} samples")
+        return bool(self._stop) or (self.rounds_taken >= self.config.rounds
+                                    and self.criterion.done())
+
+    def _sample(self) -> None:
+        """Take one sample through the guards; keep it or count why not."""
+        guard = self.guard
+        if guard is not None:
+            guard.begin()
+        sample = self.timer.sample(self.prepared, self.cache)
+        host_why = guard.end() if guard is not None else ""
+        why, fraction = _guard(self.prepared, sample, self.config.throttle_threshold)
+        why = why or host_why
         if why:
-            dropped[why] += 1
-            continue
-        samples.append(sample)
+            self._dropped[why] += 1
+            return
+        self.samples.append(sample)
         if fraction is not None:
-            fractions.append(fraction)
-        criterion.add(sample)
+            self._fractions.append(fraction)
+        self.criterion.add(sample)
 
-    if not samples:
-        reasons = ", ".join(f"{why}: {n}" for why, n in sorted(dropped.items())) or "none taken"
-        raise KvmicroError(f"[measure] {prepared.case.backend} {prepared.case.op}: no valid "
-                           f"sample within max_time {config.max_time_s:g} s ({reasons})")
-    converged = criterion.converged()
-    why_not = "" if converged else "; ".join(t for t in (stop, criterion.why_not()) if t)
-    return Measurement(
-        samples_us=samples,
-        stats=Stats.from_samples(samples),
-        timer=timer.name,
-        cache=cache.describe(prepared),
-        criterion={**criterion.describe(), "converged": converged, "why_not": why_not},
-        k=k,
-        dropped=sum(dropped.values()),
-        elapsed_s=perf_counter() - started,
-        dropped_why=dict(dropped),
-        warmup_samples=warmup,
-        clock=_clock_summary(fractions, config.throttle_threshold),
-    )
+    def round(self) -> None:
+        """Take one round of samples (nothing once :meth:`done`)."""
+        if self.done():
+            return
+        config = self.config
+        if self.k is None:
+            # warm up, by count and by time; then calibrate ops per sample
+            warm_start = perf_counter()
+            while (self.warmup < config.warmup_count
+                   or perf_counter() - warm_start < config.warmup_time_s):
+                self.timer.sample(self.prepared, self.cache)
+                self.warmup += 1
+            self.k = self.timer.calibrate(self.prepared, self.cache, config.sample_time_s,
+                                          config.max_k)
+        elif config.warmup_count:
+            self.timer.sample(self.prepared, self.cache)   # other cases ran in between
+            self.rewarm += 1
+        if self.guard is not None and self.guard.on:
+            self.guard.refresh_threads()
+        last_minimum = self.rounds_taken + 1 >= config.rounds
+        quota = max(1, math.ceil(min(self.criterion.expected_n(), config.max_samples)
+                                 / config.rounds))
+        slice_s = config.max_time_s / config.rounds
+        before, round_start = self.n, perf_counter()
+        while True:
+            elapsed = perf_counter() - round_start
+            if (self.n >= config.max_samples
+                    or self.sampling_s + elapsed >= config.max_time_s
+                    or elapsed >= slice_s or self.n - before >= quota
+                    or (last_minimum and self.criterion.done())):
+                break
+            self._sample()
+        self.sampling_s += perf_counter() - round_start
+        self.rounds_taken += 1
+        if self.n > before:
+            self.round_sizes.append(self.n - before)
+
+    def _rounds_summary(self) -> tuple[dict[str, Any], str]:
+        """The rounds' sizes, medians and spread, and why they disagree ("" if they agree)."""
+        sizes = list(self.round_sizes)
+        out: dict[str, Any] = {"count": self.rounds_taken, "sizes": sizes}
+        if len(sizes) < 2:
+            out.update(medians_us=[median(self.samples)], spread_pct=0.0, agree=True)
+            return out, ""
+        groups, start = [], 0
+        for size in sizes:
+            groups.append(sorted(self.samples[start:start + size]))
+            start += size
+        medians = [median(g) for g in groups]
+        cis = []
+        for g in groups:
+            ranks = median_ci_ranks(len(g))
+            cis.append((g[ranks[0] - 1], g[ranks[1] - 1]) if ranks else (g[0], g[-1]))
+        overall = median(self.samples)
+        spread = (max(medians) - min(medians)) / overall if overall > 0 else 0.0
+        disjoint = max(lo for lo, _ in cis) > min(hi for _, hi in cis)
+        why = ""
+        if disjoint and spread > self.config.noise:
+            why = (f"rounds disagree: round medians {', '.join(f'{m:.4g}' for m in medians)} µs "
+                   f"span {spread * 100:.1f}% > noise {self.config.noise * 100:.2f}% and their "
+                   "95% CIs share no value")
+        out.update(medians_us=[round(m, 6) for m in medians],
+                   spread_pct=round(spread * 100.0, 3), agree=not why)
+        return out, why
+
+    def result(self) -> Measurement:
+        """The measurement so far (normally called once :meth:`done`)."""
+        config = self.config
+        guard = self.guard
+        host = guard.summary() if guard is not None else {"guard": "off",
+                                                           "why_off": "disabled by the config"}
+        if guard is not None:
+            guard.close()
+        if not self.samples:
+            reasons = ", ".join(f"{why}: {n}" for why, n in sorted(self._dropped.items())) \
+                or "none taken"
+            raise KvmicroError(f"[measure] {self.prepared.case.backend} "
+                               f"{self.prepared.case.op}: no valid sample within max_time "
+                               f"{config.max_time_s:g} s ({reasons})")
+        rounds, rounds_why = self._rounds_summary()
+        converged = self.criterion.converged() and not rounds_why
+        stop = self._stop if not self.criterion.done() or self._stop else ""
+        why_not = "" if converged else "; ".join(
+            t for t in (stop, self.criterion.why_not(), rounds_why) if t)
+        disturbed = sum(self._dropped[r] for r in HOST_REASONS)
+        taken = self.n + sum(self._dropped.values())
+        flags = []
+        if taken and disturbed / taken > BUSY_DROP_FRACTION:
+            flags.append("host-busy")
+            announce_if_busy({**host, "busy": True})
+        if rounds_why:
+            flags.append("rounds-disagree")
+        if guard is not None and not guard.on:
+            announce_guard_off(guard.why_off)
+        host["disturbed"] = disturbed
+        return Measurement(
+            samples_us=list(self.samples),
+            stats=Stats.from_samples(self.samples),
+            timer=self.timer.name,
+            cache=self.cache.describe(self.prepared),
+            criterion={**self.criterion.describe(), "converged": converged, "why_not": why_not},
+            k=self.k or 1,
+            dropped=sum(self._dropped.values()),
+            elapsed_s=perf_counter() - self.started,
+            dropped_why=dict(self._dropped),
+            warmup_samples=self.warmup,
+            clock=_clock_summary(self._fractions, config.throttle_threshold),
+            rounds=rounds,
+            host=host,
+            flags=flags,
+            rewarm_samples=self.rewarm,
+        )
+
+
+def measure(prepared: Prepared, config: MeasureConfig, cache: CachePolicy) -> Measurement:
+    """Sample ``prepared`` under ``cache`` as ``config`` says, its rounds back to back; see the
+    module docstring and :class:`Sampler`."""
+    sampler = Sampler(prepared, config, cache)
+    while not sampler.done():
+        sampler.round()
+    return sampler.result()
 
 
 def _clock_summary(fractions: list[float], threshold: float) -> dict[str, Any]:
@@ -207,4 +359,5 @@ def _clock_summary(fractions: list[float], threshold: float) -> dict[str, Any]:
             "median_fraction": round(median(fractions), 4)}
 
 
-__all__ = ["MeasureConfig", "Measurement", "footprint_bytes", "measure", "working_set_bytes"]
+__all__ = ["MeasureConfig", "Measurement", "Sampler", "footprint_bytes", "measure",
+           "working_set_bytes"]
