@@ -51,7 +51,8 @@ except ImportError:  # pragma: no cover
 SPREAD_FLAG_PCT = 10.0
 #: the flags a case record may carry (docs/schema.md says what each means)
 FLAGS: tuple[str, ...] = ("noisy", "not-converged", "dropped", "few-samples", "cache-not-cold",
-                          "cache-size-assumed", "cache-hit-suspected")
+                          "cache-size-assumed", "cache-hit-suspected", "host-busy",
+                          "rounds-disagree")
 #: fields a case record always has (case_record refuses to let ``extra`` replace them)
 _CORE_FIELDS: tuple[str, ...] = (
     "type", "schema_version", "device", "timer", "cache", "cache_bytes", "cache_pools",
@@ -113,6 +114,7 @@ def provenance(argv: Sequence[str], backends: Sequence[str],
     measured bandwidth per backend (``{"read_gbps", "copy_gbps", ...}``) and the start time."""
     from . import __version__
     from .environment import host_info
+    from .harness.noise import host_load
 
     host = host_info()
     frameworks = host.pop("frameworks")
@@ -130,6 +132,8 @@ def provenance(argv: Sequence[str], backends: Sequence[str],
         "backends": list(backends),
         "devices": {name: _device_entry(name) for name in backends},
         "bandwidth": {name: dict(values) for name, values in bandwidth.items()},
+        # the host's competing load when the run started (harness/noise.py)
+        "host_load": host_load(),
     })
 
 
@@ -251,9 +255,14 @@ def case_record(case: Case, *, status: str, reason: str = "",
             "dropped": m.dropped, "dropped_why": dict(m.dropped_why), "clock": dict(m.clock),
             "warmup_samples": m.warmup_samples, "elapsed_s": m.elapsed_s,
             "samples_us": tuple(m.samples_us), "stats": stats,
-            "flags": tuple(flags_for(stats, m.criterion, m.dropped, m.cache,
-                                     spread_threshold_pct, derived_dict)),
+            "flags": tuple(dict.fromkeys([*flags_for(stats, m.criterion, m.dropped, m.cache,
+                                                     spread_threshold_pct, derived_dict),
+                                          *m.flags])),
         }
+        # the harness's rounds and host-noise guard views (harness/measure.py, noise.py)
+        for name in ("rounds", "host"):
+            if getattr(m, name, None):
+                extra.setdefault(name, dict(getattr(m, name)))
     else:
         measured = {"timer": timer, "cache": cache}
     record = Record(case=case, status=status, reason=reason, device=device,
