@@ -25,7 +25,7 @@ _FACTORIES: dict[str, tuple[str, str]] = {
     "cudnn:cuda": ("kvmicro.backends.cudnn_backend", "CudnnBackend"),
     "flashinfer:cuda": ("kvmicro.backends.flashinfer_backend", "FlashInferBackend"),
     "torch:cuda": ("kvmicro.backends.torch_backend", "TorchCudaBackend"),
-    "native:metal": ("kvmicro.backends.native", "NativeMetalBackend"),
+    "native:metal": ("kvmicro.backends.native_metal", "NativeMetalBackend"),
     "mlx:gpu": ("kvmicro.backends.mlx_backend", "MlxGpuBackend"),
     "torch:mps": ("kvmicro.backends.torch_backend", "TorchMpsBackend"),
     "native:cpu": ("kvmicro.backends.native", "NativeCpuBackend"),
