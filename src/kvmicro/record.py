@@ -19,6 +19,7 @@ Derived figures (bytes, GB/s, % of the measured ceilings, overhead) come from ``
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -315,5 +316,15 @@ _RESERVED: frozenset[str] = frozenset(
     {f.name for f in fields(Record)} - {"case", "extra"} | set(_CASE_FIELDS) | {"type"})
 
 
+def results_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of one results line, shipped with the package as
+    ``kvmicro/schema/results-v2.schema.json``; version-1 lines validate against it too."""
+    from importlib.resources import files
+
+    text = files("kvmicro").joinpath("schema", "results-v2.schema.json").read_text("utf-8")
+    return json.loads(text)  # type: ignore[no-any-return]
+
+
 __all__ = ["KEY_FIELDS", "READABLE_VERSIONS", "SCHEMA_VERSION", "SHAPE_FIELDS", "STATUSES",
-           "Record", "backend_label", "case_key", "peer_key", "record_key", "shape_key"]
+           "Record", "backend_label", "case_key", "peer_key", "record_key", "results_schema",
+           "shape_key"]
