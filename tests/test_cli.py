@@ -200,3 +200,24 @@ def test_a_backend_without_priority_control_skips_non_normal_priorities(tmp_path
     finally:
         registry.set_priority("normal")
     assert registry.get_backend("torch:cpu").priority == "normal"
+
+
+def test_version_prints_the_package_version(capsys: Any) -> None:
+    from kvmicro import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kvmicro {__version__}"
+
+
+def test_a_sweep_with_no_ok_record_exits_1(tmp_path: Path, capsys: Any) -> None:
+    # native:cuda has no GPU here (the test is moot where it has one)
+    if registry.get_backend("native:cuda").availability():
+        pytest.skip("a CUDA device is present")
+    out = tmp_path / "r.jsonl"
+    assert main(["sweep", "--backend", "native:cuda", "--preset", "smoke", "--op", "gather",
+                 "--layout", "NSHD", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "no record is ok" in err
+    assert {r["status"] for r in read_results(out)[1]} == {"skipped"}

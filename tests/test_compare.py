@@ -1,6 +1,7 @@
-"""compare: records matched by key; the verdict is CI-aware (same when the intervals overlap or the
-change is within the threshold or the noise); exit 1 only on a real slowdown or a broken case;
-differing provenance is a warning."""
+"""compare: records matched by key; verdicts from verdict.py (faster/slower only when the test
+rejects and the ratio's CI is beyond the threshold, unsure for noisy or unconverged records); exit 1
+only on a real slowdown or a broken case, 2 when nothing matched or a named backend matches no
+record; differing provenance is a warning."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from kvmicro.workload import Case
 
 
 def rec(median: float, rel_sd: float = 0.002, op: str = "gather", ctx: int = 1024,
-        status: str = "ok", seed: int = 0, backend: str = "torch:cpu") -> dict[str, Any]:
+        status: str = "ok", seed: int = 0, backend: str = "torch:cpu",
+        converged: bool = True) -> dict[str, Any]:
     """A record of 201 samples around ``median`` with relative spread ``rel_sd``."""
     case = Case(op=op, backend=backend, ctx=ctx, q_heads=8, kv_heads=2, head_dim=64,
                 dtype="float32", placement="reverse")
@@ -31,8 +33,9 @@ def rec(median: float, rel_sd: float = 0.002, op: str = "gather", ctx: int = 102
     samples = [float(v) for v in x - np.median(x) + median]
     m = Measurement(samples_us=samples, stats=Stats.from_samples(samples), timer="batched",
                     cache={"name": "hot", "bytes": 0, "pools": 1},
-                    criterion={"name": "ci-median", "params": {}, "converged": True,
-                               "why_not": ""}, k=4, dropped=0, elapsed_s=0.1)
+                    criterion={"name": "ci-median", "params": {}, "converged": converged,
+                               "why_not": "" if converged else "stopped at max_time"},
+                    k=4, dropped=0, elapsed_s=0.1)
     return case_record(case, status="ok", measurement=m)
 
 
@@ -56,11 +59,21 @@ def test_a_small_change_is_the_same_under_the_threshold_and_called_above_it() ->
     assert verdict(base, new, threshold_pct=1.0).verdict == "slower"
 
 
-def test_overlapping_confidence_intervals_are_the_same_whatever_the_threshold() -> None:
-    base, new = rec(100.0, rel_sd=0.3, seed=3), rec(108.0, rel_sd=0.3, seed=4)
-    c = verdict(base, new, threshold_pct=0.0)
-    assert c.change_pct > c.noise_pct > 5      # beyond each noise, yet the intervals overlap
-    assert c.verdict == "same"
+def test_noisy_or_unconverged_records_are_unsure_whatever_their_medians() -> None:
+    noisy_base, noisy_new = rec(100.0, rel_sd=0.3, seed=3), rec(160.0, rel_sd=0.3, seed=4)
+    assert "noisy" in noisy_new["flags"]
+    c = verdict(noisy_base, noisy_new, threshold_pct=0.0)
+    assert c.verdict == "unsure" and "flagged noisy" in c.reason
+    c = verdict(rec(100.0), rec(300.0, converged=False))
+    assert c.verdict == "unsure" and "not-converged" in c.reason
+    assert c.ratio == pytest.approx(3.0)
+
+
+def test_a_verdict_carries_the_ratio_ci_and_the_test() -> None:
+    c = verdict(rec(100.0), rec(150.0))
+    lo, hi = c.ratio_ci
+    assert lo < 1.5 < hi and hi - lo < 0.01
+    assert c.detail is not None and c.detail.p_value < 1e-10
 
 
 def test_ok_to_error_is_broken_and_the_reverse_fixed() -> None:
@@ -75,6 +88,8 @@ def test_exit_code_and_unmatched_cases() -> None:
     worse = compare_records([], base, [], [rec(100.0, ctx=1024), rec(180.0, ctx=4096),
                                            rec(100.0, ctx=8192)])
     assert worse.exit_code == 1 and worse.counts["slower"] == 1 and len(worse.only_new) == 1
+    nothing = compare_records([], base, [], [rec(100.0, ctx=8192)])
+    assert nothing.exit_code == 2 and not nothing.comparisons
 
 
 def _write(path: Path, records: list[dict[str, Any]], hostname: str) -> Path:
@@ -107,7 +122,7 @@ def test_compare_command_rejects_bad_input_in_one_line(tmp_path: Path, capsys: A
     base = _write(tmp_path / "base.jsonl", [rec(100.0)], "a")
     assert main(["compare", str(base), str(base), "--threshold", "-1"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == ["kvmicro: error: --threshold -1.0 must be >= 0 (percent)"]
+    assert err == ["kvmicro: error: --threshold -1.0 must be >= 0 and < 100 (percent)"]
     assert main(["compare", str(base)]) == 2
     assert len(capsys.readouterr().err.splitlines()) == 1
 
@@ -144,3 +159,35 @@ def test_compare_command_across_backends_pools_files_and_names_the_base(
     assert "mlx:cpu" in lines[2] and "faster" in lines[2] and "1 matched cases: faster 1" in out
     assert main(["compare", str(a), "--new-backend", "native:cpu"]) == 2
     assert "go together" in capsys.readouterr().err
+
+
+def test_a_backend_name_that_matches_no_record_exits_2_naming_what_is_there(
+        tmp_path: Path, capsys: Any) -> None:
+    a = _write(tmp_path / "a.jsonl", [rec(50.0, backend="native:cpu"),
+                                      rec(80.0, backend="torch:cpu")], "h")
+    assert main(["compare", str(a), "--new-backend", "native:cpux",
+                 "--base-backend", "torch:cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kvmicro: error: [compare] --new-backend native:cpux matches no record; the "
+                   "files hold native:cpu, torch:cpu"]
+    assert main(["compare", str(a), "--new-backend", "native:cpu",
+                 "--base-backend", "mlx:gpu"]) == 2
+    assert "--base-backend mlx:gpu matches no record" in capsys.readouterr().err
+
+
+def test_two_files_that_share_no_case_exit_2(tmp_path: Path, capsys: Any) -> None:
+    a = _write(tmp_path / "a.jsonl", [rec(50.0, ctx=1024)], "h")
+    b = _write(tmp_path / "b.jsonl", [rec(50.0, ctx=2048)], "h")
+    assert main(["compare", str(a), str(b)]) == 2
+    captured = capsys.readouterr()
+    assert "0 matched cases: none" in captured.out and "nothing to compare" in captured.out
+    assert "no case matched" in captured.err
+
+
+def test_unsure_cases_are_explained_once_with_what_to_do(tmp_path: Path, capsys: Any) -> None:
+    a = _write(tmp_path / "a.jsonl", [rec(100.0, rel_sd=0.3, seed=1)], "h")
+    b = _write(tmp_path / "b.jsonl", [rec(200.0, rel_sd=0.3, seed=2)], "h")
+    assert main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "matched cases: unsure 1" in out
+    assert "unsure: 1 flagged noisy" in out and "Re-measure" in out

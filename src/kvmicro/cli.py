@@ -4,15 +4,18 @@
     kvmicro check [--backend B]      every op x odd shape x backend against the float64 oracle
     kvmicro sweep [--preset quick]   measure a grid of cases into a JSONL results file
     kvmicro report FILE...           tables (text / Markdown), CSV, plots
-    kvmicro compare BASE NEW         per-case verdicts; exit 1 on a slowdown beyond noise
+    kvmicro compare BASE NEW         per-case verdicts (faster/slower/same/unsure); exit 1 on a
+                                     slowdown, 2 when nothing matched
     kvmicro compare FILE... --new-backend native:cuda --base-backend cudnn:cuda,flashinfer:cuda
                                      the same, a backend against the fastest of its peers
     kvmicro merge FILE... --out F    join shards into one file
     kvmicro adr fill ADR.md [--check] / adr new --title T --results FILE...
                                      decision records filled from results files
 
-Bad input prints one line ``kvmicro: error: ...`` on stderr and exits 2. A check mismatch, a sweep
-error record or a compare slowdown exits 1; Ctrl-C during a sweep exits 130 with a valid file.
+Bad input prints one line ``kvmicro: error: ...`` on stderr and exits 2; so does a compare where
+nothing matched or a named backend matches no record. A check mismatch, a sweep error record, a
+sweep with no ok record or a compare slowdown exits 1; Ctrl-C during a sweep exits 130 with a
+valid file. ``kvmicro --version`` prints the version.
 """
 
 from __future__ import annotations
@@ -267,6 +270,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise InvalidCase(f"{out} exists; add --resume to continue it, or choose another --out")
     _err(f"kvmicro sweep: {sweep.plan_summary(points)}"
          + (f" (shard {shard[0]}/{shard[1]})" if shard != (0, 1) else "") + f" -> {out}")
+    from .harness.noise import announce_if_busy, host_load
+
+    announce_if_busy(host_load())   # once, plainly, before the first number (the run line keeps it)
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         outcome = sweep.run_sweep(points, out, argv=["kvmicro", *args.argv],
@@ -283,6 +289,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if outcome.interrupted:
         _err("kvmicro sweep: interrupted; the file is valid, continue with --resume")
         return EXIT_INTERRUPTED
+    if outcome.records and not outcome.counts.get("ok"):
+        _err("kvmicro sweep: no record is ok (see the reasons above): nothing was measured")
+        return EXIT_FAIL
     return EXIT_FAIL if outcome.counts.get("error") else EXIT_OK
 
 
@@ -304,8 +313,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from . import compare
 
-    if not args.threshold >= 0:
-        raise InvalidCase(f"--threshold {args.threshold} must be >= 0 (percent)")
+    if not 0 <= args.threshold < 100:
+        raise InvalidCase(f"--threshold {args.threshold} must be >= 0 and < 100 (percent)")
     if args.new_backend or args.base_backend:
         if not (args.new_backend and args.base_backend):
             raise InvalidCase("--new-backend and --base-backend go together")
@@ -322,6 +331,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for warning in result.warnings:
         _err(f"kvmicro compare: warning: {warning}")
     _print(compare.render(result, args.threshold, show_same=not args.changes_only))
+    if not result.comparisons:
+        _err("kvmicro compare: error: no case matched: nothing was compared")
     return result.exit_code
 
 
@@ -344,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="kvmicro", description="Op-by-op measurements of a paged KV cache "
                      "during LLM decode.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"kvmicro {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

@@ -1,21 +1,23 @@
-"""Comparing results case by case: is NEW faster, slower or the same as BASE?
+"""Comparing results case by case: is NEW faster, slower, the same as BASE, or unsure?
 
 Two ways: two result files (``compare_files``: the same cases before and after a change), or two
 sides of one pool of records (``compare_backends``: a backend against the fastest of its peers on
 the same cases, the engine builder's "is our kernel at least as fast as the best one we could
 pick instead?").
 
-Records are matched by ``results.record_key`` (the case, timer and cache policy). For each pair the
-ratio is new median / base median and the verdict is CI-aware, as nvbench's compare is noise-aware:
+Records are matched by ``results.record_key`` (the case, options, timer and cache policy). Each
+pair's verdict is :func:`kvmicro.verdict.compare_records`'s: faster or slower only when the
+Mann-Whitney U test on the samples rejects at alpha 0.01 *and* the bootstrap 95% CI of the median
+ratio (and every pairing of the two sides' round medians) lies beyond the threshold; same when
+that CI lies inside it; unsure otherwise, and always when either record did not converge or is
+flagged noisy, few-samples, host-busy or rounds-disagree.
 
-- ``same`` when the two 95% confidence intervals of the median overlap, or when the change is
-  within ``max(threshold, noise of base, noise of new)``; a measurement's noise is the half-width
-  of its CI relative to its median, in percent;
-- otherwise ``faster`` or ``slower``.
-
-A case that was ok in BASE and is an error in NEW is ``broken``. The exit status is 1 when any case
-is ``slower`` or ``broken``, else 0. Provenance that differs (host, device, versions) is reported as
-a warning: the comparison is then across machines or software, not only across code.
+A case that was ok in BASE and is an error in NEW is ``broken`` (ok in NEW only: ``fixed``;
+neither ok: ``n/a``). The exit status (:attr:`CompareResult.exit_code`) is 2 when nothing matched,
+1 when any case is ``slower`` or ``broken``, else 0; a backend named with ``--new-backend`` or
+``--base-backend`` that matches no record raises InvalidCase (exit 2). Provenance that differs
+(host, device, versions) is reported as a warning: the comparison is then across machines or
+software, not only across code.
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ from typing import Any
 
 from .errors import InvalidCase
 from .report import cache_of, ctx_label, fmt_number, stat, timer_of
+from .verdict import Verdict
+from .verdict import compare_records as verdict_of_records
 
 DEFAULT_THRESHOLD_PCT = 5.0
-VERDICTS: tuple[str, ...] = ("faster", "slower", "same", "broken", "fixed", "n/a")
+#: the verdicts of verdict.py, then those of a status change
+VERDICTS: tuple[str, ...] = ("faster", "slower", "same", "unsure", "broken", "fixed", "n/a")
+EXIT_OK, EXIT_SLOWER, EXIT_NOTHING_MATCHED = 0, 1, 2
 
 
 def noise_pct(rec: dict[str, Any]) -> float:
@@ -42,6 +48,15 @@ def noise_pct(rec: dict[str, Any]) -> float:
     return 100.0 * (float(hi) - float(lo)) / 2.0 / float(median)
 
 
+def _label_of(rec: dict[str, Any]) -> str:
+    from .record import backend_label
+
+    try:
+        return backend_label(rec)
+    except Exception:   # a record too damaged to parse still gets a label
+        return str(rec.get("backend"))
+
+
 @dataclass(frozen=True)
 class Comparison:
     key: Any
@@ -49,15 +64,25 @@ class Comparison:
     new: dict[str, Any]
     ratio: float            # new / base median (nan when either is not ok)
     change_pct: float       # (ratio - 1) * 100
-    noise_pct: float        # max of both noises
+    noise_pct: float        # the larger of the two medians' CI half-widths, in %
     verdict: str
+    #: verdict.py's verdict (None for a status change: broken, fixed, n/a)
+    detail: Verdict | None = None
 
     @property
     def label(self) -> str:
         r = self.new
-        return (f"{r.get('op')} {r.get('backend')} {r.get('layout')} {r.get('placement')} "
+        return (f"{r.get('op')} {_label_of(r)} {r.get('layout')} {r.get('placement')} "
                 f"ctx{ctx_label(r.get('ctx'))} b{r.get('batch')} bs{r.get('block_size')} "
                 f"{r.get('dtype')} {timer_of(r)}/{cache_of(r)}")
+
+    @property
+    def ratio_ci(self) -> tuple[float, float]:
+        return self.detail.ratio_ci if self.detail else (math.nan, math.nan)
+
+    @property
+    def reason(self) -> str:
+        return self.detail.reason if self.detail else ""
 
 
 def verdict(base: dict[str, Any], new: dict[str, Any],
@@ -65,24 +90,17 @@ def verdict(base: dict[str, Any], new: dict[str, Any],
     """The comparison of one matched pair of records."""
     from .results import record_key
 
+    if not 0 <= threshold_pct < 100:
+        raise InvalidCase(f"[compare] threshold {threshold_pct}% must be in [0, 100)")
     key = record_key(new)
     base_ok, new_ok = base.get("status") == "ok", new.get("status") == "ok"
     if not (base_ok and new_ok):
         v = "broken" if base_ok else ("fixed" if new_ok else "n/a")
         return Comparison(key, base, new, math.nan, math.nan, math.nan, v)
-    b, n = float(stat(base, "median_us")), float(stat(new, "median_us"))
-    ratio = n / b if b > 0 else math.inf
-    change = (ratio - 1.0) * 100.0
+    detail = verdict_of_records(new, base, threshold=threshold_pct / 100.0)
     noise = max(noise_pct(base), noise_pct(new))
-    overlap = (stat(base, "ci95_lo_us") is not None and stat(new, "ci95_lo_us") is not None
-               and float(stat(new, "ci95_lo_us")) <= float(stat(base, "ci95_hi_us"))
-               and float(stat(base, "ci95_lo_us")) <= float(stat(new, "ci95_hi_us")))
-    bound = max(threshold_pct, noise if math.isfinite(noise) else 0.0)
-    if overlap or abs(change) <= bound:
-        v = "same"
-    else:
-        v = "slower" if change > 0 else "faster"
-    return Comparison(key, base, new, ratio, change, noise, v)
+    return Comparison(key, base, new, detail.ratio, (detail.ratio - 1.0) * 100.0, noise,
+                      detail.verdict, detail)
 
 
 @dataclass
@@ -98,7 +116,12 @@ class CompareResult:
 
     @property
     def exit_code(self) -> int:
-        return 1 if any(c.verdict in ("slower", "broken") for c in self.comparisons) else 0
+        """2 when nothing matched, 1 on a slower or broken case, else 0."""
+        if not self.comparisons:
+            return EXIT_NOTHING_MATCHED
+        if any(c.verdict in ("slower", "broken") for c in self.comparisons):
+            return EXIT_SLOWER
+        return EXIT_OK
 
 
 def provenance_warnings(base_runs: Sequence[dict[str, Any]],
@@ -139,29 +162,44 @@ def _faster(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
     return float(stat(a, "median_us")) < float(stat(b, "median_us"))
 
 
+def _matches(rec: dict[str, Any], name: str) -> bool:
+    """A backend named plainly (``native:cuda``) matches every variant of it; a spec with options
+    (``native:cuda[splits=8]``) matches that variant only."""
+    return _label_of(rec) == name if "[" in name else rec.get("backend") == name
+
+
+def _check_named(records: Sequence[dict[str, Any]], names: Sequence[str], option: str) -> None:
+    present = sorted({_label_of(r) for r in records})
+    for name in names:
+        if not any(_matches(r, name) for r in records):
+            raise InvalidCase(f"[compare] {option} {name} matches no record; the files hold "
+                              f"{', '.join(present) or 'no records'}")
+
+
 def compare_backends(records: Sequence[dict[str, Any]], base_backends: Sequence[str],
                      new_backend: str,
                      threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> CompareResult:
     """Each case of ``new_backend`` against the fastest of ``base_backends`` on the same case (op,
-    shape, layout, placement, dtype, timer, cache and seed equal; only the backend differs).
-    Several records of one side for a case (two files, two variants of a backend) count as their
-    fastest ok one. The verdicts are ``verdict``'s: ``slower`` means slower than the best base
-    beyond noise and threshold."""
-    from .results import record_key
+    shape, layout, placement, dtype, timer, cache and seed equal; only the backend and its options
+    differ). Several records of one side for a case (two files, two variants of a backend) count
+    as their fastest ok one. The verdicts are :func:`verdict`'s: ``slower`` means slower than the
+    best base beyond the threshold, by the test. A named backend that matches no record raises
+    InvalidCase naming the backends the records hold."""
+    from .record import peer_key
 
+    if not base_backends:
+        raise InvalidCase("[compare] --base-backend names no backend")
     if new_backend in base_backends:
         raise InvalidCase(f"[compare] backend {new_backend} is on both sides")
-
-    def shape_key(r: dict[str, Any]) -> Any:
-        return record_key({**r, "backend": ""})
-
+    _check_named(records, [new_backend], "--new-backend")
+    _check_named(records, base_backends, "--base-backend")
     bases: dict[Any, dict[str, Any]] = {}
     news: dict[Any, dict[str, Any]] = {}
     for r in records:
-        side = news if r.get("backend") == new_backend else \
-            bases if r.get("backend") in base_backends else None
+        side = news if _matches(r, new_backend) else \
+            bases if any(_matches(r, b) for b in base_backends) else None
         if side is not None:
-            k = shape_key(r)
+            k = peer_key(r)
             if _faster(r, side.get(k)):
                 side[k] = r
     comparisons = [verdict(bases[k], r, threshold_pct) for k, r in news.items() if k in bases]
@@ -179,14 +217,24 @@ def compare_files(base: str | Path, new: str | Path,
     return compare_records(base_runs, base_recs, new_runs, new_recs, threshold_pct)
 
 
+def _ratio_text(c: Comparison) -> str:
+    lo, hi = c.ratio_ci
+    if not math.isfinite(c.ratio):
+        return ""
+    if math.isfinite(lo) and math.isfinite(hi):
+        return f"{c.ratio:.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{c.ratio:.3f}"
+
+
 def render(result: CompareResult, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
-           show_same: bool = True) -> str:
-    """A table of the matched cases (slowest change first), then counts."""
+           show_same: bool = True, explain: bool = True) -> str:
+    """A table of the matched cases (slowest change first), then counts and, for unsure cases,
+    why (grouped)."""
     rows = sorted(result.comparisons,
                   key=lambda c: (-c.change_pct if math.isfinite(c.change_pct) else -math.inf))
     # across backends: name the base that each case was compared with
-    across = any(c.base.get("backend") != c.new.get("backend") for c in rows)
-    header = ["case", "base µs", "new µs", "ratio", "change", "noise", "verdict"]
+    across = any(_label_of(c.base) != _label_of(c.new) for c in rows)
+    header = ["case", "base µs", "new µs", "ratio [95% CI]", "change", "p", "verdict"]
     if across:
         header.insert(1, "base")
     table = []
@@ -194,16 +242,17 @@ def render(result: CompareResult, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
         if c.verdict == "same" and not show_same:
             continue
         ok = math.isfinite(c.ratio)
+        p = c.detail.p_value if c.detail else None
         table.append([
             c.label,
-            *([str(c.base.get("backend"))] if across else []),
+            *([_label_of(c.base)] if across else []),
             fmt_number(stat(c.base, "median_us")) if c.base.get("status") == "ok"
             else str(c.base.get("status")),
             fmt_number(stat(c.new, "median_us")) if c.new.get("status") == "ok"
             else str(c.new.get("status")),
-            f"{c.ratio:.3f}" if ok else "",
+            _ratio_text(c),
             f"{c.change_pct:+.1f}%" if ok else "",
-            f"{c.noise_pct:.1f}%" if ok and math.isfinite(c.noise_pct) else "",
+            f"{p:.2g}" if p is not None else "",
             c.verdict.upper() if c.verdict in ("slower", "broken") else c.verdict,
         ])
     lines = []
@@ -220,14 +269,37 @@ def render(result: CompareResult, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
     counts = result.counts
     summary = ", ".join(f"{v} {counts[v]}" for v in VERDICTS if counts[v])
     lines.append(f"{len(result.comparisons)} matched cases: {summary or 'none'} "
-                 f"(threshold {threshold_pct:g}%, or the larger noise)")
+                 f"(threshold {threshold_pct:g}%: faster/slower need Mann-Whitney p < 0.01 and "
+                 "the ratio's 95% CI beyond it)")
+    if explain and counts["unsure"]:
+        why: Counter[str] = Counter(_reason_kind(c.reason) for c in result.comparisons
+                                    if c.verdict == "unsure")
+        lines.append("unsure: " + "; ".join(f"{n} {kind}" for kind, n in why.most_common())
+                     + ". Re-measure those cases on a quiet host, with a longer --max-time or a "
+                     "larger --noise target, to get a verdict.")
     if result.only_base:
         lines.append(f"{len(result.only_base)} cases only in BASE")
     if result.only_new:
         lines.append(f"{len(result.only_new)} cases only in NEW")
+    if not result.comparisons:
+        lines.append("nothing to compare: no case is in both BASE and NEW (exit status 2)")
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["DEFAULT_THRESHOLD_PCT", "CompareResult", "Comparison", "compare_backends",
+def _reason_kind(reason: str) -> str:
+    """An unsure verdict's reason without its numbers: what to group by."""
+    for kind in ("flagged", "not converged", "status", "rounds disagree", "straddles",
+                 "Mann-Whitney", "too few samples", "no samples"):
+        if kind in reason:
+            if kind == "flagged":
+                return reason[reason.index("flagged"):]
+            return {"straddles": "with a ratio CI straddling the threshold",
+                    "Mann-Whitney": "where the test did not reject",
+                    "rounds disagree": "whose rounds disagree"}.get(kind, kind)
+    return reason
+
+
+__all__ = ["DEFAULT_THRESHOLD_PCT", "EXIT_NOTHING_MATCHED", "EXIT_OK", "EXIT_SLOWER", "VERDICTS",
+           "CompareResult", "Comparison", "compare_backends",
            "compare_files", "compare_records", "noise_pct", "provenance_warnings", "render",
            "verdict"]
