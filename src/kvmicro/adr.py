@@ -93,11 +93,11 @@ def parse_regions(text: str, where: str = "ADR") -> list[Region]:
             params[name] = value
         close = CLOSE_RE.search(text, m.end())
         nested = OPEN.search(text, m.end())
+        if nested and (not close or nested.start() < close.start()):
+            raise AdrError(f"{where}:{line}: region {key} contains another region")
         if not close or close.group(1) != key:
             raise AdrError(f"{where}:{line}: region {key} is not closed by "
                            f"{CLOSE.format(key=key)}")
-        if nested and nested.start() < close.start():
-            raise AdrError(f"{where}:{line}: region {key} contains another region")
         regions.append(Region(key, params, line, m.end(), close.start()))
         pos = close.end()
 

@@ -366,12 +366,12 @@ def hardware(ev: Evidence, params: Params) -> Finding:
     for name in backends:
         entry = devices.get(name, {})
         versions = ", ".join(f"{k} {v}" for k, v in sorted((entry.get("versions") or {}).items()))
-        bw = (run.get("bandwidth") or {}).get(name) or {}
-        read = bw.get("read_gbps")
-        rows.append([name, str(entry.get("name", _device_of(records, name))), versions,
-                     f"{read:.1f}" if isinstance(read, (int, float)) else "n/a"])
+        reads = [((r.get("bandwidth") or {}).get(name) or {}).get("read_gbps") for r in ev.runs]
+        read = " / ".join(f"{x:.1f}" for x in reads if isinstance(x, (int, float))) or "n/a"
+        rows.append([name, str(entry.get("name", _device_of(records, name))), versions, read])
     lines.append("")
-    lines.append(_table(["backend", "device", "versions", "read GB/s (measured)"], rows, "lllr"))
+    lines.append(_table(["backend", "device", "versions", "read GB/s (measured, per run)"],
+                        rows, "lllr"))
     frameworks = run.get("frameworks") or {}
     if frameworks:
         lines.append("")
