@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -105,7 +106,8 @@ std::unique_ptr<NativeOp> prepare(const std::string& device, const std::string& 
                                   const py::object& block_table, const py::object& ctx,
                                   const py::object& k_dense, const py::object& v_dense,
                                   const py::object& k_new, const py::object& v_new, int copies,
-                                  int threads, int index, int priority) {
+                                  int threads, int index, int priority,
+                                  const std::map<std::string, std::string>& options) {
   const OpKind op = parse_op(op_str);
   const char* name = op_name(op);
   const DType dtype = parse_dtype(op, dtype_str);
@@ -140,6 +142,7 @@ std::unique_ptr<NativeOp> prepare(const std::string& device, const std::string& 
   opt.threads = threads;
   opt.index = index;
   opt.priority = priority;
+  opt.variant = parse_variant(name, device, {options.begin(), options.end()});
 
   auto result = std::make_unique<NativeOp>();
   result->device = device;
@@ -239,7 +242,7 @@ py::dict cpu_features() {
   f["avx2"] = avx2;          // what this CPU has, detected at run time
   f["f16c"] = f16c;
   f["fma"] = fma;
-  f["simd"] = cpu::simd_enabled() ? "avx2+f16c+fma" : "portable";
+  f["simd"] = cpu::simd_available() ? "avx2+f16c+fma" : "portable";
   f["threads"] = (int)std::thread::hardware_concurrency();
   return f;
 }
@@ -341,9 +344,11 @@ PYBIND11_MODULE(_native, m) {
         py::arg("v_pool"), py::arg("block_table"), py::arg("ctx"), py::arg("k_dense"),
         py::arg("v_dense"), py::arg("k_new"), py::arg("v_new"), py::kw_only(),
         py::arg("copies") = 1, py::arg("threads") = 0, py::arg("index") = 0,
-        py::arg("priority") = 0,
+        py::arg("priority") = 0, py::arg("options") = std::map<std::string, std::string>{},
         "Validate the arrays (16-bit dtypes as uint16 bit patterns, float32 as float32, table and "
-        "ctx int32; None where the op does not read an array) and prepare `op` on `device`.");
+        "ctx int32; None where the op does not read an array) and prepare `op` on `device`. "
+        "`options`: the kernel variant knobs as text (cuda: kernel, splits, min_chunk, "
+        "blocks_per_sm, stages, l2_prefetch, pdl; cpu: simd), validated here.");
   m.def("pool_strides", &pool_strides, py::arg("layout"), py::arg("N"), py::arg("S"),
         py::arg("H"), py::arg("D"),
         "Element strides of the logical axes N, S, H, D in a pool of this layout (layout.h).");

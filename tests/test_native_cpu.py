@@ -66,12 +66,12 @@ def test_matches_the_oracle(case: Case) -> None:
 
 @pytest.mark.skipif(not HAS_SIMD, reason="the default path is already the portable one")
 @pytest.mark.parametrize("case", ATTENTION_MATRIX, ids=case_id)
-def test_portable_path_matches_the_oracle(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KVMICRO_NO_SIMD", "1")
+def test_portable_path_matches_the_oracle(case: Case) -> None:
+    case = case.with_(options=(("simd", "false"),))
     arrays = kv.materialize(case)
     prepared = NativeCpuBackend().prepare(case, arrays)
     assert prepared.kernel.startswith(f"{case.op}: ")
-    assert "portable (KVMICRO_NO_SIMD is set)" in prepared.kernel
+    assert "portable (option simd=0)" in prepared.kernel
     prepared.run()
     result = compare(case, arrays, prepared.output())
     assert result.passed, result
@@ -387,13 +387,59 @@ def test_bad_scalars(base: Any) -> None:
         native_prepare(case, args, threads=-1)
     with pytest.raises(InvalidCase, match="priority 5"):
         native_prepare(case, args, priority=5)
-    with pytest.raises(InvalidCase, match="priority 'urgent' is not one of low, normal, high"):
-        NativeCpuBackend(priority="urgent")
+    with pytest.raises(InvalidCase, match="priority value 'urgent' is not valid"):
+        NativeCudaBackend.parse_options({"priority": "urgent"})
     with pytest.raises(InvalidCase, match="unknown op 'paged'"):
         _native.prepare("cpu", "paged", "NSHD", "float16", 16, 0.25,
                         *(args[key] for key in ARRAY_KEYS))
     with pytest.raises(InvalidCase, match="unknown device 'tpu'"):
         native_prepare(case, args, device="tpu")
+
+
+# ---- variant options: arguments of prepare, never the environment ------------------------------
+
+
+@pytest.mark.parametrize(("device", "options", "message"), [
+    ("cpu", {"simd": "maybe"}, "option simd='maybe' is not a boolean"),
+    ("cpu", {"kernel": "mma"}, "unknown option 'kernel' for device cpu; expected one of simd"),
+    ("cuda", {"kernel": "fast"}, "option kernel='fast' is not one of auto, simt, mma, async"),
+    ("cuda", {"stages": "5"}, "option stages=5 is not one of 2, 3"),
+    ("cuda", {"l2_prefetch": "64"}, "option l2_prefetch=64 is not one of 0, 128"),
+    ("cuda", {"splits": "513"}, "option splits=513 is outside 0..512"),
+    ("cuda", {"splits": "8x"}, "option splits='8x' is not an integer"),
+    ("cuda", {"min_chunk": "0"}, "option min_chunk=0 is outside 1..2147483647"),
+    ("cuda", {"blocks_per_sm": ""}, "option blocks_per_sm='' is not an integer"),
+    ("cuda", {"pdl": "yes please"}, "option pdl='yes please' is not a boolean"),
+    ("cuda", {"simd": "1"}, "unknown option 'simd' for device cuda; expected one of kernel, "
+                            "splits, min_chunk, blocks_per_sm, stages, l2_prefetch, pdl"),
+])
+def test_bad_variant_options_are_refused_naming_the_value(base: Any, device: str,
+                                                          options: dict[str, str],
+                                                          message: str) -> None:
+    # Parsed before any device is opened: the same message with or without a GPU or CUDA build.
+    case, _, args = base
+    with pytest.raises(InvalidCase, match=re.escape(f"[paged_sdpa] {message}")):
+        native_prepare(case, args, device=device, options=options)
+
+
+def test_the_environment_does_not_choose_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The old switch is gone: only the case's options choose a variant.
+    monkeypatch.setenv("KVMICRO_NO_SIMD", "1")
+    case = BASE.with_(backend="native:cpu", head_dim=64)
+    prepared = NativeCpuBackend().prepare(case, kv.materialize(case))
+    expected = "avx2+f16c+fma" if HAS_SIMD else "portable"
+    assert prepared.kernel.startswith(f"paged_sdpa: {expected}")
+
+
+def test_options_of_the_native_backends() -> None:
+    assert NativeCpuBackend.parse_options(()) == {"simd": True}
+    cuda = NativeCudaBackend.parse_options({"kernel": "mma", "splits": "8", "pdl": "false"})
+    assert cuda == {"priority": "normal", "kernel": "mma", "splits": 8, "min_chunk": 64,
+                    "blocks_per_sm": 2, "stages": 2, "l2_prefetch": "128", "pdl": False}
+    with pytest.raises(InvalidCase, match="unknown option 'kernel'; valid options: simd"):
+        NativeCpuBackend.parse_options({"kernel": "simt"})
+    with pytest.raises(InvalidCase, match="option stages value '4' is not valid"):
+        NativeCudaBackend.parse_options({"stages": "4"})
 
 
 @pytest.mark.skipif(_native.build_info()["cuda"], reason="this build has CUDA")

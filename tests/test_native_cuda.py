@@ -115,18 +115,31 @@ def test_every_layout(layout: str, op: str) -> None:
 
 @needs_gpu
 @pytest.mark.parametrize("splits", ["1", "3", "64"])
-@pytest.mark.parametrize("pdl", ["0", "1"])
+@pytest.mark.parametrize("pdl", ["false", "true"])
+@pytest.mark.parametrize("min_chunk", ["64", "16"])
 def test_split_count_and_combine_mode_do_not_change_the_answer(
-        splits: str, pdl: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KVMICRO_CUDA_SPLITS", splits)
-    monkeypatch.setenv("KVMICRO_CUDA_PDL", pdl)
+        splits: str, pdl: str, min_chunk: str) -> None:
     case = Case(op="paged_sdpa", backend="native:cuda", batch=3, q_heads=28, kv_heads=4,
                 head_dim=128, ctx=(1000, 3, 2500), block_size=16, placement="reverse",
-                dtype="float32", seed=12)
-    prepared = NativeCudaBackend().prepare(case, kv.materialize(case))
-    assert f"splits {splits} x" in prepared.kernel or splits == "64"
-    prepared.release()
+                dtype="float32", seed=12,
+                options=(("min_chunk", min_chunk), ("pdl", pdl), ("splits", splits)))
+    kernel = kernel_of(case)
+    assert f"splits {splits} x" in kernel or splits == "64"
+    assert ("combine with PDL" in kernel) == (pdl == "true" and splits != "1")
     assert_matches(case)
+
+
+@needs_gpu
+@pytest.mark.parametrize("min_chunk", ["16", "64", "4096"])
+@pytest.mark.parametrize("blocks_per_sm", ["1", "2", "4"])
+def test_split_rule_knobs_do_not_change_the_answer(min_chunk: str, blocks_per_sm: str) -> None:
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=2, q_heads=16, kv_heads=2,
+                head_dim=128, ctx=(9000, 300), block_size=16, placement="random",
+                dtype="float16", seed=14,
+                options=(("blocks_per_sm", blocks_per_sm), ("min_chunk", min_chunk)))
+    assert_matches(case)
+    simt = case.with_(dtype="float32")  # the SIMT rule reads min_chunk too
+    assert_matches(simt)
 
 
 @needs_gpu
@@ -226,10 +239,11 @@ def test_copies_timers_and_graphs_keep_the_answer(op: str) -> None:
 def test_stream_priority_does_not_change_the_answer(priority: str) -> None:
     case = Case(op="paged_sdpa", backend="native:cuda", batch=2, q_heads=8, kv_heads=2,
                 head_dim=64, ctx=(100, 900), dtype="bfloat16", seed=2)
-    assert_matches(case, priority=priority)
+    assert_matches(case.with_(options=(("priority", priority),)))
 
 
 def kernel_of(case: Case) -> str:
+    """What prepare says it chose for ``case`` (its options included)."""
     prepared = NativeCudaBackend().prepare(case, kv.materialize(case))
     try:
         return prepared.kernel
@@ -238,7 +252,7 @@ def kernel_of(case: Case) -> str:
 
 
 @needs_gpu
-def test_kernel_description_names_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_description_names_the_path() -> None:
     fast = Case(op="paged_sdpa", backend="native:cuda", batch=1, q_heads=32, kv_heads=8,
                 head_dim=128, ctx=4096, layout="NSHD")
     kernel = kernel_of(fast)  # 2 tiles per warp per split: too few for the pipeline
@@ -249,8 +263,8 @@ def test_kernel_description_names_the_path(monkeypatch: pytest.MonkeyPatch) -> N
     assert "SIMT, strided path" in kernel_of(fast.with_(layout="SDNH"))
     assert "SIMT, 16-byte path" in kernel_of(fast.with_(dtype="float32"))
     assert "SIMT" in kernel_of(fast.with_(head_dim=80))
-    monkeypatch.setenv("KVMICRO_CUDA_KERNEL", "simt")
-    assert "SIMT, 16-byte path" in kernel_of(fast) and "4 q heads/block" in kernel_of(fast)
+    simt = fast.with_(options=(("kernel", "simt"),))
+    assert "SIMT, 16-byte path" in kernel_of(simt) and "4 q heads/block" in kernel_of(simt)
 
 
 # Tensor-core-eligible shapes, run on both attention kernels: each must match the oracle.
@@ -267,49 +281,58 @@ BOTH_KERNELS = [
 ]
 
 
-# The attention kernel variants (environment knobs, docs/cuda.md) and what describe() says of each.
-KERNEL_VARIANTS = {
-    "mma": ({"KVMICRO_CUDA_KERNEL": "mma"}, "tensor cores (register loads, L2 prefetch 128 B)"),
-    "mma-no-prefetch": ({"KVMICRO_CUDA_KERNEL": "mma", "KVMICRO_CUDA_L2_PREFETCH": "0"},
+# The attention kernel variants (case options, docs/cuda.md) and what describe() says of each.
+KERNEL_VARIANTS: dict[str, tuple[tuple[tuple[str, str], ...], str]] = {
+    "auto": ((), "tensor cores ("),
+    "mma": ((("kernel", "mma"),), "tensor cores (register loads, L2 prefetch 128 B)"),
+    "mma-no-prefetch": ((("kernel", "mma"), ("l2_prefetch", "0")),
                         "tensor cores (register loads), "),
-    "async": ({"KVMICRO_CUDA_KERNEL": "async"}, "tensor cores (cp.async, 2 stages, L2 prefetch"),
-    "async3": ({"KVMICRO_CUDA_KERNEL": "async", "KVMICRO_CUDA_STAGES": "3"},
+    "async": ((("kernel", "async"),), "tensor cores (cp.async, 2 stages, L2 prefetch"),
+    "async3": ((("kernel", "async"), ("stages", "3")),
                "tensor cores (cp.async, 3 stages, L2 prefetch"),
-    "simt": ({"KVMICRO_CUDA_KERNEL": "simt"}, "SIMT"),
+    "simt": ((("kernel", "simt"),), "SIMT"),
 }
 
 
-def use_variant(monkeypatch: pytest.MonkeyPatch, variant: str) -> str:
-    for name in ("KVMICRO_CUDA_KERNEL", "KVMICRO_CUDA_STAGES", "KVMICRO_CUDA_L2_PREFETCH"):
-        monkeypatch.delenv(name, raising=False)
-    knobs, described = KERNEL_VARIANTS[variant]
-    for name, value in knobs.items():
-        monkeypatch.setenv(name, value)
-    return described
+def with_variant(case: Case, variant: str, *extra: tuple[str, str]) -> tuple[Case, str]:
+    """``case`` with the options of ``variant`` (plus ``extra``), and what describe() must say."""
+    options, described = KERNEL_VARIANTS[variant]
+    return case.with_(options=tuple(sorted(options + extra))), described
 
 
 @needs_gpu
 @pytest.mark.parametrize("variant", list(KERNEL_VARIANTS))
 @pytest.mark.parametrize("case", BOTH_KERNELS, ids=case_id)
-def test_every_attention_kernel_matches_the_oracle(
-        case: Case, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    described = use_variant(monkeypatch, variant)
+def test_every_attention_kernel_matches_the_oracle(case: Case, variant: str) -> None:
+    case, described = with_variant(case, variant)
     assert described in kernel_of(case)
     assert_matches(case)
 
 
 @needs_gpu
+@pytest.mark.parametrize("kernel", ["mma", "async"])
+def test_a_tensor_core_kernel_is_never_silently_replaced(kernel: str) -> None:
+    # float32, a strided layout, head_dim 80: the tensor-core kernels cannot run these; asking
+    # for one is refused rather than recorded under a kernel that did not run.
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=1, q_heads=8, kv_heads=1,
+                head_dim=128, ctx=100, dtype="float16", options=(("kernel", kernel),))
+    for bad, why in ((case.with_(dtype="float32"), "this case is float32"),
+                     (case.with_(layout="SDNH"), "D not innermost"),
+                     (case.with_(head_dim=80), "head_dim 80")):
+        with pytest.raises(Unsupported, match=f"option kernel={kernel} needs tensor cores.*{why}"):
+            kernel_of(bad)
+
+
+@needs_gpu
 @pytest.mark.parametrize("variant", ["mma", "async", "simt"])
-@pytest.mark.parametrize("splits", ["", "3", "64"])
-def test_every_run_writes_the_whole_output(
-        variant: str, splits: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("splits", ["0", "3", "64"])
+def test_every_run_writes_the_whole_output(variant: str, splits: str) -> None:
     # Poisoning the output before each run makes a result left over from an earlier run (a
     # split that wrote nothing, a combine that skipped a head) fail the check.
-    use_variant(monkeypatch, variant)
-    monkeypatch.setenv("KVMICRO_CUDA_SPLITS", splits)
     case = Case(op="paged_sdpa", backend="native:cuda", batch=3, q_heads=16, kv_heads=2,
                 head_dim=128, ctx=(2000, 33, 700), block_size=16, placement="random",
                 dtype="float16", seed=21)
+    case, _ = with_variant(case, variant, ("splits", splits))
     arrays = kv.materialize(case)
     prepared = NativeCudaBackend().prepare(case, arrays, copies=2)
     try:
@@ -349,20 +372,19 @@ def test_a_graph_without_rotation_runs_on_the_current_copy_only() -> None:
 
 
 @needs_gpu
-def test_bad_kernel_knobs_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_kernel_options_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     case = Case(op="paged_sdpa", backend="native:cuda", batch=1, q_heads=8, kv_heads=1,
                 head_dim=64, ctx=100, dtype="float16")
-    monkeypatch.setenv("KVMICRO_CUDA_L2_PREFETCH", "64")
-    with pytest.raises(InvalidCase, match="KVMICRO_CUDA_L2_PREFETCH=64 is not 0 or 128"):
-        kernel_of(case)
-    monkeypatch.setenv("KVMICRO_CUDA_L2_PREFETCH", "128")
-    monkeypatch.setenv("KVMICRO_CUDA_KERNEL", "async")
-    monkeypatch.setenv("KVMICRO_CUDA_STAGES", "5")
-    with pytest.raises(InvalidCase, match="KVMICRO_CUDA_STAGES=5"):
-        kernel_of(case)
-    monkeypatch.setenv("KVMICRO_CUDA_KERNEL", "fast")
-    with pytest.raises(InvalidCase, match="KVMICRO_CUDA_KERNEL=fast"):
-        kernel_of(case)
+    for options, message in (((("l2_prefetch", "64"),), "option l2_prefetch value '64'"),
+                             ((("kernel", "async"), ("stages", "5")), "option stages value '5'"),
+                             ((("kernel", "fast"),), "option kernel value 'fast'")):
+        with pytest.raises(InvalidCase, match=message):
+            kernel_of(case.with_(options=options))
+    # The environment variables of earlier versions choose nothing any more.
+    monkeypatch.setenv("KVMICRO_CUDA_KERNEL", "simt")
+    monkeypatch.setenv("KVMICRO_CUDA_SPLITS", "7")
+    kernel = kernel_of(case)
+    assert "tensor cores" in kernel and "splits 7 x" not in kernel
 
 
 @needs_gpu

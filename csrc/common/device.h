@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "params.h"
+#include "variant.h"
 
 namespace kvmicro {
 
@@ -122,6 +123,7 @@ struct DeviceOptions {
   int priority = 0;      // -1 low, 0 normal, 1 high (stream / queue priority where the device has it)
   int threads = 0;       // CPU worker threads; 0 = hardware concurrency
   int copies = 1;        // independent input sets to upload
+  Variant variant;       // kernel variant knobs (validated by parse_variant in validate.h)
 };
 
 std::unique_ptr<PreparedOp> make_cpu_op(const OpInputs& in, const DeviceOptions& opt);

@@ -20,6 +20,7 @@
 #include "device.h"
 #include "layout.h"
 #include "params.h"
+#include "variant.h"
 
 namespace kvmicro {
 
@@ -295,6 +296,91 @@ inline void validate_inputs(OpInputs& in) {
     }
   }
   p.max_ctx = max_ctx;
+}
+
+// ---- kernel variant options (variant.h) ------------------------------------------------------
+
+namespace detail {
+
+inline std::string join(const std::vector<std::string>& items) {
+  std::string out;
+  for (size_t i = 0; i < items.size(); ++i) out += (i ? ", " : "") + items[i];
+  return out.empty() ? "(none)" : out;
+}
+
+// A decimal integer in [lo, hi], written as digits only (an optional leading '-').
+inline int32_t parse_int_option(const char* op, const std::string& key, const std::string& text,
+                                int64_t lo, int64_t hi) {
+  const bool digits =
+      !text.empty() && text.size() <= 12 &&
+      text.find_first_not_of("0123456789", text[0] == '-' ? 1 : 0) == std::string::npos &&
+      text != "-";
+  if (!digits)
+    invalid(op, "option ", key, "='", text, "' is not an integer (expected ", lo, "..", hi, ")");
+  const long long value = std::strtoll(text.c_str(), nullptr, 10);
+  if (value < lo || value > hi)
+    invalid(op, "option ", key, "=", value, " is outside ", lo, "..", hi);
+  return (int32_t)value;
+}
+
+inline bool parse_bool_option(const char* op, const std::string& key, const std::string& text) {
+  if (text == "1" || text == "true" || text == "True") return true;
+  if (text == "0" || text == "false" || text == "False") return false;
+  invalid(op, "option ", key, "='", text, "' is not a boolean (expected 1/0 or true/false)");
+}
+
+}  // namespace detail
+
+// Parse the (key, value) pairs given for `device` into a Variant; unknown keys, repeated keys and
+// bad values raise InvalidArgument naming them.
+inline Variant parse_variant(const char* op, const std::string& device,
+                             const std::vector<std::pair<std::string, std::string>>& items) {
+  Variant v;
+  const std::vector<std::string>& keys = variant_keys(device);
+  std::vector<std::string> seen;
+  for (const auto& item : items) {
+    const std::string& key = item.first;
+    const std::string& text = item.second;
+    bool known = false;
+    for (const std::string& k : keys) known = known || k == key;
+    if (!known)
+      invalid(op, "unknown option '", key, "' for device ", device, "; expected one of ",
+              detail::join(keys));
+    for (const std::string& k : seen)
+      if (k == key) invalid(op, "option ", key, " given twice");
+    seen.push_back(key);
+    if (key == "kernel") {
+      const AttnKernel all[] = {AttnKernel::kAuto, AttnKernel::kSimt, AttnKernel::kMma,
+                                AttnKernel::kAsync};
+      bool found = false;
+      for (AttnKernel k : all)
+        if (text == attn_kernel_name(k)) {
+          v.kernel = k;
+          found = true;
+        }
+      if (!found)
+        invalid(op, "option kernel='", text, "' is not one of auto, simt, mma, async");
+    } else if (key == "splits") {
+      v.splits = detail::parse_int_option(op, key, text, 0, kVariantMaxSplits);
+    } else if (key == "min_chunk") {
+      v.min_chunk = detail::parse_int_option(op, key, text, 1, INT32_MAX);
+    } else if (key == "blocks_per_sm") {
+      v.blocks_per_sm = detail::parse_int_option(op, key, text, 1, 64);
+    } else if (key == "stages") {
+      v.stages = detail::parse_int_option(op, key, text, INT32_MIN, INT32_MAX);
+      if (v.stages != 2 && v.stages != 3)
+        invalid(op, "option stages=", v.stages, " is not one of 2, 3");
+    } else if (key == "l2_prefetch") {
+      v.l2_prefetch = detail::parse_int_option(op, key, text, INT32_MIN, INT32_MAX);
+      if (v.l2_prefetch != 0 && v.l2_prefetch != 128)
+        invalid(op, "option l2_prefetch=", v.l2_prefetch, " is not one of 0, 128");
+    } else if (key == "pdl") {
+      v.pdl = detail::parse_bool_option(op, key, text);
+    } else if (key == "simd") {
+      v.simd = detail::parse_bool_option(op, key, text);
+    }
+  }
+  return v;
 }
 
 }  // namespace kvmicro

@@ -420,13 +420,13 @@ void combine_splits(const AttentionPlan& plan, const Buffers& buf, ThreadPool& p
   pool.run((int64_t)plan.p.batch * plan.p.pool.kv_heads, &combine_task, &job);
 }
 
-AttentionPlan plan_attention(const OpParams& p, OpKind op, int threads) {
+AttentionPlan plan_attention(const OpParams& p, OpKind op, int threads, bool simd) {
   AttentionPlan plan;
   plan.p = p;
   const int D = p.pool.head_dim;
   // The fused op reads the pool; the others attend over dense [B, Hkv, T, D] rows (D innermost).
   plan.strided = op == OpKind::kPagedSdpa && !p.pool.d_contiguous();
-  const bool cpu_simd = simd_enabled();
+  const bool cpu_simd = simd && simd_available();
   plan.simd = cpu_simd && D % 8 == 0;
   plan.kernel = pick_kernel(plan.strided ? kF32 : p.dtype, plan.simd);
 
@@ -452,9 +452,9 @@ AttentionPlan plan_attention(const OpParams& p, OpKind op, int threads) {
   std::string why;
   if (!cpu_simd) {
 #if KVMICRO_X86_SIMD
-    why = cpu_has_avx2_f16c_fma() ? " (KVMICRO_NO_SIMD is set)" : " (the CPU lacks AVX2/F16C/FMA)";
+    why = simd ? " (the CPU lacks AVX2/F16C/FMA)" : " (option simd=0)";
 #else
-    why = " (built without x86 SIMD)";
+    why = simd ? " (built without x86 SIMD)" : " (option simd=0)";
 #endif
   } else if (!plan.simd) {
     why = " (head_dim " + std::to_string(D) + " is not a multiple of 8)";

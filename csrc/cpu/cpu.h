@@ -128,9 +128,10 @@ struct Buffers {
   void* out = nullptr;
 };
 
-// Whether the AVX2/F16C/FMA kernels may run: compiled in, the CPU has them, and KVMICRO_NO_SIMD
-// is not set in the environment (a switch that lets tests check the portable path on x86).
-bool simd_enabled();
+// Whether the AVX2/F16C/FMA kernels can run here: compiled in and the CPU has them. A case may
+// still ask for the portable kernels (option simd=0, Variant::simd), which lets tests check that
+// path on x86.
+bool simd_available();
 
 // ---- attention (attention.cpp, sdpa_contiguous.cpp, paged_sdpa.cpp) --------------------------
 
@@ -164,7 +165,8 @@ struct AttentionPlan {
   std::string name;            // which kernel and why, for PreparedOp.kernel
 };
 
-AttentionPlan plan_attention(const OpParams& p, OpKind op, int threads);
+// `simd`: the case allows the AVX2/F16C/FMA kernels (Variant::simd); they run where available.
+AttentionPlan plan_attention(const OpParams& p, OpKind op, int threads, bool simd);
 
 // Scratch owned by the op, sized by the plan.
 struct AttentionScratch {

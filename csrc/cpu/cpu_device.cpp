@@ -44,10 +44,8 @@ constexpr auto kCallerSpin = std::chrono::microseconds(50);
 
 }  // namespace
 
-bool simd_enabled() {
+bool simd_available() {
 #if KVMICRO_X86_SIMD
-  const char* off = std::getenv("KVMICRO_NO_SIMD");
-  if (off != nullptr && *off != '\0' && std::strcmp(off, "0") != 0) return false;
   return cpu_has_avx2_f16c_fma();
 #else
   return false;
@@ -215,7 +213,7 @@ class CpuOp final : public PreparedOp {
     }
 
     if (is_attention(op_)) {
-      plan_ = plan_attention(p_, op_, threads_);
+      plan_ = plan_attention(p_, op_, threads_, opt.variant.simd);
       scratch_.workers.reset(threads_ * plan_.worker_floats * (int64_t)sizeof(float));
       scratch_.partials.reset(plan_.partial_floats * (int64_t)sizeof(float));
       describe_ = std::string(name) + ": " + (op_ == OpKind::kGatherSdpa ? "gather, then " : "") +

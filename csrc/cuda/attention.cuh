@@ -27,6 +27,7 @@
 #include <string>
 #include <type_traits>
 
+#include "common/validate.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/kernels.h"
 
@@ -36,7 +37,7 @@ namespace cuda {
 constexpr int kAttnWarps = 4;
 constexpr int kAttnThreads = kAttnWarps * 32;
 constexpr int kCombineThreads = 128;
-constexpr int kMaxSplits = 512;
+constexpr int kMaxSplits = kVariantMaxSplits;  // s_w of the combine kernel
 
 __host__ __device__ constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
 
@@ -887,8 +888,10 @@ inline int choose_splits(int max_ctx, int64_t blocks_per_split, int64_t slots, i
 // emptier ones; the per-block start (q, the first table lookups and loads with nothing in flight
 // yet) and the merge at its end are what more, shorter splits pay for.
 constexpr int kMmaBlocksPerSm = 2;
+static_assert(Variant{}.blocks_per_sm == kMmaBlocksPerSm, "the option's default is the rule");
 // L2 prefetch hint of the register-load kernel's K/V loads (load16_prefetch).
 constexpr int kMmaPrefetch = 128;
+static_assert(Variant{}.l2_prefetch == kMmaPrefetch, "the option's default is the measured best");
 inline int splits_for_blocks(int max_ctx, int64_t blocks_per_split, int64_t target_blocks,
                              int tile, int min_chunk) {
   const int s_max = std::max(1, std::min(kMaxSplits, ceil_div(max_ctx, std::max(tile, min_chunk))));
@@ -931,9 +934,11 @@ SplitFn<Src> pick_async(int d, int stages) {
 // kernel starts sooner. Two stages beat three (more blocks per SM fit).
 constexpr int kAsyncMinTiles = 4;
 constexpr int kAsyncStages = 2;
+static_assert(Variant{}.stages == kAsyncStages, "the option's default is the measured best");
 
 template <class Src>
-AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& dev, bool strided) {
+AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& dev,
+                        const Variant& var, bool strided) {
   const int D = p.pool.head_dim;
   if (D != 64 && D != 80 && D != 96 && D != 128 && D != 256)
     throw UnsupportedError(std::string("[") + op + "] head_dim " + std::to_string(D) +
@@ -954,15 +959,19 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
   int esize = 2;
   // Tensor cores where the 16-byte fragment loads apply: 16-bit dtypes, D-innermost rows, head_dim
   // a multiple of 32 up to 128 (256 would need more registers than it saves); the SIMT kernel
-  // serves the rest. KVMICRO_CUDA_KERNEL=simt forces the SIMT kernel (for comparison).
-  plan.tensor_cores = (dt == DType::kFloat16 || dt == DType::kBFloat16) && !strided &&
-                      D % 32 == 0 && D <= 128 &&
-                      dev.cc_major >= 8 && env_str("KVMICRO_CUDA_KERNEL") != "simt";
-  std::string kernel;
+  // serves the rest. Option kernel=simt forces the SIMT kernel (for comparison); kernel=mma or
+  // async on a case they cannot run is refused, never silently replaced.
+  const bool mma_fits = (dt == DType::kFloat16 || dt == DType::kBFloat16) && !strided &&
+                        D % 32 == 0 && D <= 128 && dev.cc_major >= 8;
+  const AttnKernel kernel = var.kernel;
+  if (!mma_fits && (kernel == AttnKernel::kMma || kernel == AttnKernel::kAsync))
+    throw UnsupportedError(op_message(
+        op, "option kernel=", attn_kernel_name(kernel), " needs tensor cores: float16/bfloat16, ",
+        "D innermost, head_dim 64/96/128 and compute capability 8.0+; this case is ",
+        dtype_name(p.dtype), ", ", strided ? "D not innermost" : "D innermost", ", head_dim ", D,
+        ", sm_", dev.cc_major, dev.cc_minor));
+  plan.tensor_cores = mma_fits && kernel != AttnKernel::kSimt;
   if (plan.tensor_cores) {
-    kernel = env_str("KVMICRO_CUDA_KERNEL");
-    if (kernel != "" && kernel != "async" && kernel != "mma")
-      throw InvalidArgument("KVMICRO_CUDA_KERNEL=" + kernel + " is not one of mma, async, simt");
     combine = dt == DType::kFloat16 ? &attention_combine_kernel<__half>
                                     : &attention_combine_kernel<__nv_bfloat16>;
     plan.tile = kAttnWarps * kMmaTileKeys;
@@ -992,8 +1001,8 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
   if (!plan.tensor_cores) plan.tile = row_shape(esize, D, plan.heads_per_block).tile;
 
   const int64_t per_split = (int64_t)p.batch * p.pool.kv_heads * plan.head_tiles;
-  const int forced = env_int("KVMICRO_CUDA_SPLITS", 0);
-  const int min_chunk = env_int("KVMICRO_CUDA_MIN_CHUNK", 64);
+  const int forced = var.splits;
+  const int min_chunk = var.min_chunk;
   auto chunk_for = [&](int splits) {
     return ceil_div(ceil_div(p.max_ctx, splits), plan.tile) * plan.tile;
   };
@@ -1009,7 +1018,7 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
   if (plan.tensor_cores) {
     // Both tensor-core kernels fit at least kMmaBlocksPerSm blocks per SM at their defaults, so
     // the split count comes first and the kernel is chosen from the tokens it leaves each warp.
-    const int per_sm = std::max(1, env_int("KVMICRO_CUDA_BLOCKS_PER_SM", kMmaBlocksPerSm));
+    const int per_sm = var.blocks_per_sm;
     auto splits_at = [&](int blocks_per_sm) {
       return forced > 0 ? std::min(forced, kMaxSplits)
                         : splits_for_blocks(p.max_ctx, per_split,
@@ -1018,22 +1027,17 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
     };
     splits = splits_at(per_sm);
     const bool half = dt == DType::kFloat16;
-    const bool async =
-        kernel == "async" || (kernel == "" && chunk_for(splits) >= kAsyncMinTiles * plan.tile);
+    const bool async = kernel == AttnKernel::kAsync ||
+                       (kernel == AttnKernel::kAuto &&
+                        chunk_for(splits) >= kAsyncMinTiles * plan.tile);
     if (async) {
-      plan.stages = env_int("KVMICRO_CUDA_STAGES", kAsyncStages);
-      if (plan.stages != 2 && plan.stages != 3)
-        throw InvalidArgument("KVMICRO_CUDA_STAGES=" + std::to_string(plan.stages) +
-                              " is not 2 or 3");
+      plan.stages = var.stages;  // 2 or 3 (parse_variant)
       plan.prefetch = 128;  // cp_async16's hint
       split = half ? pick_async<Src, __half>(D, plan.stages)
                    : pick_async<Src, __nv_bfloat16>(D, plan.stages);
       plan.smem_bytes = async_smem_bytes(D, plan.stages, 2);
     } else {
-      plan.prefetch = env_int("KVMICRO_CUDA_L2_PREFETCH", kMmaPrefetch);
-      if (plan.prefetch != 0 && plan.prefetch != 128)
-        throw InvalidArgument("KVMICRO_CUDA_L2_PREFETCH=" + std::to_string(plan.prefetch) +
-                              " is not 0 or 128");
+      plan.prefetch = var.l2_prefetch;  // 0 or 128 (parse_variant)
       split = half ? pick_mma<Src, __half>(D, plan.prefetch)
                    : pick_mma<Src, __nv_bfloat16>(D, plan.prefetch);
     }
@@ -1053,7 +1057,7 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
   plan.chunk = (int)chunk;
   plan.grid = dim3((unsigned)splits, (unsigned)(p.pool.kv_heads * plan.head_tiles), (unsigned)p.batch);
   plan.combine_blocks = p.batch * p.q_heads;
-  plan.pdl = dev.cc_major >= 9 && env_int("KVMICRO_CUDA_PDL", 1) != 0;
+  plan.pdl = dev.cc_major >= 9 && var.pdl;
   return plan;
 }
 

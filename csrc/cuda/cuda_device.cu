@@ -8,7 +8,6 @@
 //                    into a CUDA graph, then
 //                    (event, graph launch, event, sync) / k per sample.
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -37,19 +36,6 @@ void throw_cuda_error(cudaError_t err, const char* call, const char* file, int l
     throw UnsupportedError(msg + ": out of device memory");
   }
   throw DeviceError(msg);
-}
-
-int env_int(const char* name, int fallback) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return fallback;
-  char* end = nullptr;
-  long x = std::strtol(v, &end, 10);
-  return (end && *end == '\0') ? (int)x : fallback;
-}
-
-std::string env_str(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? std::string(v) : std::string();
 }
 
 int device_count() {
@@ -274,12 +260,12 @@ CudaOp::CudaOp(const OpInputs& in, const DeviceOptions& opt)
 
   // Plan before allocating: an unsupported case costs no device memory.
   switch (op_) {
-    case OpKind::kSdpaContiguous: attn_plan_ = plan_sdpa_contiguous(name_, p_, props_); break;
-    case OpKind::kPagedSdpa: attn_plan_ = plan_paged_sdpa(name_, p_, props_); break;
+    case OpKind::kSdpaContiguous: attn_plan_ = plan_sdpa_contiguous(name_, p_, props_, opt.variant); break;
+    case OpKind::kPagedSdpa: attn_plan_ = plan_paged_sdpa(name_, p_, props_, opt.variant); break;
     case OpKind::kGather: gather_plan_ = plan_gather(name_, p_, props_); break;
     case OpKind::kGatherSdpa:
       gather_plan_ = plan_gather(name_, p_, props_);
-      attn_plan_ = plan_sdpa_contiguous(name_, p_, props_);
+      attn_plan_ = plan_sdpa_contiguous(name_, p_, props_, opt.variant);
       break;
     case OpKind::kAppend: append_plan_ = plan_append(name_, p_, props_); break;
     default:

@@ -13,6 +13,7 @@
 
 #include "common/layout.h"
 #include "common/params.h"
+#include "common/variant.h"
 
 namespace kvmicro {
 namespace cuda {
@@ -106,10 +107,14 @@ struct AttnPlan {
   int head_dim = 0;
 };
 
-AttnPlan plan_paged_sdpa(const char* op, const OpParams& p, const DeviceProps& dev);
+// `var`: the case's variant options (common/variant.h, docs/cuda.md): kernel, splits, min_chunk,
+// blocks_per_sm, stages, l2_prefetch, pdl. The plans read no environment.
+AttnPlan plan_paged_sdpa(const char* op, const OpParams& p, const DeviceProps& dev,
+                         const Variant& var);
 void launch_paged_sdpa(const AttnPlan& plan, const AttnArgs& args, const PagedSrc& src,
                        cudaStream_t stream);
-AttnPlan plan_sdpa_contiguous(const char* op, const OpParams& p, const DeviceProps& dev);
+AttnPlan plan_sdpa_contiguous(const char* op, const OpParams& p, const DeviceProps& dev,
+                              const Variant& var);
 void launch_sdpa_contiguous(const AttnPlan& plan, const AttnArgs& args, const DenseSrc& src,
                             cudaStream_t stream);
 
@@ -164,16 +169,6 @@ struct AppendPlan {
 
 AppendPlan plan_append(const char* op, const OpParams& p, const DeviceProps& dev);
 void launch_append(const AppendPlan& plan, const AppendArgs& args, cudaStream_t stream);
-
-// ---- tuning knobs (environment, read at prepare; for experiments, documented in docs/cuda.md) --
-// KVMICRO_CUDA_SPLITS=N forces the split count; KVMICRO_CUDA_MIN_CHUNK=T sets the fewest tokens
-// per split (default 64); KVMICRO_CUDA_PDL=0 turns programmatic dependent launch off.
-// KVMICRO_CUDA_KERNEL=simt|mma|async picks the attention kernel where tensor cores apply (default
-// mma: register loads; async: cp.async pipeline); KVMICRO_CUDA_STAGES=2|3 the async pipeline
-// depth (default 3); KVMICRO_CUDA_L2_PREFETCH=0|128|256 the mma kernel's L2 prefetch hint;
-// KVMICRO_CUDA_BLOCKS_PER_SM=N the tensor-core split rule's target (default 2).
-int env_int(const char* name, int fallback);
-std::string env_str(const char* name);
 
 }  // namespace cuda
 }  // namespace kvmicro

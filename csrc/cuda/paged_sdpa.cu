@@ -10,11 +10,12 @@
 namespace kvmicro {
 namespace cuda {
 
-AttnPlan plan_paged_sdpa(const char* op, const OpParams& p, const DeviceProps& dev) {
+AttnPlan plan_paged_sdpa(const char* op, const OpParams& p, const DeviceProps& dev,
+                         const Variant& var) {
   // The 16-byte path needs D innermost: then every other stride is a multiple of head_dim, and
   // head_dim * element size is a multiple of 16 for every supported head_dim, so rows are aligned.
   const bool strided = !p.pool.d_contiguous();
-  return plan_attention<PagedSrc>(op, p, dev, strided);
+  return plan_attention<PagedSrc>(op, p, dev, var, strided);
 }
 
 void launch_paged_sdpa(const AttnPlan& plan, const AttnArgs& args, const PagedSrc& src,

@@ -10,8 +10,9 @@
 namespace kvmicro {
 namespace cuda {
 
-AttnPlan plan_sdpa_contiguous(const char* op, const OpParams& p, const DeviceProps& dev) {
-  return plan_attention<DenseSrc>(op, p, dev, /*strided=*/false);
+AttnPlan plan_sdpa_contiguous(const char* op, const OpParams& p, const DeviceProps& dev,
+                                  const Variant& var) {
+  return plan_attention<DenseSrc>(op, p, dev, var, /*strided=*/false);
 }
 
 void launch_sdpa_contiguous(const AttnPlan& plan, const AttnArgs& args, const DenseSrc& src,

@@ -14,14 +14,14 @@ import platform
 import subprocess
 import sys
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..dtypes import from_bits16, to_bits16
 from ..errors import InvalidCase, Unsupported
 from ..workload import OPS, Case
-from .base import Availability, Backend, DeviceInfo, Prepared
+from .base import PRIORITY_OPTION, Availability, Backend, DeviceInfo, Option, Prepared
 from .common import require
 from .nvml import sm_clock, sm_clock_status
 
@@ -54,18 +54,37 @@ def _import_problem() -> str | None:
     return None
 
 
-def to_native(array: np.ndarray, dtype: str, name: str) -> np.ndarray:
-    """A carrier array as the extension takes it: uint16 bits for 16-bit dtypes, float32, int32."""
+def to_native(array: Any, dtype: str, name: str) -> np.ndarray:
+    """A carrier array as the extension takes it: uint16 bits for 16-bit dtypes, float32, int32.
+
+    Nothing is coerced silently: block ids and contexts must be integers (a float table would be
+    truncated, a bool one read as 0/1), data arrays real floating point (an int, object or string
+    array would be parsed as numbers); anything else raises InvalidCase naming the array."""
+    if not isinstance(array, np.ndarray):
+        raise InvalidCase(f"{name} must be a numpy array, got {type(array).__name__}")
     if name not in _DATA_ARGS:
-        array = np.asarray(array)
+        if array.dtype.kind not in "iu":
+            raise InvalidCase(f"{name} has dtype {array.dtype} (e.g. {_first(array)}); block ids "
+                              "and contexts must be integers")
         if array.dtype != np.int32 and array.size and (
                 array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
             raise InvalidCase(f"{name} holds values outside int32 (min {array.min()}, max "
                               f"{array.max()})")
         return np.ascontiguousarray(array, dtype=np.int32)
+    if array.dtype.kind != "f":
+        raise InvalidCase(f"{name} has dtype {array.dtype} (e.g. {_first(array)}); a {dtype} "
+                          "case carries floating-point values (kvmicro.dtypes)")
     if dtype == "float32":
         return np.ascontiguousarray(array, dtype=np.float32)
     return to_bits16(array, dtype)
+
+
+def _first(array: np.ndarray) -> str:
+    """The array's first element, for a message."""
+    if not array.size:
+        return "empty"
+    first = array.flat[0]
+    return repr(first.item() if isinstance(first, np.generic) else first)
 
 
 def from_native(array: np.ndarray, dtype: str) -> np.ndarray:
@@ -140,12 +159,9 @@ class _NativeBackend(Backend):
     device = "cpu"
     timers: tuple[str, ...] = ("host", "batched", "device")
 
-    def __init__(self, index: int = 0, threads: int = 0, priority: str = "normal") -> None:
-        if priority not in _PRIORITY_LEVEL:
-            raise InvalidCase(f"priority {priority!r} is not one of {', '.join(_PRIORITY_LEVEL)}")
+    def __init__(self, index: int = 0, threads: int = 0) -> None:
         self.index = index
         self.threads = threads
-        self.priority = priority
 
     def versions(self) -> dict[str, str]:
         if _import_problem():
@@ -155,12 +171,17 @@ class _NativeBackend(Backend):
 
     def prepare(self, case: Case, arrays: dict[str, np.ndarray], copies: int = 1) -> Prepared:
         require(self, case)
+        options = self.parse_options(case.options)
+        priority = _PRIORITY_LEVEL[options.pop("priority", "normal")]
+        # The variant knobs go to the extension as text, which validates them again (it is also
+        # called directly); only the priority travels as its own argument.
+        variant = {key: self.OPTIONS[key].canonical(value) for key, value in options.items()}
         reads = _READS[case.op]
         args = [to_native(arrays[k], case.dtype, k) if k in reads else None for k in _ARRAY_ARGS]
         op = load_native().prepare(
             self.device, case.op, case.layout, case.dtype, case.block_size, case.softmax_scale,
-            *args, copies=copies, threads=self.threads, index=self.index,
-            priority=_PRIORITY_LEVEL[self.priority])
+            *args, copies=copies, threads=self.threads, index=self.index, priority=priority,
+            options=variant)
         prepared = NativePrepared(case, op, self.timers)
         prepared.sm_clock = self._sm_clock()
         return prepared
@@ -174,6 +195,10 @@ class NativeCpuBackend(_NativeBackend):
     """Threaded C++ kernels on the host CPU."""
 
     name = "native:cpu"
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "simd": Option("bool", True, help="the AVX2/F16C/FMA kernels where the CPU has them "
+                                          "(false: the portable kernels, as on other CPUs)"),
+    }
 
     def availability(self) -> Availability:
         problem = _import_problem()
@@ -197,7 +222,25 @@ class NativeCudaBackend(_NativeBackend):
 
     name = "native:cuda"
     device = "cuda"
-    has_priority = True
+    #: the planner's knobs (docs/cuda.md); defaults are what the planner does unasked
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "priority": PRIORITY_OPTION,
+        "kernel": Option("choice", "auto", ("auto", "simt", "mma", "async"),
+                         help="attention kernel: auto (the planner's rule), simt, mma (tensor "
+                              "cores, register loads), async (tensor cores, cp.async pipeline)"),
+        "splits": Option("int", 0, minimum=0, maximum=512,
+                         help="context splits of the attention kernel (0: the planner's choice)"),
+        "min_chunk": Option("int", 64, minimum=1, maximum=2**31 - 1,
+                            help="fewest tokens per split the planner may choose"),
+        "blocks_per_sm": Option("int", 2, minimum=1, maximum=64,
+                                help="thread blocks per SM the tensor-core split rule aims at"),
+        "stages": Option("int", 2, minimum=2, maximum=3,
+                         help="cp.async pipeline depth of the async kernel"),
+        "l2_prefetch": Option("choice", "128", ("0", "128"),
+                              help="L2 prefetch hint (bytes) of the mma kernel's loads"),
+        "pdl": Option("bool", True,
+                      help="launch the split combine with programmatic dependent launch (sm_90+)"),
+    }
     timers = ("host", "batched", "device", "graph")
 
     def availability(self) -> Availability:
@@ -228,7 +271,6 @@ class NativeCudaBackend(_NativeBackend):
         cache = int(info.pop("l2_cache_bytes", info.pop("l2_bytes", 0)) or 0)
         memory = int(info.pop("total_memory_bytes", info.pop("memory_bytes", 0)) or 0)
         info["index"] = self.index
-        info["priority"] = self.priority
         return DeviceInfo(name=name, kind="cuda", cache_bytes=cache, memory_bytes=memory,
                           extra=info)
 

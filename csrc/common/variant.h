@@ -1,0 +1,62 @@
+// Kernel variant knobs: what the caller asked the planner for, beyond the case's shape. They reach
+// C++ as arguments of prepare (Python: the backend's case options, `native:cuda[kernel=mma]`),
+// are parsed and validated here once, and the planners read only this struct: no environment
+// variable enters a plan, so a record's options say exactly what ran.
+//
+// Every value arrives as text (the form a backend spec carries) and validate.h's parse_variant()
+// parses it strictly: a number must be all digits and in range, a choice one of its names;
+// anything else is an InvalidArgument that quotes the option, the value and what is valid, e.g.
+//   [paged_sdpa] option stages=5 is not one of 2, 3
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace kvmicro {
+
+enum class AttnKernel : int32_t {
+  kAuto = 0,   // the planner's choice (docs/cuda.md)
+  kSimt = 1,   // CUDA cores, any dtype / head_dim / layout
+  kMma = 2,    // tensor cores, register loads
+  kAsync = 3,  // tensor cores, cp.async pipeline
+};
+
+inline const char* attn_kernel_name(AttnKernel k) {
+  switch (k) {
+    case AttnKernel::kAuto: return "auto";
+    case AttnKernel::kSimt: return "simt";
+    case AttnKernel::kMma: return "mma";
+    case AttnKernel::kAsync: return "async";
+  }
+  return "unknown";
+}
+
+// The most context splits a plan may use (the combine kernel's shared-memory bound).
+constexpr int kVariantMaxSplits = 512;
+
+struct Variant {
+  // ---- CUDA attention (sdpa_contiguous, paged_sdpa, gather_sdpa's attention half) ----
+  AttnKernel kernel = AttnKernel::kAuto;
+  int32_t splits = 0;         // context splits; 0 = the planner's choice, else forced (1..512)
+  int32_t min_chunk = 64;     // fewest tokens per split the planner may choose
+  int32_t blocks_per_sm = 2;  // tensor-core split rule: thread blocks per SM it aims at
+  int32_t stages = 2;         // cp.async pipeline depth of the async kernel (2 or 3)
+  int32_t l2_prefetch = 128;  // L2 prefetch hint of the mma kernel's loads, bytes (0 or 128)
+  bool pdl = true;            // combine pass under programmatic dependent launch (sm_90+)
+  // ---- CPU ----
+  bool simd = true;           // AVX2/F16C/FMA kernels where the CPU has them (else portable)
+};
+
+// Option names each device takes, in the order messages list them.
+inline const std::vector<std::string>& variant_keys(const std::string& device) {
+  static const std::vector<std::string> cuda{"kernel", "splits",      "min_chunk", "blocks_per_sm",
+                                             "stages", "l2_prefetch", "pdl"};
+  static const std::vector<std::string> cpu{"simd"};
+  static const std::vector<std::string> none;
+  if (device == "cuda") return cuda;
+  if (device == "cpu") return cpu;
+  return none;
+}
+
+}  // namespace kvmicro
