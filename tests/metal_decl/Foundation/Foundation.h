@@ -70,7 +70,6 @@ typedef NSString* NSErrorDomain;
 @interface NSArray<__covariant ObjectType> : NSObject
 @property(readonly) NSUInteger count;
 - (ObjectType)objectAtIndex:(NSUInteger)index;
-- (ObjectType)objectAtIndexedSubscript:(NSUInteger)idx;
 @end
 
 @interface NSURL : NSObject

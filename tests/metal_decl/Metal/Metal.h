@@ -50,7 +50,6 @@ static inline MTLSize MTLSizeMake(NSUInteger width, NSUInteger height, NSUIntege
 @protocol MTLDevice;
 
 @protocol MTLResource <NSObject>
-@property(nullable, copy, atomic) NSString* label;
 @end
 
 @protocol MTLBuffer <MTLResource>
@@ -72,8 +71,6 @@ static inline MTLSize MTLSizeMake(NSUInteger width, NSUInteger height, NSUIntege
 
 @protocol MTLComputePipelineState <NSObject>
 @property(readonly) NSUInteger maxTotalThreadsPerThreadgroup;
-@property(readonly) NSUInteger threadExecutionWidth;
-@property(readonly) NSUInteger staticThreadgroupMemoryLength;
 @end
 
 @protocol MTLCommandEncoder <NSObject>
@@ -109,12 +106,10 @@ static inline MTLSize MTLSizeMake(NSUInteger width, NSUInteger height, NSUIntege
 @property(nullable, readonly) NSError* error;
 @property(readonly) CFTimeInterval GPUStartTime;
 @property(readonly) CFTimeInterval GPUEndTime;
-@property(nullable, copy, atomic) NSString* label;
 @end
 
 @protocol MTLCommandQueue <NSObject>
 - (nullable id<MTLCommandBuffer>)commandBuffer;
-@property(nullable, copy, atomic) NSString* label;
 @end
 
 @protocol MTLDevice <NSObject>
