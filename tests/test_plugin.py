@@ -123,7 +123,10 @@ def test_benches_are_parametrized_checked_grouped_and_readable_by_report(
     doc = json.loads(out.read_text())
     benches = doc["benchmarks"]
     assert len(benches) == 7
-    assert {b["group"] for b in benches} == {"ctx100 b2 bs16 Hq8:Hkv2 D64 float32 reverse slack2"}
+    shape = "ctx100 b2 bs16 Hq8:Hkv2 D64 float32 reverse slack2"
+    assert {b["group"] for b in benches} == {f"{op} {shape}" for op in
+                                            ("sdpa_contiguous", "gather", "gather_sdpa", "append")}
+    assert all(b["group"].startswith(b["extra_info"]["case"]["op"] + " ") for b in benches)
     by_name = {b["extra_info"]["case"]["op"] + "-" + b["extra_info"]["case"]["layout"]: b
                for b in benches}
     gs = by_name["gather_sdpa-NSHD"]["extra_info"]
@@ -168,3 +171,50 @@ def test_the_repository_benches_collect_with_ids_from_the_preset() -> None:
     assert "bench_ops.py::test_op[paged_sdpa-torch:cpu-NSHD-ctx100-b2-bs16-float32]" \
         in proc.stdout
     assert "9 tests collected" in proc.stdout
+
+
+def _table_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("test_op[")]
+
+
+def test_tables_are_in_microseconds_one_op_per_group_with_few_columns(
+        bench_dir: pytest.Pytester) -> None:
+    result = run(bench_dir, "-k", "test_op")
+    text = result.stdout.str()
+    # one table per op and shape: its ratios set backends and layouts of one op side by side
+    headers = [line for line in text.splitlines() if "benchmark '" in line]
+    assert len(headers) == 4 and all("slack2" in h for h in headers)
+    assert any("benchmark 'append ctx100" in h for h in headers)
+    names = [line for line in text.splitlines() if line.startswith("Name (time in")]
+    assert names and all(line.startswith("Name (time in us)") for line in names)
+    assert all("Median" in line and "Max" not in line and "OPS" not in line for line in names)
+    assert max(len(line) for line in _table_lines(text) + names) <= 140   # was 283 wide
+    # the user's own choice of unit and columns wins
+    result = run(bench_dir, "-k", "test_op", "--benchmark-time-unit=ns",
+                 "--benchmark-columns=min,max")
+    names = [line for line in result.stdout.str().splitlines() if line.startswith("Name (time")]
+    assert all(line.startswith("Name (time in ns)") and "Max" in line for line in names)
+
+
+def test_benchmark_compare_sets_two_saved_runs_side_by_side(bench_dir: pytest.Pytester,
+                                                            tmp_path: Path) -> None:
+    storage = f"--benchmark-storage=file://{tmp_path / 'store'}"
+    for name in ("first", "second"):
+        run(bench_dir, "-k", "test_op", storage, f"--benchmark-save={name}").assert_outcomes(
+            passed=7, skipped=2)
+    saved = sorted(p.name for p in (tmp_path / "store").rglob("*.json"))
+    assert saved == ["0001_first.json", "0002_second.json"]
+    result = run(bench_dir, "-k", "test_op", storage, "--benchmark-compare=0001",
+                 "--benchmark-compare-fail=median:1000%")
+    result.assert_outcomes(passed=7, skipped=2)
+    rows = _table_lines(result.stdout.str())
+    now = [r for r in rows if "(NOW)" in r]
+    saved_rows = [r for r in rows if "(0001_first)" in r]
+    assert len(now) == len(saved_rows) == 7
+    # each saved bench lands in the group of its op, beside this run's bench of the same id
+    text = result.stdout.str()
+    block = text.split("benchmark 'append ")[1].split("benchmark '")[0]
+    assert sum("append-fake:cpu" in r for r in _table_lines(block)) == 4
+    compared = run(bench_dir, "--benchmark-compare=0002", "-k", "test_op", storage,
+                   "--benchmark-compare-fail=median:1000%")
+    assert compared.ret == 0

@@ -98,10 +98,48 @@ def case_ids(cases: list[Case]) -> list[str]:
 
 
 def group_key(case: Case) -> str:
-    """The benchmark group: one shape, every op, layout and backend side by side."""
+    """The benchmark group: one op on one shape, so that a table (and its ratios) sets only like
+    against like: the backends and layouts of that op, never an append against an attention."""
     ctx = case.ctx if isinstance(case.ctx, int) else "+".join(map(str, case.ctx_list))
-    return (f"ctx{ctx} b{case.batch} bs{case.block_size} Hq{case.q_heads}:Hkv{case.kv_heads} "
-            f"D{case.head_dim} {case.dtype} {case.placement} slack{case.slack:g}")
+    return (f"{case.op} ctx{ctx} b{case.batch} bs{case.block_size} Hq{case.q_heads}:Hkv"
+            f"{case.kv_heads} D{case.head_dim} {case.dtype} {case.placement} slack{case.slack:g}")
+
+
+#: the columns a kvmicro bench table shows unless --benchmark-columns says otherwise (the
+#: median first: it is the figure kvmicro reports; the IQR and outliers say how far to trust it)
+BENCH_COLUMNS: list[str] = ["median", "iqr", "min", "outliers", "rounds"]
+#: pytest-benchmark's own default columns, which BENCH_COLUMNS replaces
+_DEFAULT_COLUMNS = ["min", "max", "mean", "stddev", "median", "iqr", "outliers", "ops", "rounds",
+                    "iterations"]
+
+
+def _is_kvmicro_bench(bench: Any) -> bool:
+    extra = bench.get("extra_info") if isinstance(bench, dict) else None
+    return isinstance(extra, dict) and isinstance(extra.get("case"), dict)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_benchmark_scale_unit(config: pytest.Config, unit: str, benchmarks: list[Any],
+                                best: Any, worst: Any, sort: str) -> tuple[str, float] | None:
+    """Tables of kvmicro benches in µs, the unit of every kvmicro record (pytest-benchmark would
+    pick ns for the fastest op), unless ``--benchmark-time-unit`` names one."""
+    if unit != "seconds" or config.getoption("benchmark_time_unit", "auto") not in ("auto", None):
+        return None
+    if benchmarks and all(_is_kvmicro_bench(b) for b in benchmarks):
+        return "u", 1e6
+    return None
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    """When kvmicro benches are collected and ``--benchmark-columns`` is left at its default,
+    their tables show :data:`BENCH_COLUMNS`."""
+    if not any("kv_bench" in getattr(item, "fixturenames", ()) for item in items):
+        return
+    bench_session = getattr(config, "_benchmarksession", None)
+    if bench_session is not None and list(getattr(bench_session, "columns", [])) == \
+            _DEFAULT_COLUMNS:
+        bench_session.columns = list(BENCH_COLUMNS)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -117,16 +155,17 @@ def kv_cases(request: pytest.FixtureRequest) -> list[Case]:
 
 
 class BenchSession:
-    """State shared by the benchmarks of one session: the sweep's runner (arrays, oracle results
-    and bandwidth computed once) and the sdpa_contiguous medians overheads are derived from."""
+    """State shared by the benchmarks of one session: a :class:`~kvmicro.runner.Runner` (the one
+    measurement path: arrays, oracle results, bandwidth, and the sdpa_contiguous baselines of
+    the overheads, kept per timer)."""
 
     def __init__(self, preset: str, budget_s: float) -> None:
-        from .sweep import Runner, get_preset
+        from .runner import Runner
+        from .sweep import get_preset
 
         self.preset = get_preset(preset)
         self.budget_s = budget_s
         self.runner = Runner(self.preset.measure)
-        self.contiguous: dict[tuple[Any, ...], float] = {}
 
     def prepare(self, case: Case) -> tuple[Any, Any]:
         """Prepared case and its check against the oracle; skips the test when the backend is not
@@ -151,43 +190,42 @@ class BenchSession:
         once = max(time.perf_counter() - t0, 1e-7)
         return max(5, min(1000, int(self.budget_s / once)))
 
-    def device_stats(self, case: Case, prepared: Any) -> dict[str, Any] | None:
-        """Statistics of kvmicro's own ``device`` timer (cold cache), where the backend has one."""
-        from .harness.measure import measure
-        from .sweep import Point
+    def device_stats(self, case: Case, prepared: Any, check: Any) -> dict[str, Any] | None:
+        """kvmicro's own ``device`` timer (cold cache) on the prepared case, where the backend
+        has one: the record :meth:`Runner.measure_prepared` makes, as extra_info carries it."""
+        from .harness.cache import resolve_cache_name
+        from .points import Point
 
         if "device" not in prepared.timers:
             return None
-        point = Point(case, "device", "cold")
-        m = measure(prepared, self.runner.config(point), self.runner.cache_policy(point))
-        return _measurement_dict(m)
+        point = Point(case, "device", resolve_cache_name("cold", "device"))
+        record = self.runner.measure_prepared(point, prepared, check)
+        if record.get("status") != "ok":
+            return {"timer": "device", "cache": point.cache, "status": record.get("status"),
+                    "reason": record.get("reason")}
+        stats = dict(record["stats"])
+        crit = record.get("criterion") or {}
+        if isinstance(crit, dict) and "converged" in crit:
+            stats["converged"] = crit["converged"]
+        return {"timer": record.get("timer", "device"),
+                "cache": record.get("cache_policy") or record.get("cache"), "stats": stats,
+                "samples_us": list(record.get("samples_us") or []), "criterion": crit}
 
     def finish(self, case: Case, benchmark: Any, extra: dict[str, Any]) -> None:
-        """Derived figures from pytest-benchmark's own median (host timer, hot cache)."""
-        from .derived import derive
-        from .sweep import shape_key
+        """Derived figures of pytest-benchmark's own median (host timer, hot cache), through the
+        runner: the overhead is against the sdpa_contiguous bench of the same shape."""
+        from .points import Point
 
         stats = getattr(getattr(benchmark, "stats", None), "stats", None)
         median = getattr(stats, "median", None)
         if not median or not math.isfinite(median):
             return   # --benchmark-disable: nothing was timed
+        point = Point(case, "host", "hot")
         median_us = median * 1e6
-        key = shape_key(case)
         if case.op == "sdpa_contiguous":
-            self.contiguous[key] = median_us
-        copy = self.runner.bandwidth(case.backend).get("copy_gbps")
-        extra["derived"] = derive(case, median_us, copy, self.contiguous.get(key))
+            self.runner.set_baseline(point, median_us)
+        extra["derived"] = self.runner.derive(point, median_us)
         benchmark.extra_info.update(extra)
-
-
-def _measurement_dict(m: Any) -> dict[str, Any]:
-    crit = getattr(m, "criterion", {}) or {}
-    stats = m.stats.to_dict()
-    if isinstance(crit, dict) and "converged" in crit:
-        stats["converged"] = crit["converged"]
-    return {"timer": getattr(m, "timer", "device"), "cache": getattr(m, "cache", "cold"),
-            "stats": stats, "samples_us": list(getattr(m, "samples_us", [])),
-            "criterion": crit}
 
 
 @pytest.fixture(scope="session")
@@ -215,7 +253,7 @@ def kv_bench(kv_session: BenchSession, benchmark: Any) -> Any:
         benchmark.group = group_key(case)
         extra: dict[str, Any] = {"case": case.flat(), "device": device, "kernel": prepared.kernel,
                                  "timer": "host", "cache": "hot", "check": check.to_dict()}
-        device_stats = kv_session.device_stats(case, prepared)
+        device_stats = kv_session.device_stats(case, prepared, check)
         if device_stats is not None:
             extra["device_timer"] = device_stats
         benchmark.extra_info.update(extra)
@@ -234,4 +272,4 @@ def kv_bench(kv_session: BenchSession, benchmark: Any) -> Any:
         prepared.release()
 
 
-__all__ = ["BenchSession", "bench_cases", "case_id", "case_ids", "group_key"]
+__all__ = ["BENCH_COLUMNS", "BenchSession", "bench_cases", "case_id", "case_ids", "group_key"]
