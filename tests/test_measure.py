@@ -208,7 +208,9 @@ def test_rotation_describe_says_whether_it_is_cold_enough():
     enough, short = Fake(copies=5), Fake(copies=4)
     assert policy.describe(enough) == {"name": "cold:rotate", "bytes": 5 * ws, "pools": 5,
                                        "cache_bytes": ws, "target_bytes": 5 * ws,
-                                       "cold_enough": True}
+                                       "cold_enough": True, "copies_prepared": 5,
+                                       "copies_replayed": 5, "reuse_distance": 5,
+                                       "working_set_bytes": ws}
     assert policy.describe(short)["cold_enough"] is False
 
 

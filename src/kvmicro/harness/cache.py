@@ -13,6 +13,16 @@ sample starts. One class per policy; the record names the policy, its bytes and 
   consecutive copies, so each op finds its inputs evicted by the others. The only cold policy for
   timers that run many ops per sample (batched, graph): a flush cannot reach between them.
 
+A rotation is only as cold as what actually ran. The host, device and batched timers cycle through
+every copy, one op after another, across samples; the graph timer replays a captured graph of
+``k`` ops whose op ``i`` uses copy ``i % copies``, so with ``k`` below the copies only the first
+``k`` ever run. The policy is told what each timer ran (:meth:`ColdRotate.rotate`,
+:meth:`~ColdRotate.schedule`, :meth:`~ColdRotate.graph_schedule`) and :meth:`~ColdRotate.describe`
+reports it: ``copies_replayed`` (distinct copies the ops used), ``reuse_distance`` (the fewest ops
+between two uses of one copy), ``bytes`` = reuse distance x working set (what passes through the
+cache between two uses of one input set) and ``cold_enough`` from those bytes, never from the
+copies merely prepared.
+
 ``cold`` picks by timer: ``cold:flush`` for host and device, ``cold:rotate`` for batched and
 graph (:func:`resolve_cache_name`).
 """
@@ -20,7 +30,9 @@ graph (:func:`resolve_cache_name`).
 from __future__ import annotations
 
 import math
+import weakref
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.base import DeviceInfo, Prepared
@@ -85,6 +97,11 @@ class CachePolicy(ABC):
     def rotate(self, prepared: Prepared) -> None:  # noqa: B027 (a no-op unless rotating)
         """Make the next input copy current (only rotating policies do anything)."""
 
+    def graph_schedule(self, prepared: Prepared, k: int) -> list[int]:
+        """The copies a graph of ``k`` ops replays under this policy, and the policy's note of
+        it: every op on the current copy unless the policy rotates."""
+        return [0] * k
+
     @abstractmethod
     def before_sample(self, prepared: Prepared) -> None:
         """Bring the cache into the policy's state, outside the timed window."""
@@ -92,8 +109,8 @@ class CachePolicy(ABC):
     def describe(self, prepared: Prepared | None = None) -> dict[str, Any]:
         """``name``, ``bytes`` (flushed, or rotated in total), ``pools`` (input copies in use)
         and the device ``cache_bytes`` the policy was sized from."""
-        pools = prepared.copies if prepared is not None else 1
-        out = {"name": self.name, "bytes": 0, "pools": pools, "cache_bytes": self.cache_bytes}
+        # a policy that does not rotate runs every op on the current copy, however many exist
+        out = {"name": self.name, "bytes": 0, "pools": 1, "cache_bytes": self.cache_bytes}
         if self.cache_assumed:
             out["cache_bytes_assumed"] = True
         return out
@@ -131,6 +148,17 @@ class ColdFlush(CachePolicy):
         return {**super().describe(prepared), "bytes": self.flush_bytes}
 
 
+@dataclass
+class _Rotation:
+    """A rotation's state for one prepared case."""
+
+    cursor: int = -1
+    #: copies the ops have used
+    used: set[int] = field(default_factory=set)
+    #: the fewest ops between two uses of one copy in what ran last (0: nothing ran yet)
+    reuse: int = 0
+
+
 class ColdRotate(CachePolicy):
     """Cycle through independent input copies whose working sets total >= 5x the cache."""
 
@@ -147,8 +175,8 @@ class ColdRotate(CachePolicy):
             raise InvalidCase(f"[cache cold:rotate] max_copies {max_copies!r} must be >= 1")
         self.budget_bytes = budget_bytes
         self.max_copies = max_copies
-        self._owner: int | None = None
-        self._cursor = 0
+        #: per prepared case (cases may be interleaved): where the rotation is and what ran
+        self._runs: weakref.WeakKeyDictionary[Prepared, _Rotation] = weakref.WeakKeyDictionary()
 
     @property
     def target_bytes(self) -> int:
@@ -165,33 +193,72 @@ class ColdRotate(CachePolicy):
         affordable = max(1, self.budget_bytes // each)
         return min(wanted, affordable, self.max_copies)
 
+    def _run(self, prepared: Prepared) -> _Rotation:
+        run = self._runs.get(prepared)
+        if run is None:
+            # a new prepared case starts at its first copy, with nothing run yet
+            run = self._runs[prepared] = _Rotation()
+        return run
+
     def _advance(self, prepared: Prepared, steps: int) -> int:
-        if self._owner != id(prepared):
-            # a new prepared case starts at its first copy
-            self._owner, self._cursor = id(prepared), -1
-        self._cursor = (self._cursor + steps) % max(1, prepared.copies)
-        return self._cursor
+        run = self._run(prepared)
+        run.cursor = (run.cursor + steps) % max(1, prepared.copies)
+        return run.cursor
+
+    def _ran(self, prepared: Prepared, copies: list[int], reuse: int) -> None:
+        run = self._run(prepared)
+        run.used.update(copies)
+        run.reuse = reuse
 
     def rotate(self, prepared: Prepared) -> None:
+        """Make the next copy current: one op per call, cycling through all of them."""
+        copy = self._advance(prepared, 1)
         if prepared.copies > 1:
-            prepared.select(self._advance(prepared, 1))
+            prepared.select(copy)
+        self._ran(prepared, [copy], max(1, prepared.copies))
 
     def schedule(self, prepared: Prepared, k: int) -> list[int]:
         """The copies the next ``k`` back-to-back ops should use, continuing the rotation."""
         if prepared.copies <= 1:
+            self._ran(prepared, [0], 1)
             return [0] * k
         first = self._advance(prepared, 1)
         self._advance(prepared, k - 1)
-        return [(first + i) % prepared.copies for i in range(k)]
+        order = [(first + i) % prepared.copies for i in range(k)]
+        self._ran(prepared, order, prepared.copies)
+        return order
+
+    def graph_schedule(self, prepared: Prepared, k: int) -> list[int]:
+        """A captured graph of ``k`` ops replays op ``i`` on copy ``i % copies``, the same copies
+        every replay (the ``Prepared.graph_times`` contract): only ``min(k, copies)`` copies run,
+        and across the end of one replay and the start of the next a copy comes back after
+        ``k % copies`` ops (``copies`` when ``k`` is a whole number of cycles)."""
+        copies = max(1, prepared.copies)
+        order = [i % copies for i in range(k)]
+        self._ran(prepared, order, (k % copies) or copies)
+        return order
 
     def before_sample(self, prepared: Prepared) -> None:
         self.rotate(prepared)
 
     def describe(self, prepared: Prepared | None = None) -> dict[str, Any]:
+        """What the rotation was, as run: ``pools`` / ``copies_replayed`` the copies the timed
+        ops used, ``copies_prepared`` those uploaded, ``reuse_distance`` the fewest ops between
+        two uses of one copy, ``bytes`` = reuse distance x ``working_set_bytes``, and
+        ``cold_enough`` = bytes >= ``target_bytes``. Before anything ran it describes the plan
+        (every copy, reused after all of them)."""
         out = super().describe(prepared)
         out["target_bytes"] = self.target_bytes
         if prepared is not None:
-            out["bytes"] = prepared.copies * working_set_bytes(prepared.case)
+            prepared_copies = max(1, prepared.copies)
+            run = self._runs.get(prepared)
+            ran = run is not None and bool(run.used)
+            replayed = len(run.used) if run is not None and ran else prepared_copies
+            reuse = run.reuse if run is not None and ran else prepared_copies
+            working_set = working_set_bytes(prepared.case)
+            out.update({"pools": replayed, "copies_prepared": prepared_copies,
+                        "copies_replayed": replayed, "reuse_distance": reuse,
+                        "working_set_bytes": working_set, "bytes": reuse * working_set})
             out["cold_enough"] = out["bytes"] >= self.target_bytes
         return out
 

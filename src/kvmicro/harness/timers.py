@@ -16,6 +16,12 @@ Python clocks are ``time.perf_counter_ns`` (monotonic, ns resolution). The cache
 ``before_sample`` runs before the clock starts; under ``cold:rotate`` the batched timer switches
 copies between its ``k`` ops (``select``), which is inside its window by necessity: a backend's
 ``select`` must be a pointer swap.
+
+Under ``cold:rotate`` the graph timer's graph replays op ``i`` on copy ``i % copies``. So that
+every prepared copy runs and no copy comes back early across the end of a replay, its calibrated
+``k`` is rounded to a whole number of cycles through the copies when that fits its bound (up, or
+down to one cycle at least); when the copies outnumber the bound, only ``k`` of them run, and the
+record's cache policy says so (``copies_replayed``, ``reuse_distance``, ``cold_enough``).
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ import math
 from abc import ABC, abstractmethod
 from itertools import repeat
 from time import perf_counter_ns
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ..backends.base import Prepared
 from ..errors import InvalidCase, Unsupported
 from .cache import MULTI_OP_TIMERS, CachePolicy
+
+if TYPE_CHECKING:
+    from .noise import HostGuard
 
 #: upper bounds on ops per sample (a batched run of an empty closure needs ~15k for 1 ms)
 BATCHED_MAX_K = 1 << 16
@@ -43,9 +52,24 @@ class Timer(ABC):
     calibrated: ClassVar[bool] = False
     default_max_k: ClassVar[int] = 1
 
+    #: whether sample() brackets its own timed window with ``guard`` (the Python clocks); the
+    #: device clocks' windows are inside the backend, so the measure loop brackets the whole call
+    guards_window: ClassVar[bool] = False
+
     def __init__(self) -> None:
         #: ops per sample
         self.k = 1
+        #: the host-noise guard (harness/noise.py) to bracket the timed window with, if any
+        self.guard: HostGuard | None = None
+        #: why the guard called the last sample disturbed ("" when it did not)
+        self.disturbed = ""
+
+    def _window_begin(self) -> None:
+        if self.guard is not None:
+            self.guard.begin()
+
+    def _window_end(self) -> None:
+        self.disturbed = self.guard.end() if self.guard is not None else ""
 
     def check(self, prepared: Prepared, cache: CachePolicy) -> None:
         """Refuse, before any work, a prepared case or cache policy this timer cannot serve."""
@@ -86,14 +110,17 @@ class HostTimer(Timer):
     """perf_counter around ``run(); sync()`` of one op."""
 
     name = "host"
+    guards_window = True
 
     def sample(self, prepared: Prepared, cache: CachePolicy) -> float:
         cache.before_sample(prepared)
         run, sync = prepared.run, prepared.sync
+        self._window_begin()
         t0 = perf_counter_ns()
         run()
         sync()
         t1 = perf_counter_ns()
+        self._window_end()
         return (t1 - t0) / 1e3
 
 
@@ -103,12 +130,14 @@ class BatchedTimer(Timer):
     name = "batched"
     calibrated = True
     default_max_k = BATCHED_MAX_K
+    guards_window = True
 
     def sample(self, prepared: Prepared, cache: CachePolicy) -> float:
         run, sync, k = prepared.run, prepared.sync, self.k
         if cache.rotates and prepared.copies > 1:
             order = cache.schedule(prepared, k)  # type: ignore[attr-defined]
             select = prepared.select
+            self._window_begin()
             t0 = perf_counter_ns()
             for copy in order:
                 select(copy)
@@ -117,11 +146,13 @@ class BatchedTimer(Timer):
             t1 = perf_counter_ns()
         else:
             cache.before_sample(prepared)
+            self._window_begin()
             t0 = perf_counter_ns()
             for _ in repeat(None, k):
                 run()
             sync()
             t1 = perf_counter_ns()
+        self._window_end()
         return (t1 - t0) / 1e3 / k
 
 
@@ -142,15 +173,33 @@ class DeviceTimer(Timer):
 
 class GraphTimer(Timer):
     """``k`` ops captured once and replayed on the device clock, per op. Under a rotating policy
-    the replay cycles through the prepared copies itself (nothing from Python); otherwise all
-    ``k`` ops use the current copy, so a case prepared with copies for a cold policy still
-    measures hot under ``hot``."""
+    the replay cycles through the prepared copies itself (op ``i`` on copy ``i % copies``,
+    nothing from Python); otherwise all ``k`` ops use the current copy, so a case prepared with
+    copies for a cold policy still measures hot under ``hot``."""
 
     name = "graph"
     calibrated = True
     default_max_k = GRAPH_MAX_K
 
+    def calibrate(self, prepared: Prepared, cache: CachePolicy, target_s: float,
+                  max_k: int | None = None) -> int:
+        """The base calibration, then, under a rotating policy, ``k`` rounded to whole cycles
+        through the copies (see the module docstring)."""
+        k = super().calibrate(prepared, cache, target_s, max_k)
+        copies = prepared.copies
+        if cache.rotates and copies > 1 and k % copies:
+            limit = max(1, min(max_k or self.default_max_k, self.default_max_k))
+            up = -(-k // copies) * copies
+            if up <= limit:
+                k = up
+            elif k > copies:
+                k = k // copies * copies
+            self.k = k
+        return self.k
+
     def sample(self, prepared: Prepared, cache: CachePolicy) -> float:
+        # tell the policy what this replay runs, so that its record claims only that
+        cache.graph_schedule(prepared, self.k)
         times = prepared.graph_times(1, self.k, rotate=cache.rotates)
         if len(times) != 1:
             raise InvalidCase(f"[measure] {prepared.case.backend} graph_times(1, {self.k}) "
