@@ -240,3 +240,10 @@ def test_ctrl_c_stops_the_workers_and_keeps_every_finished_record(tmp_path: Path
             "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], f"worker {pid} survived"
     records = read_results(out)[1]
     assert len(records) == 3 and all(r["status"] == "ok" for r in records)
+
+
+def test_the_case_timeout_must_be_positive(capsys: Any) -> None:
+    from kvmicro.cli import main
+
+    assert main(["sweep", "--backend", "torch:cpu", "--case-timeout", "0", "--dry-run"]) == 2
+    assert "--case-timeout 0.0 must be a positive number of seconds" in capsys.readouterr().err

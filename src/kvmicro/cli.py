@@ -128,10 +128,9 @@ def _selected_backends(spec: str | None) -> list[str]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .backends.registry import get_backend
-    from .check import check_matrix, compare
-    from .oracle import run as oracle_run
-    from .workload import OPS, materialize
+    from .check import check_matrix
+    from .runner import Runner
+    from .workload import OPS
 
     ops = OPS if not args.op else tuple(_split(args.op, OPS, "op"))
     backends = _selected_backends(args.backend)
@@ -140,36 +139,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     worst: dict[str, dict[tuple[str, str], tuple[float, float]]] = {b: {} for b in backends}
     failures = 0
     start = time.monotonic()
+    runner = Runner()   # the sweep's path: prepare, run once, check against the oracle
     for base in check_matrix(ops, quick=args.quick):
-        arrays = materialize(base)
-        ref = oracle_run(base, arrays)
         for name in backends:
             case = base.with_(backend=name)
             tally[name]["cases"] += 1
-            backend = get_backend(name)
-            try:
-                backend.supports(case)
-            except Unsupported as exc:
-                skipped[name][str(exc)] += 1
+            status, reason, result = runner.check_case(case)
+            if status == "skipped":
+                skipped[name][reason] += 1
                 continue
-            # append writes into the pools; give each backend its own so the oracle's stay intact
-            inputs = ({**arrays, "k_pool": arrays["k_pool"].copy(),
-                       "v_pool": arrays["v_pool"].copy()} if case.op == "append" else arrays)
-            try:
-                prepared = backend.prepare(case, inputs)
-                try:
-                    prepared.run()
-                    prepared.sync()
-                    result = compare(case, inputs, prepared.output(), ref)
-                finally:
-                    prepared.release()
-            except Unsupported as exc:
-                skipped[name][str(exc)] += 1
-                continue
-            except Exception as exc:
+            if result is None:
                 failures += 1
                 tally[name]["errors"] += 1
-                _print(f"ERROR {_case_label(case)}: {type(exc).__name__}: {exc}")
+                _print(f"ERROR {_case_label(case)}: {reason}")
                 continue
             kind = "attention" if result.tolerance > 0 else "exact"
             key = (case.dtype, kind)
@@ -246,6 +228,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             measure[name] = getattr(args, option)
     if not args.rotate_budget > 0:
         raise InvalidCase(f"--rotate-budget {args.rotate_budget} must be a positive number of GiB")
+    if not args.case_timeout > 0:
+        raise InvalidCase(f"--case-timeout {args.case_timeout} must be a positive number of "
+                          "seconds")
     if args.noise is not None and not 0 < args.noise < 1:
         raise InvalidCase(f"--noise {args.noise} must be a fraction in (0, 1), e.g. 0.02 for 2%")
     if args.throttle_threshold is not None and not 0 <= args.throttle_threshold < 1:
@@ -278,7 +263,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         outcome = sweep.run_sweep(points, out, argv=["kvmicro", *args.argv],
                                   resume=args.resume, measure=measure,
                                   progress=False if args.quiet else None,
-                                  rotate_budget_bytes=int(args.rotate_budget * 1024 ** 3))
+                                  rotate_budget_bytes=int(args.rotate_budget * 1024 ** 3),
+                                  case_timeout_s=args.case_timeout)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not args.quiet:
@@ -351,7 +337,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .sweep import CACHES, DEFAULT_PRESET, PRESETS
+    from .sweep import CACHES, DEFAULT_CASE_TIMEOUT_S, DEFAULT_PRESET, PRESETS
 
     parser = _Parser(prog="kvmicro", description="Op-by-op measurements of a paged KV cache "
                      "during LLM decode.")
@@ -405,6 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--throttle-threshold", dest="throttle_threshold", type=float,
                     help="drop a sample when the GPU's SM clock after it is below this fraction "
                     "of its maximum (default 0.75; 0: off; CUDA with nvidia-ml-py only)")
+    sw.add_argument("--case-timeout", dest="case_timeout", type=float,
+                    default=DEFAULT_CASE_TIMEOUT_S, metavar="S",
+                    help="a worker that sends no record for S seconds is presumed hung: killed, "
+                    "its case recorded as an error, a fresh worker goes on (default "
+                    f"{DEFAULT_CASE_TIMEOUT_S:g})")
     sw.add_argument("--rotate-budget", dest="rotate_budget", type=float, default=2.0,
                     metavar="GB", help="device memory for the input copies cold:rotate uploads "
                     "per case (default 2 GiB)")
