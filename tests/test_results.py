@@ -274,6 +274,84 @@ def test_resume_warns_on_different_provenance(tmp_path):
         ResultsWriter(path, provenance_for("box-b"), resume=True).close()
 
 
+def test_a_last_line_that_is_not_utf8_is_one_damaged_line_to_report_and_to_resume(tmp_path):
+    path = tmp_path / "r.jsonl"
+    with ResultsWriter(path, provenance_for()) as w:
+        w.write(ok_record(CASE.with_(layout="NSHD")))
+        w.write(ok_record(CASE.with_(layout="HNSD")))
+    data = path.read_bytes()
+    last_start = data.rstrip(b"\n").rfind(b"\n") + 1
+    # a killed writer (or a disk) left bytes that are not UTF-8 in the last line, newline and all
+    path.write_bytes(data[:last_start] + b'{"type": "case", "lay\xff\xfe' + b"\n")
+
+    with pytest.warns(UserWarning, match=r"r.jsonl:3: ignoring a truncated or damaged last line "
+                                         r"\(not valid UTF-8 at byte \d+"):
+        runs, found = read_results(path)       # what `kvmicro report` reads
+    assert [r["layout"] for r in found] == ["NSHD"]
+
+    with pytest.warns(UserWarning, match="dropping a truncated or damaged last line"):
+        w = ResultsWriter(path, provenance_for(), resume=True)
+    with w:
+        assert w.done_keys == {case_key(CASE.with_(layout="NSHD"), "device", "hot")}
+        w.write(ok_record(CASE.with_(layout="HNSD")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runs, found = read_results(path)
+    assert [r["layout"] for r in found] == ["NSHD", "HNSD"] and len(runs) == 2
+
+
+def test_a_damaged_line_before_the_last_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "r.jsonl"
+    with ResultsWriter(path, provenance_for()) as w:
+        w.write(ok_record())
+        w.write(ok_record())
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = lines[1][:30] + b"\xff" + lines[1][30:]
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(InvalidCase, match=r"r.jsonl:2: not valid UTF-8 at byte 30; the file is "
+                                          r"corrupt before its last line"):
+        read_results(path)
+    with pytest.raises(InvalidCase, match=r"r.jsonl:2: not valid UTF-8"):
+        ResultsWriter(path, provenance_for(), resume=True)
+
+
+def test_a_results_file_has_one_writer_at_a_time(tmp_path):
+    path = tmp_path / "r.jsonl"
+    first = ResultsWriter(path, provenance_for())
+    with pytest.raises(InvalidCase, match=r"r.jsonl is being written by another kvmicro process"):
+        ResultsWriter(path, provenance_for(), resume=True)
+    first.write(ok_record())
+    first.close()
+    # the refused writer wrote nothing: one run line and one case
+    assert len(path.read_text().splitlines()) == 2
+    with ResultsWriter(path, provenance_for(), resume=True) as again:
+        assert len(again.done_keys) == 1
+
+
+def test_a_second_process_cannot_resume_a_file_being_written(tmp_path):
+    path = tmp_path / "r.jsonl"
+    script = textwrap.dedent(f"""
+        import sys
+        from kvmicro.errors import InvalidCase
+        from kvmicro.results import ResultsWriter
+        try:
+            ResultsWriter({str(path)!r}, {{"argv": []}}, resume=True)
+        except InvalidCase as exc:
+            print(exc)
+            sys.exit(3)
+    """)
+    env = {**__import__("os").environ,
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    with ResultsWriter(path, provenance_for()) as w:
+        w.write(ok_record())
+        held = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env=env, timeout=120)
+    assert held.returncode == 3 and "being written by another kvmicro process" in held.stdout
+    free = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert free.returncode == 0, free.stdout + free.stderr
+
+
 # ------------------------------------------------------------------------------- reading
 
 
