@@ -127,13 +127,12 @@ def _ctx_sort(ctx: Any) -> tuple[int, ...]:
 
 
 def shape_key(rec: dict[str, Any]) -> tuple[Any, ...]:
-    """What ``sdpa_contiguous`` of the same shape shares with an op (see sweep.shape_key), plus
-    the timer and cache policy: overheads compare like with like."""
-    ctx = rec.get("ctx")
-    return (rec.get("backend"), rec.get("batch"), rec.get("q_heads"), rec.get("kv_heads"),
-            rec.get("head_dim"), tuple(ctx) if isinstance(ctx, list) else ctx,
-            rec.get("block_size"), rec.get("dtype"), rec.get("slack"), rec.get("q_len", 1),
-            rec.get("seed", 0), timer_of(rec), cache_of(rec))
+    """What ``sdpa_contiguous`` of the same shape shares with an op, with the backend's options,
+    timer and cache policy: overheads compare like with like (:func:`kvmicro.record.shape_key`,
+    the one definition)."""
+    from .record import shape_key as record_shape_key
+
+    return record_shape_key(rec)
 
 
 def overhead(rec: dict[str, Any], contiguous: dict[tuple[Any, ...], float]) -> float | None:
@@ -146,8 +145,10 @@ def overhead(rec: dict[str, Any], contiguous: dict[tuple[Any, ...], float]) -> f
         return float(value)
     base = contiguous.get(shape_key(rec))
     median = stat(rec, "median_us")
-    if base and median is not None:
-        return 100.0 * (float(median) / base - 1.0)
+    if base and median:
+        from .derived import overhead_pct
+
+        return overhead_pct(str(rec.get("op")), float(median), base)
     return None
 
 
