@@ -266,3 +266,55 @@ def test_record_dicts_are_not_modified_by_a_fill(adr: Path):
     write_results(adr.parent / "evidence" / "cpu-1.jsonl", records)
     fill(adr)
     assert records == snapshot
+
+
+def _gpu_run(gpu: str, hostname: str = "gpubox") -> dict[str, Any]:
+    devices = {b: {"name": gpu, "kind": "cuda"} for b in ("native:cuda", "cudnn:cuda")}
+    devices["mlx:gpu"] = {"name": "MLX GPU (x86_64)", "kind": "gpu"}
+    return {**RUN, "host": {"hostname": hostname, "cpu": {"model": "Host CPU"}},
+            "devices": devices}
+
+
+def _gpu_records(backend: str, device: str) -> list:
+    return [dict(r, device=device) for r in grid(op="paged_sdpa", backend=backend,
+                                                 layouts=("NSHD",), NSHD=100.0)]
+
+
+def _peer_adr(tmp_path: Path) -> Path:
+    path = tmp_path / "gpu.md"
+    path.write_text("<!-- kvmicro:native-vs-peer results=evidence/gpu-*.jsonl -->\n"
+                    "<!-- /kvmicro:native-vs-peer -->\n")
+    return path
+
+
+def test_backends_naming_one_gpu_differently_on_one_host_are_one_machine(tmp_path: Path):
+    records = (_gpu_records("native:cuda", "NVIDIA H200")
+               + _gpu_records("cudnn:cuda", "NVIDIA H200")
+               + _gpu_records("mlx:gpu", "MLX GPU (x86_64)"))
+    write_results(tmp_path / "evidence" / "gpu-1.jsonl", records, run=_gpu_run("NVIDIA H200"))
+    adr = _peer_adr(tmp_path)
+    code, messages = fill(adr)
+    assert code == 0, messages
+    assert "devices MLX GPU (x86_64) (mlx:gpu); NVIDIA H200 (cudnn:cuda, native:cuda)" in \
+        adr.read_text()
+
+
+def test_one_device_kind_on_two_gpus_is_refused(tmp_path: Path):
+    write_results(tmp_path / "evidence" / "gpu-1.jsonl",
+                  _gpu_records("native:cuda", "NVIDIA H100"), run=_gpu_run("NVIDIA H100"))
+    write_results(tmp_path / "evidence" / "gpu-2.jsonl",
+                  _gpu_records("cudnn:cuda", "NVIDIA H200"), run=_gpu_run("NVIDIA H200"))
+    adr = _peer_adr(tmp_path)
+    before = adr.read_bytes()
+    code, messages = fill(adr)
+    assert code == 1 and adr.read_bytes() == before
+    assert "several devices (NVIDIA H100; NVIDIA H200) for device kind cuda" in messages[0]
+
+
+def test_runs_on_two_hosts_are_refused(tmp_path: Path):
+    write_results(tmp_path / "evidence" / "gpu-1.jsonl",
+                  _gpu_records("native:cuda", "NVIDIA H200"), run=_gpu_run("NVIDIA H200", "a"))
+    write_results(tmp_path / "evidence" / "gpu-2.jsonl",
+                  _gpu_records("cudnn:cuda", "NVIDIA H200"), run=_gpu_run("NVIDIA H200", "b"))
+    code, messages = fill(_peer_adr(tmp_path))
+    assert code == 1 and "several hosts (a / Host CPU; b / Host CPU)" in messages[0]

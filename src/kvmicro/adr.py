@@ -200,27 +200,62 @@ def _short_sha(run: Mapping[str, Any]) -> str:
     return sha + ("+dirty" if run.get("git_dirty") else "")
 
 
-def provenance_line(key: str, used: Sequence[Mapping[str, Any]], selection: Selection) -> str:
-    """Files, devices, runs (start time, git commit) and record count of what a region used;
-    refuses records of several devices or hosts (they do not answer one question)."""
-    origins = [selection.origin[id(r)] for r in used if id(r) in selection.origin]
-    if not origins:
-        raise MissingEvidence("the rule used no records from the results files")
-    devices = sorted({str(r.get("device") or "?") for r in used})
-    if len(devices) > 1:
-        raise MissingEvidence(f"records from several devices ({'; '.join(devices)}): fill one "
-                              "region per device (device= or results=)")
-    hosts = sorted({f"{(run.get('host') or {}).get('hostname')} / "
-                    f"{((run.get('host') or {}).get('cpu') or {}).get('model')}"
-                    for _, run in origins})
+def _device_kind(run: Mapping[str, Any], backend: str) -> str:
+    entry = (run.get("devices") or {}).get(backend)
+    return str(entry.get("kind") or "") if isinstance(entry, Mapping) else ""
+
+
+def check_one_machine(used: Sequence[Mapping[str, Any]], selection: Selection) -> None:
+    """Refuse records that did not all come from one machine: runs on several hosts, one backend
+    on several devices, or backends of one device kind (cuda, cpu, ...) on differently named
+    devices. Backends of different kinds on one host (mlx:gpu beside native:cuda) may name the
+    same GPU differently and are allowed together."""
+    hosts: set[str] = set()
+    by_backend: dict[str, set[str]] = {}
+    by_kind: dict[str, set[str]] = {}
+    for rec in used:
+        _, run = selection.origin[id(rec)]
+        host = run.get("host") or {}
+        hosts.add(f"{host.get('hostname')} / {(host.get('cpu') or {}).get('model')}")
+        backend, device = str(rec.get("backend")), str(rec.get("device") or "?")
+        by_backend.setdefault(backend, set()).add(device)
+        kind = _device_kind(run, backend)
+        if kind:
+            by_kind.setdefault(kind, set()).add(device)
     if len(hosts) > 1:
-        raise MissingEvidence(f"records from runs on several hosts ({'; '.join(hosts)})")
+        raise MissingEvidence(f"records from runs on several hosts ({'; '.join(sorted(hosts))}): "
+                              "fill one region per machine (results= or device=)")
+    for what, groups in (("backend", by_backend), ("device kind", by_kind)):
+        for name, devices in sorted(groups.items()):
+            if len(devices) > 1:
+                raise MissingEvidence(f"records from several devices ({'; '.join(sorted(devices))})"
+                                      f" for {what} {name}: fill one region per device "
+                                      "(results= or device=)")
+
+
+def provenance_line(key: str, used: Sequence[Mapping[str, Any]], selection: Selection) -> str:
+    """Files, devices, host, runs (start time, git commit) and record count of what a region
+    used; refuses records that do not come from one machine (:func:`check_one_machine`)."""
+    used = [r for r in {id(r): r for r in used}.values() if id(r) in selection.origin]
+    if not used:
+        raise MissingEvidence("the rule used no records from the results files")
+    check_one_machine(used, selection)
+    origins = [selection.origin[id(r)] for r in used]
+    backends_of: dict[str, set[str]] = {}
+    for rec in used:
+        backends_of.setdefault(str(rec.get("device") or "?"), set()).add(str(rec.get("backend")))
+    if len(backends_of) == 1:
+        devices = f"device {next(iter(backends_of))}"
+    else:
+        devices = "devices " + "; ".join(f"{name} ({', '.join(sorted(b))})"
+                                         for name, b in sorted(backends_of.items()))
+    host = origins[0][1].get("host") or {}
+    host_text = f"{host.get('hostname')} / {(host.get('cpu') or {}).get('model')}"
     files = sorted({f.path.name for f, _ in origins})
     runs = sorted({(str(run.get("started_at")), _short_sha(run)) for _, run in origins})
-    count = len({id(r) for r in used})
     run_text = ", ".join(f"{stamp} (git {sha})" for stamp, sha in runs)
-    return (f"<sub>Evidence: {', '.join(files)}; device {devices[0]}; host {hosts[0]}; "
-            f"run{'s' if len(runs) > 1 else ''} {run_text}; {count} records; rule `{key}` "
+    return (f"<sub>Evidence: {', '.join(files)}; {devices}; host {host_text}; "
+            f"run{'s' if len(runs) > 1 else ''} {run_text}; {len(used)} records; rule `{key}` "
             "(docs/adr/README.md).</sub>")
 
 
