@@ -409,6 +409,11 @@ class Case:
         """The backend with its options, as a user writes it: ``native:cuda[splits=8]``."""
         return format_backend_spec(self.backend, self.options)
 
+    @property
+    def label(self) -> str:
+        """How tables and progress lines name the case's backend: :attr:`spec`."""
+        return self.spec
+
     def with_(self, **changes: Any) -> Case:
         return replace(self, **changes)
 
