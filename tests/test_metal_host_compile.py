@@ -117,3 +117,99 @@ def test_the_declarations_are_exactly_what_the_host_uses() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ---- the host's plans, compiled as C++ and run here ----------------------------------------------
+
+_PLAN_DRIVER = r"""
+#include <cstdio>
+#include "common/validate.h"
+#include "metal/metal_kernels.h"
+using namespace kvmicro;
+int main() {
+  metal::DeviceProps dev;
+  dev.bfloat = true;
+  dev.threadgroup_memory = 32768;
+  const char* layouts[] = {"NSHD", "HDNS"};
+  const int dims[] = {64, 80, 96, 112, 128, 256, 72};
+  for (int dtype = 0; dtype < 3; ++dtype)
+    for (const char* layout : layouts)
+      for (int D : dims)
+        for (int ctx : {100, 8000}) {
+          OpParams p{};
+          make_pool_view(layout, 64, 16, 2, D, &p.pool);
+          p.batch = 1; p.q_heads = 8; p.group = 4; p.q_len = 1; p.max_blocks = 8;
+          p.max_ctx_pad = 128; p.max_ctx = ctx; p.scale = 0.1f; p.dtype = dtype;
+          const char* ops[] = {"sdpa_contiguous", "paged_sdpa", "gather", "gather_sdpa", "append"};
+          for (const char* op : ops) {
+            try {
+              metal::MetalPlan plan;
+              std::string o = op;
+              if (o == "sdpa_contiguous") plan = metal::plan_sdpa_contiguous(op, p, dev);
+              else if (o == "paged_sdpa") plan = metal::plan_paged_sdpa(op, p, dev);
+              else if (o == "append") plan = metal::plan_append(op, p, dev);
+              else plan = metal::plan_gather(op, p, dev);
+              for (const auto& d : plan.dispatches)
+                std::printf("%s %s %u %u %u %u\n", op, d.function.c_str(), d.grid.x, d.grid.y,
+                            d.grid.z, d.threads.x);
+            } catch (const UnsupportedError& e) {
+              std::printf("unsupported %s\n", e.what());
+            }
+          }
+        }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Every dispatch the host plans over dtypes x head dims x layouts x contexts x ops."""
+    gxx = shutil.which("g++") or CLANG
+    out = tmp_path_factory.mktemp("metal_plans")
+    driver = out / "driver.cpp"
+    driver.write_text(_PLAN_DRIVER)
+    plans = [ROOT / "csrc" / "metal" / f"{name}.mm"
+             for name in ("paged_sdpa", "sdpa_contiguous", "gather", "append")]
+    exe = out / "plans"
+    done = subprocess.run([gxx, "-std=c++17", "-O0", f"-I{ROOT / 'csrc'}", "-x", "c++",
+                           *map(str, plans), str(driver), "-o", str(exe)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, check=True)
+    return run.stdout.splitlines()
+
+
+def _instantiated(tmp: Path) -> set[str]:
+    """Kernel names the .metal instantiation lists define: each file through the C preprocessor
+    as MSL 3.1 would see it (bf16 included), every KV_INSTANTIATE turned into a marker."""
+    (tmp / "metal_stdlib").write_text("")
+    cpp = shutil.which("g++") or CLANG
+    names: set[str] = set()
+    for path in sorted((ROOT / "metal").glob("*.metal")):
+        done = subprocess.run(
+            [cpp, "-E", "-P", "-x", "c++", "-nostdinc", f"-I{tmp}", "-DKVMICRO_MSL_SHIM",
+             "-D__METAL_VERSION__=310", "-DKVMICRO_SHIM_REGISTER(name,func,...)=@@KV name@@",
+             str(path)], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        for literal in re.findall(r"@@KV (.*?)@@", done.stdout):
+            names.add("".join(re.findall(r'"([^"]*)"', literal)))  # adjacent literals join
+    return names
+
+
+def test_every_planned_kernel_is_instantiated(planned: list[str], tmp_path: Path) -> None:
+    names = _instantiated(tmp_path)
+    assert "paged_sdpa_f16_d128" in names and "combine_f32" in names, sorted(names)[:20]
+    missing = sorted({line.split()[1] for line in planned if not line.startswith("unsupported")}
+                     - names)
+    assert not missing, f"the host asks for kernels metal/*.metal does not instantiate: {missing}"
+
+
+def test_plans_refuse_what_has_no_kernel_and_split_long_contexts(planned: list[str]) -> None:
+    refused = [line for line in planned if line.startswith("unsupported")]
+    assert refused and all("head_dim 72" in line for line in refused)
+    # a long context at batch 1 splits into partitions and adds the combine pass
+    long_paged = [line.split() for line in planned if line.startswith("paged_sdpa ")]
+    assert any(int(f[2]) > 1 for f in long_paged)
+    assert any(f[1].startswith("combine_") for f in long_paged)
+    assert all(f[5] == "128" for f in long_paged if f[1].startswith("paged_sdpa_"))

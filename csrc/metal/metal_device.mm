@@ -252,10 +252,13 @@ MetalOp::MetalOp(const OpInputs& in, const DeviceOptions& opt, const SubmitOptio
         fill(set.buf[w], src, bytes, 0xFF, cb);
       }
     }
-    if (plan_.partition.partitions > 1) {
+    if (is_attention(op_)) {
+      // [B, Hq, partitions, D] and [B, Hq, partitions, 2] floats; 16-byte placeholders (bound,
+      // never touched) with one partition.
+      const bool split = plan_.partition.partitions > 1;
       const int64_t rows = (int64_t)p_.batch * p_.q_heads * plan_.partition.partitions;
-      part_o_ = new_buffer(ctx_.device, rows * p_.pool.head_dim * 4, options, name_);
-      part_ml_ = new_buffer(ctx_.device, rows * 2 * 4, options, name_);
+      part_o_ = new_buffer(ctx_.device, split ? rows * p_.pool.head_dim * 4 : 16, options, name_);
+      part_ml_ = new_buffer(ctx_.device, split ? rows * 2 * 4 : 16, options, name_);
     }
     [cb commit];
     wait_completed(cb, "upload");

@@ -54,15 +54,20 @@ void add_attention(MetalPlan& plan, const char* op, const char* kernel, const Op
   const bool split = plan.partition.partitions > 1;
   const std::string tail = std::string("_") + dtype_suffix(p.dtype) + "_d" + std::to_string(D);
 
+  // One function per dtype and head_dim: the kernel takes the vector path when D is innermost
+  // and strided loads otherwise, a branch uniform over the grid (dense K/V is always D-inner).
+  const bool strided = std::string(kernel) == "paged_sdpa" && !p.pool.d_contiguous();
   Dispatch d;
-  d.function = kernel + tail + (p.pool.d_contiguous() ? "" : "_strided");
+  d.function = kernel + tail;
   d.grid.x = (uint32_t)plan.partition.partitions;
   d.grid.y = (uint32_t)(p.pool.kv_heads * mtl::query_tiles(p.group));
   d.grid.z = (uint32_t)p.batch;
   d.threads.x = (uint32_t)mtl::kAttnThreads;
   d.threadgroup_memory.push_back({0, bytes});
+  // The partial buffers are arguments of every attention kernel; with one partition they are
+  // bound (to 16-byte placeholders) but never touched.
   d.buffers = std::move(buffers);
-  if (split) d.buffers.insert(d.buffers.end(), {kBufPartialOut, kBufPartialMaxSum});
+  d.buffers.insert(d.buffers.end(), {kBufPartialOut, kBufPartialMaxSum});
   d.partition = true;
   d.why = std::string(kernel) + " " + dtype_suffix(p.dtype) + " D" + std::to_string(D) + ", " +
           std::to_string(mtl::query_tiles(p.group)) + " query tile(s) of <= " +
@@ -70,12 +75,12 @@ void add_attention(MetalPlan& plan, const char* op, const char* kernel, const Op
           std::to_string(plan.partition.partitions) + " partition(s) of " +
           std::to_string(plan.partition.partition_tokens) + " tokens (rule fed " +
           std::to_string(kAssumedGpuCores) + " GPU cores, an assumption: Metal reports none)" +
-          (p.pool.d_contiguous() ? "" : ", strided path (D not innermost)");
+          (strided ? ", strided path (D not innermost)" : "");
   plan.dispatches.push_back(d);
 
   if (split) {
     Dispatch c;
-    c.function = "combine" + tail;
+    c.function = std::string("combine_") + dtype_suffix(p.dtype);
     c.grid.x = (uint32_t)p.q_heads;
     c.grid.y = (uint32_t)p.batch;
     c.threads.x = (uint32_t)mtl::kCombineThreads;

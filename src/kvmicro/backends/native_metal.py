@@ -29,7 +29,7 @@ timer). docs/metal-host.md says what each contains under contention.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -89,7 +89,7 @@ class NativeMetalBackend(Backend):
     name = "native:metal"
     ops = OPS
     timers: tuple[str, ...] = ("host", "batched", "device", "graph")
-    OPTIONS = {
+    OPTIONS: ClassVar[dict[str, Option]] = {
         "priority": Option("choice", "normal", PRIORITY_OPTION.choices,
                            help="QoS class of the submitting thread (low UTILITY, normal "
                                 "USER_INITIATED, high USER_INTERACTIVE); not a GPU priority: "
