@@ -318,3 +318,18 @@ def test_runs_on_two_hosts_are_refused(tmp_path: Path):
                   _gpu_records("cudnn:cuda", "NVIDIA H200"), run=_gpu_run("NVIDIA H200", "b"))
     code, messages = fill(_peer_adr(tmp_path))
     assert code == 1 and "several hosts (a / Host CPU; b / Host CPU)" in messages[0]
+
+
+def test_new_gives_each_timer_and_cache_its_own_regions(tmp_path: Path):
+    graph = grid(NSHD=100.0, HNSD=210.0)
+    host = [dict(r, timer="host", cache="cold:flush") for r in grid(NSHD=100.0, HNSD=150.0)]
+    results = write_results(tmp_path / "evidence" / "gpu-1.jsonl",
+                            [dict(r, timer="graph") for r in graph] + host)
+    template = tmp_path / "template.md"
+    template.write_text(TEMPLATE)
+    path, _ = new("Two timers", [results], template=template)
+    layout = [r.params for r in parse_regions(path.read_text()) if r.key == "layout-choice"]
+    assert [(p["timer"], p["cache"]) for p in layout] == [("graph", "hot"), ("host", "cold:flush")]
+    text = path.read_text()
+    assert "by 2.10x" in text and "by 1.50x" in text
+    assert fill(path, check=True)[0] == 0

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .adr_rules import RULES, Evidence, MissingEvidence, check_params, get_rule
+from .adr_rules import RULES, Evidence, MissingEvidence, check_params, get_rule, policy_name
 
 OPEN = re.compile(r"<!--\s*kvmicro:([a-z][a-z0-9-]*)((?:\s+[A-Za-z_][A-Za-z0-9_]*=\S+)*)\s*-->")
 CLOSE = "<!-- /kvmicro:{key} -->"
@@ -354,23 +354,40 @@ def next_number(folder: Path) -> int:
     return max(numbers, default=0) + 1
 
 
+#: rules that describe a whole file whatever its timers and caches
+_WHOLE_FILE_RULES: tuple[str, ...] = ("hardware", "results-table")
+
+
+def _measurement_kinds(f: ResultsFile) -> list[dict[str, str]]:
+    """``timer=``/``cache=`` parameters, one set per timer x cache policy of the file's ok
+    records; none when the file has only one (comparisons never mix them)."""
+    kinds = sorted({(policy_name(rec.get("timer")), policy_name(rec.get("cache")))
+                    for rec, _ in f.cases if rec.get("status") == "ok"})
+    if len(kinds) <= 1:
+        return [{}]
+    return [{"timer": timer, "cache": cache} for timer, cache in kinds]
+
+
 def _scaffold_regions(adr: Path, files: Sequence[ResultsFile]) -> tuple[str, list[str]]:
-    """One evidence section per results file: each scaffold rule's region, kept only when the
-    file can fill it (the others are reported)."""
+    """One evidence section per results file: each scaffold rule's region (per timer and cache
+    policy when the file has several), kept only when the file can fill it (the others are
+    reported)."""
     sections, notes = [], []
     for f in files:
         rel = os.path.relpath(f.path.resolve(), adr.parent.resolve())
         devices = sorted({str(rec.get("device")) for rec, _ in f.cases if rec.get("device")})
         sections.append(f"### {f.path.name}: {'; '.join(devices) or 'unknown device'}\n")
         for key in SCAFFOLD_RULES:
-            region = Region(key, {"results": Path(rel).as_posix()}, 0, 0, 0)
-            try:
-                content = fill_region(region, files)
-            except MissingEvidence as exc:
-                notes.append(f"left out {key} for {f.path.name}: {exc}")
-                continue
-            sections.append(f"{_opening(key, region.params)}{content}"
-                            f"{CLOSE.format(key=key)}\n")
+            for kind in [{}] if key in _WHOLE_FILE_RULES else _measurement_kinds(f):
+                region = Region(key, {"results": Path(rel).as_posix(), **kind}, 0, 0, 0)
+                try:
+                    content = fill_region(region, files)
+                except MissingEvidence as exc:
+                    notes.append(f"left out {region.label.removesuffix(' (line 0)')} for "
+                                 f"{f.path.name}: {exc}")
+                    continue
+                sections.append(f"{_opening(key, region.params)}{content}"
+                                f"{CLOSE.format(key=key)}\n")
     return "\n".join(sections), notes
 
 

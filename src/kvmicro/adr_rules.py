@@ -118,7 +118,8 @@ def _ops(params: Params, default: str) -> list[str]:
 
 # ----------------------------------------------------------------------------------- shapes
 
-def _name(value: Any) -> str:
+def policy_name(value: Any) -> str:
+    """A timer or cache field as its name (records may hold the name or an object with one)."""
     return str(value.get("name", "")) if isinstance(value, Mapping) else str(value or "")
 
 
@@ -139,7 +140,7 @@ def problem_key(rec: Record) -> tuple[Any, ...]:
     ctx, heads, head_dim, q_len, dtype, seed, timer and cache (not layout, block or backend)."""
     return (int(rec.get("batch", 1)), _ctx(rec), rec.get("q_heads"), rec.get("kv_heads"),
             rec.get("head_dim"), int(rec.get("q_len", 1)), rec.get("dtype"),
-            int(rec.get("seed", 0)), _name(rec.get("timer")), _name(rec.get("cache")))
+            int(rec.get("seed", 0)), policy_name(rec.get("timer")), policy_name(rec.get("cache")))
 
 
 def pool_key(rec: Record) -> tuple[Any, ...]:
@@ -164,7 +165,7 @@ def _ok(records: Iterable[Record], ops: Sequence[str]) -> list[Record]:
 
 def _single(records: Sequence[Record], name: str) -> str:
     """The one timer (or cache policy) of ``records``; several is ambiguous."""
-    values = sorted({_name(r.get(name)) for r in records})
+    values = sorted({policy_name(r.get(name)) for r in records})
     if len(values) > 1:
         raise MissingEvidence(f"records of several {name}s ({', '.join(values)}): name one with "
                               f"{name}=")
@@ -383,7 +384,7 @@ def hardware(ev: Evidence, params: Params) -> Finding:
         status[str(r.get("status"))] += 1
         for f in r.get("flags") or []:
             flags[str(f)] += 1
-    timers = sorted({f"{_name(r.get('timer'))}/{_name(r.get('cache'))}" for r in records
+    timers = sorted({f"{policy_name(r.get('timer'))}/{policy_name(r.get('cache'))}" for r in records
                      if r.get("status") == "ok"})
     lines.append(f"- timers/caches: {', '.join(timers) or 'none'}")
     lines.append("- records: " + ", ".join(f"{k} {v}" for k, v in sorted(status.items()))
@@ -769,4 +770,5 @@ def get_rule(key: str) -> Rule:
 
 
 __all__ = ["FILTERS", "RULES", "Evidence", "Finding", "MissingEvidence", "Rule", "Tally",
-           "check_params", "geomean", "get_rule", "pool_key", "problem_key", "select"]
+           "check_params", "geomean", "get_rule", "policy_name", "pool_key", "problem_key",
+           "select"]
