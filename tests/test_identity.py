@@ -277,3 +277,55 @@ def test_a_layout_is_a_permutation_of_nshd_in_any_case_or_refused(text):
 def test_a_layout_that_is_not_a_string_is_refused_naming_it(value):
     with pytest.raises(InvalidCase, match=r"^layout .* must be a string"):
         Layout.parse(value)
+
+
+# ------------------------------------------------------- options through resume, merge, report
+
+def _ok(case: Case, median_us: float) -> dict:
+    from kvmicro.derived import derive
+    from kvmicro.harness.measure import Measurement
+    from kvmicro.harness.stats import Stats
+
+    samples = [median_us * (1 + 0.001 * i) for i in range(10)]
+    m = Measurement(samples_us=samples, stats=Stats.from_samples(samples), timer="graph",
+                    cache={"name": "hot", "bytes": 0, "pools": 1, "cache_bytes": 1 << 20},
+                    criterion={"name": "ci-median", "params": {}, "converged": True,
+                               "why_not": ""}, k=8, dropped=0, elapsed_s=0.1)
+    return case_record(case, status="ok", measurement=m, derived=derive(case, median_us))
+
+
+def test_resume_and_merge_keep_two_variants_of_a_case_apart(tmp_path):
+    import warnings
+
+    from kvmicro.results import ResultsWriter, merge, read_results
+
+    plain = Case(backend="native:cuda")
+    high = plain.with_(options={"priority": "high"})
+    path = tmp_path / "a.jsonl"
+    with ResultsWriter(path, {"argv": []}) as w:
+        w.write(_ok(plain, 10.0))
+    with ResultsWriter(path, {"argv": []}, resume=True) as w:
+        assert case_key(plain, "graph", "hot") in w.done_keys
+        assert case_key(high, "graph", "hot") not in w.done_keys   # not measured yet
+        w.write(_ok(high, 11.0))
+    other = tmp_path / "b.jsonl"
+    with ResultsWriter(other, {"argv": []}) as w:
+        w.write(_ok(high, 11.5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert merge([path, other], tmp_path / "m.jsonl") == 3
+    repeated = [str(c.message) for c in caught if "more than once" in str(c.message)]
+    assert repeated == ["merge: 1 case(s) appear more than once across the inputs; all copies "
+                        "are kept"]
+    _, cases_read = read_results(tmp_path / "m.jsonl")
+    assert sorted(tuple(sorted(r["options"].items())) for r in cases_read) == \
+        [(), (("priority", "high"),), (("priority", "high"),)]
+
+
+def test_the_report_tables_each_variant_under_its_spec():
+    from kvmicro.report import render
+
+    plain = Case(backend="native:cuda")
+    text = render([_ok(plain, 10.0), _ok(plain.with_(options={"priority": "high"}), 20.0)])
+    assert "native:cuda[priority=high]" in text
+    assert text.count("native:cuda") >= 2 and "10" in text and "20" in text
