@@ -333,3 +333,11 @@ def test_new_gives_each_timer_and_cache_its_own_regions(tmp_path: Path):
     text = path.read_text()
     assert "by 2.10x" in text and "by 1.50x" in text
     assert fill(path, check=True)[0] == 0
+
+
+def test_an_unreadable_gzip_file_is_refused_by_name(adr: Path):
+    (adr.parent / "evidence" / "cpu-2.jsonl.gz").write_bytes(b"not gzip")
+    adr.write_text(ADR.replace("cpu-*.jsonl", "cpu-*.jsonl*"))
+    before = adr.read_bytes()
+    assert main(["adr", "fill", str(adr)]) == 1
+    assert adr.read_bytes() == before

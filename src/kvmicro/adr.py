@@ -26,17 +26,17 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import gzip
 import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .adr_rules import RULES, Evidence, MissingEvidence, check_params, get_rule, policy_name
+from .errors import KvmicroError
 
 OPEN = re.compile(r"<!--\s*kvmicro:([a-z][a-z0-9-]*)((?:\s+[A-Za-z_][A-Za-z0-9_]*=\S+)*)\s*-->")
 CLOSE = "<!-- /kvmicro:{key} -->"
@@ -117,31 +117,14 @@ class ResultsFile:
     cases: tuple[tuple[dict[str, Any], int], ...]
 
 
-def _iter_objects(path: Path) -> Iterator[dict[str, Any]]:
-    """``results.iter_results`` of ``path``; a gzipped file (``.gz``) is decompressed first into
-    a temporary file of the same name (large evidence files are committed gzipped)."""
+def load_results(path: Path) -> ResultsFile:
+    """A results file's run lines and case records (``.jsonl``, ``.jsonl.gz``, pytest-benchmark
+    JSON), each record tied to the run line before it."""
     from .results import iter_results
 
-    if path.suffix != ".gz":
-        yield from iter_results(path)
-        return
-    try:
-        data = gzip.decompress(path.read_bytes())
-    except FileNotFoundError:
-        raise AdrError(f"results file {path} does not exist") from None
-    except (OSError, EOFError) as exc:
-        raise AdrError(f"{path}: not a readable gzip file ({exc})") from None
-    with tempfile.TemporaryDirectory(prefix="kvmicro-adr-") as tmp:
-        plain = Path(tmp) / path.stem
-        plain.write_bytes(data)
-        yield from iter_results(plain)
-
-
-def load_results(path: Path) -> ResultsFile:
-    """A results file's run lines and case records, each record tied to the run before it."""
     runs: list[dict[str, Any]] = []
     cases: list[tuple[dict[str, Any], int]] = []
-    for obj in _iter_objects(path):
+    for obj in iter_results(path):
         if obj.get("type") == "run":
             runs.append(obj)
         elif obj.get("type") == "case":
@@ -452,8 +435,8 @@ def cmd_adr_fill(args: argparse.Namespace) -> int:
     for adr in args.adrs:
         try:
             code, messages = fill(Path(adr), [Path(p) for p in args.results], check=args.check)
-        except MissingEvidence as exc:   # a malformed ADR or an unreadable results file
-            code, messages = 1, [f"{adr}: {exc}"]
+        except KvmicroError as exc:   # a malformed ADR, a missing or unreadable results file
+            code, messages = 1, [f"{adr}: {exc}", f"{adr}: unchanged"]
         for line in messages:
             print(f"kvmicro adr: {line}", file=sys.stderr if code else sys.stdout, flush=True)
         status = max(status, code)

@@ -16,6 +16,7 @@ in JSON; their identity is :func:`~kvmicro.record.record_key`.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -432,7 +433,8 @@ def _iter_pytest_benchmark(path: Path, doc: Mapping[str, Any]) -> Iterator[dict[
 
 def iter_results(path: str | Path) -> Iterator[dict[str, Any]]:
     """Every line of a results file in order (run and case objects); a pytest-benchmark JSON file
-    yields one synthesised run line and its benchmarks as case records."""
+    yields one synthesised run line and its benchmarks as case records. A ``.gz`` file is read
+    decompressed (large evidence files are committed gzipped)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -440,6 +442,11 @@ def iter_results(path: str | Path) -> Iterator[dict[str, Any]]:
         raise InvalidCase(f"results file {path} does not exist") from None
     except IsADirectoryError:
         raise InvalidCase(f"results file {path} is a directory") from None
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise InvalidCase(f"{path}: not a readable gzip file ({exc})") from None
     text = data.decode("utf-8", errors="replace")
     stripped = text.lstrip()
     if stripped.startswith("{") and "\n{" not in stripped.rstrip():
