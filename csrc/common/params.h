@@ -29,6 +29,13 @@ enum BufferIndex : int32_t {
   kBufVNew = 8,
   kBufOut = 9,      // [B, Hq, q_len, D]
   kBufCount = 10,
+  // Slots past kBufCount are the Metal kernels' own (metal/kernel_abi.h, docs/metal.md): the
+  // params structs, passed as small constant buffers (setBytes), and split-context scratch.
+  kBufParams = 10,         // constant OpParams
+  kBufPartition = 11,      // constant PartitionParams (attention and combine kernels)
+  kBufPartialOut = 12,     // float [B, Hq, partitions, D]: each partition's normalised output
+  kBufPartialMaxSum = 13,  // float [B, Hq, partitions, 2]: its (max logit * log2(e), sum of exp2)
+  kBufKernelSlotCount = 14,
 };
 
 struct OpParams {
@@ -43,5 +50,18 @@ struct OpParams {
   float scale;          // softmax scale, 1/sqrt(head_dim) unless given
   int32_t dtype;        // DType of q, pools, dense tensors and output
 };
+
+// How split-context attention cuts each sequence: partition p of sequence b covers tokens
+// [p * partition_tokens, min(ctx[b], (p + 1) * partition_tokens)); partitions that start at or past
+// ctx[b] do nothing and are never read. partitions == 1 writes the output directly.
+struct PartitionParams {
+  int32_t partition_tokens;  // tokens per partition (>= 1)
+  int32_t partitions;        // per sequence, for the longest: ceil(max_ctx / partition_tokens)
+};
+
+// Host and kernels must agree on these sizes byte for byte (MSL lays out structs as C++ does).
+static_assert(sizeof(PoolView) == 48, "PoolView layout changed: update the Metal host and docs");
+static_assert(sizeof(OpParams) == 88, "OpParams layout changed: update the Metal host and docs");
+static_assert(sizeof(PartitionParams) == 8, "PartitionParams layout changed");
 
 }  // namespace kvmicro

@@ -1,0 +1,135 @@
+"""Argument binding for the MSL shim, generated from the kernels' own attributes.
+
+A Metal kernel names where each parameter comes from: ``[[buffer(kBufQ)]]``,
+``[[threadgroup(0)]]``, ``[[thread_index_in_simdgroup]]``. g++ ignores those attributes, so this
+small parser reads them from the ``.metal`` source and writes the C++ table the shim's launcher
+binds by. Buffer slots must be enumerators of ``BufferIndex`` in ``csrc/common/params.h`` - the
+table the Metal host binds by - and the generated code names them, so the shim and the host
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PARAMS_H = ROOT / "csrc" / "common" / "params.h"
+
+BUILTINS = (
+    "thread_position_in_threadgroup", "thread_index_in_threadgroup",
+    "threadgroup_position_in_grid", "threads_per_threadgroup", "threadgroups_per_grid",
+    "thread_position_in_grid", "simdgroup_index_in_threadgroup", "thread_index_in_simdgroup",
+    "simdgroups_per_threadgroup", "threads_per_simdgroup",
+)
+
+_KERNEL = re.compile(r"\bkernel\s+void\s+(\w+)\s*\(")
+_ATTR = re.compile(r"\[\[\s*(\w+)\s*(?:\(\s*(\w+)\s*\))?\s*\]\]")
+
+
+@dataclass(frozen=True)
+class Param:
+    text: str       # the declaration, attribute included
+    kind: str       # "buffer" | "threadgroup" | "builtin"
+    value: str      # BufferIndex name, threadgroup index, or builtin name
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    params: tuple[Param, ...]
+
+
+def buffer_indices(params_h: str | None = None) -> dict[str, int]:
+    """``BufferIndex`` enumerators of params.h -> slot."""
+    text = PARAMS_H.read_text() if params_h is None else params_h
+    body = re.search(r"enum\s+BufferIndex\s*:\s*int32_t\s*\{(.*?)\};", text, re.S)
+    if body is None:
+        raise ValueError("params.h has no `enum BufferIndex : int32_t { ... };`")
+    return {m.group(1): int(m.group(2))
+            for m in re.finditer(r"\b(kBuf\w+)\s*=\s*(\d+)", body.group(1))}
+
+
+def strip_comments(source: str) -> str:
+    source = re.sub(r"/\*.*?\*/", " ", source, flags=re.S)
+    return re.sub(r"//[^\n]*", "", source)
+
+
+def _split_params(text: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for ch in text:
+        if ch in "([<":
+            depth += 1
+        elif ch in ")]>":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if "".join(current).strip():
+        parts.append("".join(current))
+    return [" ".join(p.split()) for p in parts]
+
+
+def parse_kernels(source: str, indices: dict[str, int] | None = None) -> list[Kernel]:
+    """Every ``kernel void name(...)`` of a .metal source, each parameter with its binding.
+
+    Raises ValueError for a parameter without a binding attribute, a buffer slot that is not a
+    BufferIndex enumerator, an unknown builtin, or a slot bound twice in one kernel.
+    """
+    indices = buffer_indices() if indices is None else indices
+    text = strip_comments(source)
+    kernels = []
+    for match in _KERNEL.finditer(text):
+        depth, i = 1, match.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        params = []
+        for decl in _split_params(text[match.end():i - 1]):
+            attrs = _ATTR.findall(decl)
+            if len(attrs) != 1:
+                raise ValueError(f"kernel {match.group(1)}: parameter {decl!r} needs exactly one "
+                                 "binding attribute")
+            name, arg = attrs[0]
+            if name == "buffer":
+                if arg not in indices:
+                    raise ValueError(f"kernel {match.group(1)}: [[buffer({arg})]] is not a "
+                                     f"BufferIndex of params.h ({', '.join(indices)})")
+                params.append(Param(decl, "buffer", arg))
+            elif name == "threadgroup":
+                if not arg.isdigit():
+                    raise ValueError(f"kernel {match.group(1)}: [[threadgroup({arg})]] needs a "
+                                     "literal index")
+                params.append(Param(decl, "threadgroup", arg))
+            elif name in BUILTINS:
+                params.append(Param(decl, "builtin", name))
+            else:
+                raise ValueError(f"kernel {match.group(1)}: unknown attribute [[{name}]] on "
+                                 f"{decl!r}")
+        slots = [p.value for p in params if p.kind == "buffer"]
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"kernel {match.group(1)} binds a buffer slot twice: {slots}")
+        kernels.append(Kernel(match.group(1), tuple(params)))
+    return kernels
+
+
+def generate(metal_path: Path) -> str:
+    """C++ that registers each kernel's bindings with the shim (included after the kernels)."""
+    kernels = parse_kernels(metal_path.read_text())
+    lines = [f"// generated by tests/msl_shim/bindgen.py from {metal_path.name}; do not edit"]
+    for k in kernels:
+        items = []
+        for p in k.params:
+            if p.kind == "buffer":
+                items.append(f"::msl::Binding::buffer(::kvmicro::{p.value})")
+            elif p.kind == "threadgroup":
+                items.append(f"::msl::Binding::tg_memory({p.value})")
+            else:
+                items.append(f"::msl::Binding::builtin(::msl::Builtin::{p.value})")
+        body = ",\n    ".join(items)
+        lines.append(f"static const bool kvmicro_bindings_{k.name} = "
+                     f"::msl::register_bindings(\"{k.name}\", {{\n    {body}}});")
+    return "\n".join(lines) + "\n"
