@@ -79,3 +79,119 @@ def test_mlx_cpu_offers_host_clocks_only_and_describes_its_device() -> None:
         prepared.graph_times(3, 2)
     info = backend.device_info()
     assert info.kind == "cpu" and info.extra["mlx"] == mx.__version__
+
+
+# ---- append routes, the attention route, paged_sdpa through kvmicro's Metal source ----------
+
+@pytest.mark.parametrize("layout", ["NSHD", "HNSD", "SDNH"])
+@pytest.mark.parametrize("route", ["indexed", "slice_update"])
+def test_both_append_routes_match_the_oracle_and_say_they_are_not_in_place(
+        layout: str, route: str) -> None:
+    options = () if route == "indexed" else (("append", route),)
+    case = kv.Case(op="append", backend="mlx:cpu", batch=3, q_heads=4, kv_heads=2, head_dim=80,
+                   ctx=(15, 40, 1), block_size=16, layout=layout, seed=5, options=options)
+    arrays = kv.materialize(case)
+    prepared = get_backend("mlx:cpu").prepare(case, arrays)
+    prepared.run()
+    prepared.sync()
+    result = compare(case, arrays, prepared.output())
+    assert result.passed and result.max_abs_err == 0.0, result
+    assert route in prepared.kernel.replace("pool[blocks, slots] = new (indexed", "indexed")
+    assert "not in place" in prepared.kernel
+    if route == "slice_update":
+        assert "mx.slice_update, one per sequence (3 chained)" in prepared.kernel
+
+
+def test_the_append_route_is_refused_on_other_ops() -> None:
+    case = kv.Case(op="gather", backend="mlx:cpu", ctx=32, q_heads=8, kv_heads=2,
+                   options=(("append", "slice_update"),))
+    with pytest.raises(kv.Unsupported, match="append=slice_update applies to the append op"):
+        get_backend("mlx:cpu").prepare(case, kv.materialize(case))
+
+
+def test_a_bad_append_route_names_the_valid_ones() -> None:
+    from kvmicro.backends.registry import parse_spec
+
+    with pytest.raises(kv.InvalidCase, match="inplace"):
+        parse_spec("mlx:cpu[append=inplace]")
+    assert parse_spec("mlx:gpu[append=slice_update]") == ("mlx:gpu", (("append", "slice_update"),))
+    assert parse_spec("mlx:gpu[append=indexed]") == ("mlx:gpu", ())
+
+
+@pytest.mark.parametrize("op", ["sdpa_contiguous", "gather_sdpa"])
+def test_attention_records_the_route_that_ran(op: str) -> None:
+    case = kv.Case(op=op, backend="mlx:cpu", batch=2, q_heads=8, kv_heads=2, head_dim=64,
+                   ctx=(33, 70), block_size=16)
+    arrays = kv.materialize(case)
+    prepared = get_backend("mlx:cpu").prepare(case, arrays)
+    prepared.run()
+    prepared.sync()
+    assert compare(case, arrays, prepared.output()).passed
+    assert "mx.fast.scaled_dot_product_attention" in prepared.kernel
+    # MLX's CPU backend has no fused kernel: force_fused raises, and the record says so
+    assert "unfused route (force_fused=True raised" in prepared.kernel
+    assert ("gather (mx.take)" in prepared.kernel) == (op == "gather_sdpa")
+
+
+def test_paged_sdpa_on_mlx_gpu_is_refused_without_metal_with_the_reason() -> None:
+    case = kv.Case(op="paged_sdpa", backend="mlx:gpu", ctx=32, q_heads=8, kv_heads=2)
+    if mx.metal.is_available():
+        pytest.skip("MLX is on Metal here")
+    with pytest.raises(kv.Unsupported, match=r"mx\.fast\.metal_kernel only on mlx:gpu with MLX on"):
+        get_backend("mlx:gpu").supports(case)
+
+
+def test_the_metal_kernel_header_is_the_checkouts_kernel_source_inlined() -> None:
+    from kvmicro.backends.mlx_backend import METAL_DIR, metal_kernel_header
+
+    header = metal_kernel_header()
+    assert '#include "' not in header
+    for name in ("decode_attention.h", "kernel_abi.h"):
+        lines = (METAL_DIR / name).read_text().replace("#pragma once", "").splitlines()
+        # the files' own text, every line of it, not a copy kept in Python
+        assert all(line in header for line in lines if not line.startswith('#include "'))
+    assert "inline void attend(" in header and "struct PagedKV" in header
+
+
+def test_the_metal_kernel_scratch_size_is_kernel_abis(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from kvmicro.backends.mlx_backend import attention_threadgroup_floats
+
+    gxx = shutil.which("g++") or shutil.which("clang++")
+    if gxx is None:
+        pytest.skip("no C++ compiler")
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "abi.cpp"
+    src.write_text('#include <cstdio>\n#include <initializer_list>\n'
+                   '#include "metal/kernel_abi.h"\nint main() {\n'
+                   '  for (int d : {64, 80, 96, 112, 128, 256})\n'
+                   '    std::printf("%d %d\\n", d, kvmicro::mtl::attn_threadgroup_bytes(d));\n}\n')
+    exe = tmp_path / "abi"
+    subprocess.run([gxx, "-std=c++17", f"-I{root}", str(src), "-o", str(exe)], check=True)
+    for line in subprocess.run([str(exe)], capture_output=True, text=True,
+                               check=True).stdout.splitlines():
+        dim, nbytes = map(int, line.split())
+        assert attention_threadgroup_floats(dim) * 4 == nbytes
+
+
+@pytest.mark.parametrize("layout", ["NSHD", "HDNS"])
+def test_the_metal_kernel_params_are_the_native_pool_strides(layout: str) -> None:
+    import re
+
+    from kvmicro.backends.mlx_backend import _params_literal
+
+    native = pytest.importorskip("kvmicro._native")
+    case = kv.Case(op="paged_sdpa", backend="mlx:gpu", batch=2, q_heads=8, kv_heads=2,
+                   head_dim=64, ctx=(33, 70), block_size=16, layout=layout)
+    arrays = kv.materialize(case)
+    shape = arrays["k_pool"].shape
+    n = shape[layout.index("N")]
+    text = _params_literal(case, shape, arrays["block_table"].shape[1], 70)
+    strides = native.pool_strides(layout, n, 16, 2, 64)
+    pool = re.search(r"kv_mlx_params = \{\{([^}]*)\}", text).group(1)  # type: ignore[union-attr]
+    assert [int(x) for x in pool.split(",")] == [strides["N"], strides["S"], strides["H"],
+                                                 strides["D"], n, 16, 2, 64]
+    assert "kv_mlx_part = {70, 1};" in text
