@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script native:cuda runs on the device machine (GPU): build, tests, benchmark,
+# The one script native:cuda runs on the device machine (GPU): build, tests, the cuda-table sweep,
 # compute-sanitizer on a reduced matrix, and an ncu look at the main kernel, inside one time
 # budget (BUDGET seconds, default 540: a device call may run 600). Logs go to $OUT.
 #   scripts/device_cuda.sh [all|test|bench|sanitize|ncu]...   (default: all; the build always runs)
@@ -63,10 +63,21 @@ if want test && (( $(limit 200) > 0 )); then
 fi
 
 if want bench && (( $(limit 260) > 0 )); then
-  step "bench"
-  t=$(limit 260)
-  timeout "$t" python3 scripts/bench_cuda.py --budget $((t - 25)) --json "$OUT/bench.json" 2>&1 \
-    | tee "$OUT/bench.log" | grep -v "^  .*median" | tail -70
+  # the figures of docs/cuda.md: kvmicro sweeps (oracle-checked, stopping rule, CIs) into results
+  # files, then scripts/cuda_table.py over them; VARIANTS=0 skips the kernel-variant sweep
+  step "bench: kvmicro sweep --preset cuda-table"
+  timeout "$(limit 200)" python3 -m kvmicro sweep --preset cuda-table \
+    --backend "${BACKENDS:-native:cuda,torch:cuda}" --out "$OUT/cuda-table.jsonl" -q \
+    2>&1 | tail -5
+  if [[ ${VARIANTS:-1} != 0 ]] && (( $(limit 120) > 0 )); then
+    step "bench: native:cuda kernel variants (paged_sdpa, graph/hot)"
+    timeout "$(limit 120)" python3 -m kvmicro sweep --preset cuda-table --op paged_sdpa \
+      --timer graph --cache hot --out "$OUT/cuda-variants.jsonl" -q \
+      --backend "native:cuda,native:cuda[kernel=mma],native:cuda[kernel=mma,l2_prefetch=0],native:cuda[kernel=async],native:cuda[kernel=async,stages=3],native:cuda[kernel=simt]" \
+      2>&1 | tail -5
+  fi
+  python3 scripts/cuda_table.py "$OUT"/cuda-table.jsonl $( [[ -f "$OUT/cuda-variants.jsonl" ]] \
+    && echo "$OUT/cuda-variants.jsonl") | tee "$OUT/cuda-table.txt"
 fi
 
 if want sanitize; then

@@ -104,8 +104,21 @@ class IsolatedBackend(_TestBackend):
     process_group = "loner"
 
 
+class WarningBackend(_TestBackend):
+    """Warns on every prepare, as a framework might."""
+
+    name = "warn:cpu"
+
+    def prepare(self, case: Case, arrays: dict[str, np.ndarray], copies: int = 1) -> Prepared:
+        import warnings
+
+        warnings.warn(f"careful with {case.op}", UserWarning, stacklevel=1)
+        return super().prepare(case, arrays, copies)
+
+
 TEST_BACKENDS = {"good:cpu": "GoodBackend", "segv:cpu": "SegfaultBackend",
-                 "hang:cpu": "HangBackend", "loner:cpu": "IsolatedBackend"}
+                 "hang:cpu": "HangBackend", "loner:cpu": "IsolatedBackend",
+                 "warn:cpu": "WarningBackend"}
 
 
 @pytest.fixture
@@ -247,3 +260,14 @@ def test_the_case_timeout_must_be_positive(capsys: Any) -> None:
 
     assert main(["sweep", "--backend", "torch:cpu", "--case-timeout", "0", "--dry-run"]) == 2
     assert "--case-timeout 0.0 must be a positive number of seconds" in capsys.readouterr().err
+
+
+def test_a_workers_warnings_are_shown_by_the_parent_once_per_kind(test_backends: Any,
+                                                                  tmp_path: Path) -> None:
+    from kvmicro.worker import WorkerWarning
+
+    points = expand(grid("warn:cpu"))
+    with pytest.warns(WorkerWarning) as caught:
+        run_sweep(points, tmp_path / "r.jsonl", argv=["test"], measure=FAST, progress=False)
+    shown = [str(w.message) for w in caught if w.category is WorkerWarning]
+    assert len(points) > 1 and shown == ["careful with sdpa_contiguous"]

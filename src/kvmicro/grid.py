@@ -89,6 +89,13 @@ PRESETS: dict[str, Preset] = {
              ctxs=(256, 1024, 4096, 16384, 32768), batches=(1, 4, 16), blocks=(1, 16, 32, 64),
              heads=((32, 8), (32, 32)), head_dims=(64, 128), dtypes=DTYPES, slacks=(2.0,)),
         cpu_timers=("host", "batched"), gpu_timers=("host", "batched", "device", "graph")),
+    "cuda-table": Preset(
+        "cuda-table", "the CUDA figures of docs/cuda.md: ctx 1k-32k x batch 1/4, NSHD block 16, "
+        "Hq 32 Hkv 8 D 128 fp16, graph and device timers, hot and cold (scripts/cuda_table.py)",
+        dict(ops=OPS, layouts=("NSHD",), placements=("reverse",),
+             ctxs=(1024, 4096, 16384, 32768), batches=(1, 4), blocks=(16,), heads=((32, 8),),
+             head_dims=(128,), dtypes=("float16",), slacks=(2.0,), caches=("hot", "cold")),
+        cpu_timers=("batched",), gpu_timers=("graph", "device")),
 }
 DEFAULT_PRESET = "quick"
 

@@ -35,8 +35,8 @@ class Point:
     def label(self) -> str:
         c = self.case
         ctx = c.ctx if isinstance(c.ctx, int) else "+".join(map(str, c.ctx_list))
-        return (f"{c.op} {c.backend} {c.layout} {c.placement} ctx{ctx} b{c.batch} "
-                f"bs{c.block_size} {c.dtype} {self.timer}/{self.cache}")
+        return (f"{c.op} {getattr(c, 'spec', c.backend)} {c.layout} {c.placement} ctx{ctx} "
+                f"b{c.batch} bs{c.block_size} {c.dtype} {self.timer}/{self.cache}")
 
 
 def device_kind(backend: str) -> str:
@@ -180,7 +180,7 @@ def point_weight(point: Point) -> float:
 def plan_summary(points: list[Point]) -> str:
     """One line describing what a sweep will do (printed before it starts)."""
     cases = {p.case for p in points}
-    backends = sorted({p.case.backend for p in points})
+    backends = sorted({getattr(p.case, "spec", p.case.backend) for p in points})
     timers = sorted({p.timer for p in points})
     caches = sorted({p.cache for p in points})
     return (f"{len(points)} measurements of {len(cases)} cases on {', '.join(backends)}; "

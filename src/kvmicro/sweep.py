@@ -121,6 +121,7 @@ def run_sweep(points: list[Point], out: str | Path, *, argv: list[str] | None = 
     devices: dict[str, Any] = {}
     bandwidth: dict[str, Any] = {}
     lost_at_start: dict[Any, str] = {}
+    warned: set[str] = set()   # kinds of worker warning already shown
 
     def setup() -> dict[str, Any]:
         return setup_message(measure=measure, rotate_budget_bytes=rotate_budget_bytes,
@@ -132,7 +133,7 @@ def run_sweep(points: list[Point], out: str | Path, *, argv: list[str] | None = 
                   flush=True)
         for job in jobs:
             try:
-                worker = Worker(setup(), stderr=None)
+                worker = Worker(setup(), warned=warned)
                 workers[job.key] = worker
                 described = worker.describe(job.backends, case_timeout_s)
                 devices.update(described["devices"])
@@ -143,7 +144,8 @@ def run_sweep(points: list[Point], out: str | Path, *, argv: list[str] | None = 
                 devices.update({b: {"available": False, "error": lost.reason}
                                 for b in job.backends})
         run = provenance(argv or sys.argv, [], bandwidth)
-        run["backends"] = list(dict.fromkeys(p.case.backend for p in points))
+        run["backends"] = list(dict.fromkeys(getattr(p.case, "spec", p.case.backend)
+                                             for p in points))
         run["devices"] = devices
         with ResultsWriter(path, run, resume=resume) as writer:
             done = set(writer.done_keys) if resume else set()
@@ -177,7 +179,7 @@ def run_sweep(points: list[Point], out: str | Path, *, argv: list[str] | None = 
                         sent = 0
                         try:
                             if worker is None:
-                                worker = Worker(setup())
+                                worker = Worker(setup(), warned=warned)
                                 workers[job.key] = worker
                             for point, record in zip(group, worker.run_case(
                                     group, [baselines.get(contiguous_key(p)) for p in group],

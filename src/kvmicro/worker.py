@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -181,6 +182,10 @@ def worker_jobs(points: Sequence[Point]) -> list[Job]:
 # ------------------------------------------------------------------------------ parent's side
 
 
+class WorkerWarning(UserWarning):
+    """A warning raised in a worker, shown by the parent."""
+
+
 class WorkerLost(Exception):
     """The worker died or went silent; ``reason`` says which, in words for a record."""
 
@@ -202,8 +207,10 @@ class Worker:
     """One worker process, seen from the parent: send a command, receive its answers."""
 
     def __init__(self, setup: dict[str, Any], *, stderr: IO[Any] | None = None,
-                 python: str | None = None) -> None:
+                 python: str | None = None, warned: set[str] | None = None) -> None:
         self.setup = setup
+        #: kinds of warning already shown (shared by the workers of one sweep)
+        self.warned = warned if warned is not None else set()
         self.proc = spawn([python or sys.executable, "-m", "kvmicro.worker"],
                           env=_child_env(setup.get("sys_path", [])), stderr=stderr)
         self._buffer = b""
@@ -244,7 +251,19 @@ class Worker:
                 raise WorkerLost(f"worker {self._exit()} while {doing}")
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
-        return json.loads(line)
+        message = json.loads(line)
+        if message.get("type") == "warning":
+            self._warn(message)
+            return self.receive(max(0.0, deadline - time.monotonic()) or 1e-3, doing)
+        return message
+
+    def _warn(self, message: dict[str, Any]) -> None:
+        """A warning the worker raised, shown here once per kind (every worker would repeat a
+        busy-host announcement)."""
+        kind = str(message.get("category", "Warning"))
+        if kind not in self.warned:
+            self.warned.add(kind)
+            warnings.warn(WorkerWarning(str(message.get("message", ""))), stacklevel=1)
 
     def _exit(self) -> str:
         try:
@@ -312,6 +331,11 @@ def _serve(commands: IO[str], answers: IO[str]) -> int:
         answers.write(dumps(message) + "\n")
         answers.flush()
 
+    def warn(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        answer({"type": "warning", "category": category.__name__, "message": str(message)})
+
+    warnings.showwarning = warn   # the parent shows them, once per kind for the whole sweep
     for line in commands:
         if not line.strip():
             continue
