@@ -111,7 +111,10 @@ def test_backend_lists_keep_commas_inside_brackets():
 
 def test_priority_flows_into_the_options_of_backends_that_have_it():
     assert registry.with_priority("native:cuda", "high") == "native:cuda[priority=high]"
-    assert registry.with_priority("native:cuda[priority=low]", "normal") == "native:cuda"
+    # a spec's own priority is more specific than the command line's
+    assert registry.with_priority("native:cuda[priority=low]", "high") == \
+        "native:cuda[priority=low]"
+    assert registry.with_priority("native:cuda[priority=normal]", "high") == "native:cuda"
     assert registry.with_priority("torch:cpu", "high") == "torch:cpu"
     with pytest.raises(InvalidCase, match="unknown priority 'urgent'"):
         registry.with_priority("native:cuda", "urgent")
@@ -329,3 +332,14 @@ def test_the_report_tables_each_variant_under_its_spec():
     text = render([_ok(plain, 10.0), _ok(plain.with_(options={"priority": "high"}), 20.0)])
     assert "native:cuda[priority=high]" in text
     assert text.count("native:cuda") >= 2 and "10" in text and "20" in text
+
+
+def test_the_command_lines_priority_becomes_the_option_of_the_backends_that_have_it(capsys):
+    from kvmicro.cli import main
+
+    assert main(["sweep", "--preset", "smoke", "--backend",
+                 "native:cuda,native:cuda[priority=low],torch:cpu", "--priority", "high",
+                 "--op", "paged_sdpa", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "native:cuda[priority=high]" in out and "native:cuda[priority=low]" in out
+    assert "torch:cpu[" not in out and "torch:cpu" in out

@@ -219,6 +219,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     grid = sweep.make_grid(args.preset, backend=args.backend, seed=args.seed,
                            **{axis: getattr(args, axis) for axis in sweep.AXIS_FIELDS
                               if axis != "backend"})
+    if args.priority != "normal":
+        # --priority is the `priority` option of every backend that has one (a spec's own wins)
+        import dataclasses
+
+        from .backends.registry import with_priority
+
+        grid = dataclasses.replace(grid, backends=tuple(
+            dict.fromkeys(with_priority(b, args.priority) for b in grid.backends)))
     points = sweep.expand(grid, shard)
     measure = dict(preset.measure)
     for option, name in (("noise", "noise"), ("min_samples", "min_samples"),
@@ -255,9 +263,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise InvalidCase(f"{out} exists; add --resume to continue it, or choose another --out")
     _err(f"kvmicro sweep: {sweep.plan_summary(points)}"
          + (f" (shard {shard[0]}/{shard[1]})" if shard != (0, 1) else "") + f" -> {out}")
-    from .harness.noise import announce_if_busy, host_load
+    from .harness.noise import announce_guard_off, announce_if_busy, host_load
 
-    announce_if_busy(host_load())   # once, plainly, before the first number (the run line keeps it)
+    # once, plainly, before the first number (the run line keeps the load too)
+    load = host_load()
+    announce_if_busy(load) or announce_guard_off(load.get("why_off", ""))
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         outcome = sweep.run_sweep(points, out, argv=["kvmicro", *args.argv],

@@ -92,12 +92,15 @@ def canonical_spec(spec: str) -> str:
 
 
 def with_priority(spec: str, priority: str) -> str:
-    """``spec`` with its ``priority`` option set to ``priority`` where the backend has one
-    (`--priority` fills every case this way); a backend without one is returned unchanged."""
+    """``spec`` (canonical) with its ``priority`` option set to ``priority`` where the backend has
+    one and the spec does not already choose one (`--priority` fills every case this way; a spec's
+    own ``[priority=...]`` is more specific and wins). A backend without the option is returned
+    unchanged."""
     if priority not in PRIORITIES:
         raise InvalidCase(f"unknown priority {priority!r}; expected one of {', '.join(PRIORITIES)}")
     name, options = parse_spec(spec)
-    if "priority" not in backend_class(name).OPTIONS:
+    written = dict(parse_backend_spec(spec)[1])
+    if "priority" not in backend_class(name).OPTIONS or "priority" in written:
         return format_spec(name, options)
     return format_spec(*parse_spec(name, {**dict(options), "priority": priority}))
 
