@@ -183,6 +183,36 @@ def test_torch_mps_says_why_it_is_unavailable() -> None:
     assert not availability and "MPS" in availability.reason
 
 
+def test_torch_mps_refuses_a_dtype_its_macos_lacks_with_the_reason() -> None:
+    def no_bfloat(dtype: str) -> None:
+        raise TypeError(f"MPS BFloat16 is only supported on MacOS 14 or newer ({dtype})")
+
+    problem = torch_backend.mps_dtype_problem("bfloat16", no_bfloat)
+    assert problem is not None
+    assert "torch:mps has no bfloat16 here (it needs macOS 14 or newer)" in problem
+    assert torch_backend.mps_dtype_problem("bfloat16", lambda dtype: None) is None
+
+
+def test_torch_mps_supports_raises_the_probed_dtype_problem(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = torch_backend.TorchMpsBackend()
+    monkeypatch.setattr(torch_backend.TorchMpsBackend, "_dtype_problems",
+                        {"bfloat16": "torch:mps has no bfloat16 here (it needs macOS 14)"})
+    case = kv.Case(op="gather", backend="torch:mps", ctx=32, q_heads=8, kv_heads=2,
+                   dtype="bfloat16")
+    with pytest.raises(kv.Unsupported, match="no bfloat16 here"):
+        backend.supports(case)
+    backend.supports(case.with_(dtype="float16"))  # float16 is never probed: MPS always has it
+
+
+def test_torch_mps_has_no_device_timer_and_says_why() -> None:
+    case = kv.Case(op="gather", backend="torch:mps", ctx=32, q_heads=8, kv_heads=2)
+    prepared = torch_backend.TorchPrepared(case, device="mps", kind="mps", copies=1)
+    assert prepared.timers == ("host", "batched")
+    with pytest.raises(kv.Unsupported, match=r"torch\.mps\.Event .* breaks MPS's kernel"):
+        prepared.device_times(1)
+
+
 def test_a_missing_torch_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
     def missing() -> None:
         raise ImportError("No module named 'torch'")

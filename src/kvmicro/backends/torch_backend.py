@@ -36,7 +36,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -48,6 +48,16 @@ from .nvml import sm_clock, sm_clock_status, torch_bus_id
 
 #: the ops torch serves; ``paged_sdpa`` is refused with a reason in ``supports``
 TORCH_OPS: tuple[str, ...] = ("sdpa_contiguous", "gather", "gather_sdpa", "append")
+
+#: why torch:mps offers only host clocks: a sample of its batched timer is k ops then one
+#: ``torch.mps.synchronize()``, wall time / k
+MPS_NO_DEVICE_TIMER = (
+    "torch:mps has no device timer: torch.mps.Event times when a CPU-side listener fires, not "
+    "the GPU, and recording one breaks MPS's kernel coalescing; use the batched timer (k ops, "
+    "one torch.mps.synchronize()) or host")
+
+#: dtypes MPS may lack, and what it needs for them (checked on the device in supports())
+MPS_DTYPE_NEEDS: dict[str, str] = {"bfloat16": "macOS 14 or newer"}
 
 #: what ``output()`` returns for one run: an array (attention) or a (k, v) pair
 Output = Any
@@ -241,6 +251,8 @@ class TorchPrepared(Prepared):
         """One op per sample between CUDA events on torch's current stream. Each sample starts
         from an idle stream (flush, then synchronize, then the start event), so a small op's
         sample includes its launch: that is what a synchronous caller waits for."""
+        if self.kind == "mps":
+            raise Unsupported(MPS_NO_DEVICE_TIMER)
         if self.kind != "cuda":
             raise Unsupported(f"{self.case.backend} has no device timer on {self.kind} "
                               "(timers here: host, batched)")
@@ -564,9 +576,41 @@ def cuda_availability(torch: Any, index: int, name: str) -> Availability:
                               f"{torch.cuda.get_device_name(index)}")
 
 
+def mps_dtype_problem(dtype: str, probe: Callable[[str], None]) -> str | None:
+    """Why MPS cannot run ``dtype`` here, or None: ``probe`` makes a tensor of it on the device
+    and does arithmetic with it (torch raises TypeError / RuntimeError where MPS lacks it)."""
+    try:
+        probe(dtype)
+    except (TypeError, RuntimeError) as err:
+        needs = MPS_DTYPE_NEEDS.get(dtype, "a newer macOS or torch")
+        return f"torch:mps has no {dtype} here (it needs {needs}): {err}"
+    return None
+
+
+def _probe_mps_dtype(dtype: str) -> None:
+    torch = import_torch()
+    x = torch.ones(8, dtype=torch_dtype(dtype), device="mps")
+    float((x * x).sum().float().cpu())
+
+
 class TorchMpsBackend(_TorchBackend):
+    """torch on Apple GPUs through MPS. Timers: host and batched only (MPS_NO_DEVICE_TIMER);
+    ``sync`` is ``torch.mps.synchronize()``; a dtype this macOS' MPS lacks raises Unsupported."""
+
     name = "torch:mps"
     kind = "mps"
+    #: one probe per dtype per process (the answer depends on the macOS, not the case)
+    _dtype_problems: ClassVar[dict[str, str | None]] = {}
+
+    def supports(self, case: Case) -> None:
+        super().supports(case)
+        if case.dtype in MPS_DTYPE_NEEDS:
+            if case.dtype not in self._dtype_problems:
+                self._dtype_problems[case.dtype] = mps_dtype_problem(case.dtype,
+                                                                     _probe_mps_dtype)
+            problem = self._dtype_problems[case.dtype]
+            if problem:
+                raise Unsupported(problem)
 
     def _availability(self, torch: Any) -> Availability:
         mps = getattr(torch.backends, "mps", None)
@@ -607,6 +651,8 @@ class TorchMpsBackend(_TorchBackend):
 
 __all__ = [
     "GQA_ENV",
+    "MPS_DTYPE_NEEDS",
+    "MPS_NO_DEVICE_TIMER",
     "TORCH_OPS",
     "TorchCpuBackend",
     "TorchCudaBackend",
@@ -621,6 +667,7 @@ __all__ = [
     "host_device_info",
     "import_torch",
     "index_tensor",
+    "mps_dtype_problem",
     "to_carrier_array",
     "to_device",
     "torch_dtype",
