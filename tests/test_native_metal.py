@@ -130,3 +130,22 @@ def test_paged_sdpa_matches_the_oracle_on_metal(options: tuple[tuple[str, str], 
         assert all(t > 0 for t in prepared.graph_times(2, 8))
     finally:
         prepared.release()
+
+
+def test_kvmicro_env_on_macos_says_what_each_axis_controls(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmicro import environment
+    from kvmicro.backends.native_metal import METAL_AXES
+
+    monkeypatch.setattr(environment.platform, "system", lambda: "Darwin")
+    axes = environment.host_info()["metal_axes"]
+    assert set(axes) == set(NativeMetalBackend.OPTIONS)
+    assert "no public GPU priority" in axes["priority"] and "QoS" in axes["priority"]
+    assert all(" not " in text for text in METAL_AXES.values())  # each says what it does not do
+
+
+def test_kvmicro_env_elsewhere_has_no_metal_axes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmicro import environment
+
+    monkeypatch.setattr(environment.platform, "system", lambda: "Linux")
+    assert "metal_axes" not in environment.host_info()

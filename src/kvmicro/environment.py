@@ -176,7 +176,7 @@ def host_info() -> dict[str, Any]:
             pretty = line.split("=", 1)[1].strip().strip('"')
     if not pretty and os_name == "Darwin":
         pretty = f"macOS {platform.mac_ver()[0]}"
-    return {
+    info = {
         "hostname": socket.gethostname(),
         "os": os_name,
         "os_release": pretty or platform.platform(),
@@ -195,6 +195,11 @@ def host_info() -> dict[str, Any]:
         "frameworks": framework_versions(),
         "git": git_info(),
     }
+    if os_name == "Darwin":  # what native:metal's submission axes do and do not control
+        from .backends.native_metal import METAL_AXES
+
+        info["metal_axes"] = dict(METAL_AXES)
+    return info
 
 
 __all__ = ["FRAMEWORKS", "VECTOR_FLAGS", "cpu_model", "framework_versions", "git_info",

@@ -54,6 +54,24 @@ _PRIORITY_LEVEL = {"low": -1, "normal": 0, "high": 1}
 #: it is assumed, not queried.
 ASSUMED_SLC_BYTES = 128 * 1024 * 1024
 
+#: what each native:metal axis controls, and what it does not (``kvmicro env`` on macOS,
+#: docs/metal-host.md)
+METAL_AXES: dict[str, str] = {
+    "priority": "the QoS class of the thread that encodes and commits (low UTILITY, normal "
+                "USER_INITIATED, high USER_INTERACTIVE): CPU scheduling of submission only. "
+                "macOS has no public GPU priority for compute queues; GPU scheduling between "
+                "queues and processes is not controlled",
+    "queue": "shared: one MTLCommandQueue per (QoS class, in_flight) for the process; "
+             "per_stream: one per prepared case. Decides which command buffers are ordered "
+             "behind which; not how the GPU interleaves queues",
+    "per_buffer": "run() calls encoded into one command buffer before its commit: fewer, larger "
+                  "buffers (each boundary costs GPU time); not the order of dispatches inside one",
+    "in_flight": "the queue's maxCommandBufferCount: command buffers outstanding before "
+                 "commandBuffer blocks the submitting thread; not how many the GPU runs at once",
+    "storage": "MTLStorageModeShared or Private for every buffer of a case (Private uploads "
+               "through a blit); not residency (no MTLResidencySet) and not hazard tracking",
+}
+
 #: the submission options passed to C++ as text (priority travels as its own argument)
 SUBMIT_KEYS: tuple[str, ...] = ("storage", "queue", "per_buffer", "in_flight")
 
@@ -165,5 +183,5 @@ class NativeMetalBackend(Backend):
         return dict(load_native().metal_bandwidth(self.index))
 
 
-__all__ = ["ASSUMED_SLC_BYTES", "QOS_CLASSES", "SUBMIT_KEYS", "NativeMetalBackend",
+__all__ = ["ASSUMED_SLC_BYTES", "METAL_AXES", "QOS_CLASSES", "SUBMIT_KEYS", "NativeMetalBackend",
            "NativeMetalPrepared"]
