@@ -11,12 +11,15 @@
 //   device_times_us: [flush command buffer, waited] one command buffer holding one op, waited;
 //                    GPUEndTime - GPUStartTime. A 0.0 time or a status other than Completed is
 //                    a failed sample and raises, never a number.
+//   Before its first sample, either timer runs the op back to back for kWarmSeconds of wall
+//   time (Apple GPU clocks ramp up slowly on short work; a count of warm-up runs is not enough).
 //   graph_times_us:  native:metal's batched GPU timer: k ops in one compute encoder of one
 //                    command buffer, GPU time minus an empty-buffer baseline (median of 5 empty
 //                    command buffers, taken per call), over k.
 // Both are elapsed GPU time of the command buffer: under contention they include time the GPU
 // spent on other work while the buffer was resident (docs/metal-host.md).
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -84,6 +87,9 @@ id<MTLBuffer> new_buffer(id<MTLDevice> device, int64_t bytes, MTLResourceOptions
                            std::to_string(bytes) + " bytes failed: out of device memory");
   return b;
 }
+
+// Wall time the GPU timers spend running the op before their first sample.
+constexpr double kWarmSeconds = 0.5;
 
 enum class Fill { kNone, kUpload, kPoison };
 
@@ -172,6 +178,7 @@ class MetalOp final : public PreparedOp {
   void commit_open();
   void wait_pending();
   void encode_flush(id<MTLCommandBuffer> cb, int64_t bytes);
+  void warm_by_wall_time();
   void fill(id<MTLBuffer> buf, const void* src, int64_t bytes, uint8_t value,
             id<MTLCommandBuffer> cb);
 
@@ -195,6 +202,7 @@ class MetalOp final : public PreparedOp {
   id<MTLComputeCommandEncoder> open_enc_ = nil;
   int open_count_ = 0;
   std::vector<id<MTLCommandBuffer>> pending_;  // committed, not yet waited
+  bool warmed_ = false;                         // warm_by_wall_time() has run
 };
 
 MetalOp::MetalOp(const OpInputs& in, const DeviceOptions& opt, const SubmitOptions& submit)
@@ -428,6 +436,24 @@ void MetalOp::poison_outputs() {
   }
 }
 
+void MetalOp::warm_by_wall_time() {
+  if (warmed_) return;
+  const auto start = std::chrono::steady_clock::now();
+  do {
+    @autoreleasepool {
+      id<MTLCommandBuffer> cb = new_command_buffer(queue_);
+      id<MTLComputeCommandEncoder> enc = [cb computeCommandEncoder];
+      if (!enc) KV_METAL_FAIL("[metal] computeCommandEncoder returned nil", nil);
+      for (int j = 0; j < 8; ++j) encode(enc, sets_[(size_t)current_]);
+      [enc endEncoding];
+      [cb commit];
+      wait_completed(cb, "warm-up");
+    }
+  } while (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() <
+           kWarmSeconds);
+  warmed_ = true;
+}
+
 std::vector<double> MetalOp::device_times_us(int reps, int64_t flush_bytes) {
   if (reps < 1) invalid(name_, "reps ", reps, " must be >= 1");
   QosScope scope(qos_);
@@ -437,6 +463,7 @@ std::vector<double> MetalOp::device_times_us(int reps, int64_t flush_bytes) {
     commit_open();
     wait_pending();
   }
+  warm_by_wall_time();
   for (int i = 0; i < reps; ++i) {
     @autoreleasepool {
       if (flush_bytes > 0) {
@@ -468,6 +495,7 @@ std::vector<double> MetalOp::graph_times_us(int reps, int k, bool rotate) {
     commit_open();
     wait_pending();
   }
+  warm_by_wall_time();
   // The empty-buffer baseline: what a command buffer with one empty encoder costs on the GPU
   // clock (scheduling, start/end), the median of five taken now.
   std::vector<double> empty;
@@ -515,7 +543,8 @@ std::string MetalOp::describe() const {
          "; queue " + (submit_.shared_queue ? "shared" : "per_stream") + " (maxCommandBufferCount " +
          std::to_string(submit_.in_flight) + "); submitting thread QoS " + qos_name(qos_) +
          " (no GPU priority: Metal has no public one); " + std::to_string(submit_.per_buffer) +
-         " run() per command buffer; graph timer = k dispatches in one encoder and one command "
+         " run() per command buffer; GPU timers warm up for 0.5 s of wall time; graph timer = k "
+         "dispatches in one encoder and one command "
          "buffer minus an empty-buffer baseline; library: " + ctx_.library_origin;
   return out;
 }
