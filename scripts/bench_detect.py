@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kvmicro.cliffs import DEFAULT_RATIO, detect  # noqa: E402
+from kvmicro.cliffs import DEFAULT_RATIO, detect
 
 SCENARIOS = ("bump 1.5x", "bump 2x", "bump 21x", "step 6x", "smooth slope", "pure noise")
 
@@ -50,13 +50,14 @@ def make_curve(rng: np.random.Generator, grid: np.ndarray, scenario: str
         planted = (start, start + width - 1)
         truth[start:start + width] *= factor
     elif scenario.startswith("step"):
-        start = int(round(grid.size * rng.uniform(0.6, 0.85)))
+        start = round(grid.size * rng.uniform(0.6, 0.85))
         planted = (start, grid.size - 1)
         truth[start:] *= 6.0
     return truth, planted
 
 
-def sample(rng: np.random.Generator, truth: np.ndarray, runs: int, noise: float) -> list[list[float]]:
+def sample(rng: np.random.Generator, truth: np.ndarray, runs: int,
+           noise: float) -> list[list[float]]:
     out = []
     for t in truth:
         s = t * np.exp(rng.normal(0.0, noise, runs))

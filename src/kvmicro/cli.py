@@ -11,6 +11,8 @@
     kvmicro merge FILE... --out F    join shards into one file
     kvmicro adr fill ADR.md [--check] / adr new --title T --results FILE...
                                      decision records filled from results files
+    kvmicro regimes --model gpt2     decode latency over decoding budgets, cliffs detected
+    kvmicro contention --load 4      a case at each priority with and without background load
 
 Bad input prints one line ``kvmicro: error: ...`` on stderr and exits 2; so does a compare where
 nothing matched or a named backend matches no record. A check mismatch, a sweep error record, a
@@ -446,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .adr import add_parser as add_adr_parser
 
     add_adr_parser(sub)   # kvmicro adr fill|new: the parser and handlers live in adr.py
+    from .contention import add_parser as add_contention_parser
+    from .regimes import add_parser as add_regimes_parser
+
+    add_regimes_parser(sub)      # kvmicro regimes: parser and handler in regimes.py
+    add_contention_parser(sub)   # kvmicro contention: parser and handler in contention.py
     return parser
 
 

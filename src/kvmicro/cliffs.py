@@ -13,8 +13,8 @@ anomalous :class:`Interval` s. The method, in order:
    normal points' residuals), until that set stops changing, so that the baseline runs through
    the normal points and a step cannot drag it up; a short run of normal-looking points between
    a raised stretch and the end of the grid is tested by refitting without it (a step that runs
-   to the end bends a polynomial up through its last points). Cliffs sit on a sloped curve: the trend is
-   removed, not averaged over;
+   to the end bends a polynomial up through its last points). Cliffs sit on a sloped curve: the
+   trend is removed, not averaged over;
 3. a point is anomalous when its median exceeds the baseline by ``ratio`` (default 1.2) AND its
    CI does not overlap the baseline's: the point's CI low end lies above the baseline times the
    relative CI high end of the nearest normal points (the baseline is as uncertain as the points

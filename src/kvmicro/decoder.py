@@ -65,7 +65,8 @@ class ModelConfig:
     @property
     def parameters(self) -> int:
         per_layer = 4 * self.d_model * self.d_model + 2 * self.d_model * self.d_ff
-        return self.layers * per_layer + self.vocab * self.d_model + self.max_positions * self.d_model
+        embeddings = (self.vocab + self.max_positions) * self.d_model
+        return self.layers * per_layer + embeddings
 
     def check_length(self, tokens: int) -> None:
         """Refuse a sequence longer than the learned position table."""
@@ -229,7 +230,7 @@ class _NumpyOps(_Ops):
 
 
 class _TorchOps(_Ops):
-    def __init__(self, device: str, dtype: str) -> None:
+    def __init__(self, device: str, dtype: str, threads: int | None = None) -> None:
         try:
             import torch
         except ImportError as exc:
@@ -248,6 +249,8 @@ class _TorchOps(_Ops):
         self.dtype = dtype
         self._dt = getattr(torch, dtype)
         torch.set_grad_enabled(False)
+        if threads is not None:
+            torch.set_num_threads(threads)
 
     def asarray(self, a: np.ndarray) -> Any:
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self._dt)
@@ -386,9 +389,9 @@ DECODER_BACKENDS: tuple[str, ...] = ("numpy:cpu", "torch:cpu", "torch:cuda", "to
                                      "mlx:cpu", "mlx:gpu")
 
 
-def make_ops(backend: str, dtype: str | None = None) -> _Ops:
+def make_ops(backend: str, dtype: str | None = None, threads: int | None = None) -> _Ops:
     """The framework adapter for ``backend``; ``dtype`` defaults to float32 on CPU and float16
-    on a GPU."""
+    on a GPU; ``threads`` sets torch's intra-op threads (torch:cpu only)."""
     if backend not in DECODER_BACKENDS:
         raise InvalidCase(f"unknown decoder backend {backend!r}; expected one of "
                           f"{', '.join(DECODER_BACKENDS)}")
@@ -397,10 +400,16 @@ def make_ops(backend: str, dtype: str | None = None) -> _Ops:
         dtype = "float64" if family == "numpy" else "float32" if device == "cpu" else "float16"
     if dtype not in ("float16", "bfloat16", "float32", "float64"):
         raise InvalidCase(f"unknown dtype {dtype!r}; expected float16, bfloat16, float32")
+    if threads is not None:
+        if backend != "torch:cpu":
+            raise Unsupported(f"threads: {backend} has no intra-op thread setting here (only "
+                              "torch:cpu does)")
+        if threads < 1:
+            raise InvalidCase(f"threads {threads} must be >= 1")
     if family == "numpy":
         return _NumpyOps(dtype)
     if family == "torch":
-        return _TorchOps(device, dtype)
+        return _TorchOps(device, dtype, threads)
     return _MlxOps(device, dtype)
 
 
@@ -505,7 +514,7 @@ class Decoder:
     # -- decoding ---------------------------------------------------------------------------
     def start(self, prompt: np.ndarray, budget: int, kv_cache: bool) -> None:
         """Get ready to decode ``budget`` tokens after ``prompt`` (untimed: allocation)."""
-        n = int(len(prompt))
+        n = len(prompt)
         if n < 1:
             raise InvalidCase("[decoder] the prompt needs at least one token")
         if budget < 1:
@@ -546,7 +555,7 @@ class Decoder:
         with a fixed continuation (the prompt's tokens again) so two implementations see the
         same inputs even where their argmax would differ: for checks, not for timing."""
         o = self.ops
-        n = int(len(prompt))
+        n = len(prompt)
         self.cfg.check_length(n + steps)
         feed = np.resize(np.asarray(prompt), steps)
         self._setup(n + steps, kv_cache)
