@@ -324,10 +324,28 @@ def test_hardware_from_the_run_lines():
 
 
 def test_results_table_is_the_reports_markdown():
-    text = run_rule("results-table", grid() + contiguous(), op="sdpa_contiguous,gather_sdpa")
-    assert text.startswith("#### native:cpu (Test CPU)")
-    assert "| gather_sdpa NSHD µs | gather_sdpa NSHD ovh% |" in text
-    narrowed = run_rule("results-table", grid() + contiguous(), op="gather_sdpa")
-    assert "sdpa_contiguous NSHD" not in narrowed and "gather_sdpa NSHD" in narrowed
+    from kvmicro.report import DEFAULT_COLUMNS, render
+
+    records = grid() + contiguous()
+    text = run_rule("results-table", records)
+    assert text == render(records, "markdown", DEFAULT_COLUMNS).strip()
+    narrowed = run_rule("results-table", records, op="gather_sdpa")
+    gathers = [r for r in records if r["op"] == "gather_sdpa"]
+    assert narrowed == render(gathers, "markdown", DEFAULT_COLUMNS).strip()
+    assert narrowed != text
     with pytest.raises(MissingEvidence, match="no ok records"):
         run_rule("results-table", [rec(status="skipped")])
+
+
+def test_docs_document_every_rule_and_filter():
+    from pathlib import Path
+
+    from kvmicro.adr_rules import FILTERS
+
+    readme = (Path(__file__).parent.parent / "docs" / "adr" / "README.md").read_text()
+    for key, rule in RULES.items():
+        assert f"| `{key}` |" in readme, key
+        for param in rule.params:
+            assert f"`{param}`" in readme, (key, param)
+    for param in FILTERS:
+        assert f"`{param}`" in readme, param
