@@ -27,6 +27,7 @@ from kvmicro.harness import (
     resolve_cache_name,
 )
 from kvmicro.harness.cache import FALLBACK_CACHE_BYTES, MAX_COPIES
+from kvmicro.harness.measure import Sampler
 from kvmicro.harness.timers import GRAPH_MAX_K
 from kvmicro.workload import Case
 
@@ -439,3 +440,126 @@ def test_measure_imports_no_framework():
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True,
                    env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1] / "src")})
+
+
+# ------------------------------------------------------------------------- rounds (Sampler)
+
+
+class ScriptedGuard:
+    """A host-noise guard that calls every ``every``-th sample preempted."""
+
+    on = True
+    why_off = ""
+
+    def __init__(self, every: int = 0, always: bool = False) -> None:
+        self.every, self.always, self.count = every, always, 0
+
+    def refresh_threads(self) -> None:
+        pass
+
+    def begin(self) -> None:
+        pass
+
+    def end(self) -> str:
+        self.count += 1
+        if self.always or (self.every and self.count % self.every == 0):
+            return "preempted"
+        return ""
+
+    def summary(self) -> dict:
+        return {"guard": "on", "scripted": True}
+
+    def close(self) -> None:
+        pass
+
+
+def test_measure_spreads_the_samples_over_at_least_three_rounds():
+    m = measure(FakeDevice(per_op_us=5.0), quick(timer="device", min_samples=12), HotCache())
+    assert m.rounds["count"] == 3 and m.rounds["sizes"] == [4, 4, 4]
+    assert sum(m.rounds["sizes"]) == m.stats.n and m.rounds["agree"] is True
+    assert m.rounds["medians_us"] == [5.0, 5.0, 5.0] and m.rounds["spread_pct"] == 0.0
+    # warmup_count (2) discarded samples at the start of rounds 2 and 3
+    assert m.rewarm_samples == 4
+
+
+def test_one_round_is_the_old_single_loop():
+    m = measure(FakeDevice(per_op_us=5.0), quick(timer="device", min_samples=12, rounds=1),
+                HotCache())
+    assert m.rounds["sizes"] == [12] and m.rewarm_samples == 0
+
+
+def test_samplers_of_several_cases_interleave_their_rounds():
+    a, b = FakeDevice(per_op_us=5.0), FakeDevice(per_op_us=7.0)
+    config = quick(timer="device", criterion="sample-count", min_samples=9)
+    samplers = [Sampler(a, config, HotCache()), Sampler(b, config, HotCache())]
+    order = []
+    while not all(s.done() for s in samplers):
+        for s in samplers:
+            if not s.done():
+                before = s.n
+                s.round()
+                order.append((s is samplers[1], s.n - before))
+    # a, b, a, b, a, b: three rounds each of a third of the samples, taken in turn
+    assert order == [(False, 3), (True, 3)] * 3
+    ma, mb = (s.result() for s in samplers)
+    assert ma.stats.median_us == 5.0 and mb.stats.median_us == 7.0 and ma.converged
+
+
+def test_rounds_that_disagree_are_not_converged_and_say_so():
+    p = FakeDevice(per_op_us=10.0)
+    s = Sampler(p, quick(timer="device", min_samples=30), HotCache())
+    for speed in (10.0, 13.0, 10.0):   # a neighbour slowed the second round by 30%
+        p.per_op_us = speed
+        s.round()
+    assert s.done()
+    m = s.result()
+    assert not m.converged and "rounds-disagree" in m.flags
+    assert m.rounds["agree"] is False and m.rounds["spread_pct"] == pytest.approx(30.0)
+    assert "rounds disagree: round medians 10, 13, 10 µs" in m.criterion["why_not"]
+
+
+def test_rounds_within_their_noise_agree():
+    values = np.random.default_rng(3).lognormal(np.log(10.0), 0.3, 10_000)
+    m = measure(FakeDevice(values=values), quick(timer="device", noise=0.05), HotCache())
+    assert m.rounds["count"] >= 3 and m.rounds["agree"] and m.converged
+
+
+def test_host_disturbed_samples_are_dropped_counted_and_flag_a_busy_host():
+    m = measure(FakeDevice(per_op_us=5.0),
+                quick(timer="device", criterion="sample-count", min_samples=20), HotCache())
+    assert "host-busy" not in m.flags
+    s = Sampler(FakeDevice(per_op_us=5.0),
+                quick(timer="device", criterion="sample-count", min_samples=20),
+                HotCache(), host_guard=ScriptedGuard(every=2))
+    while not s.done():
+        s.round()
+    m = s.result()
+    assert m.stats.n == 20 and m.dropped_why["preempted"] >= 19
+    assert "host-busy" in m.flags and m.host["disturbed"] == m.dropped_why["preempted"]
+
+
+def test_a_host_timer_guards_its_own_window_not_the_flush():
+    guard = ScriptedGuard()
+    s = Sampler(Fake(slow_s=0.001), quick(timer="host", criterion="sample-count",
+                                          min_samples=6), ColdFlush(1 << 16), host_guard=guard)
+    while not s.done():
+        s.round()
+    assert s.timer.guard is guard and guard.count >= 6
+    assert s.result().stats.n == 6
+
+
+def test_when_every_sample_was_disturbed_the_record_says_so_instead_of_failing():
+    s = Sampler(FakeDevice(per_op_us=5.0),
+                quick(timer="device", criterion="sample-count", min_samples=5,
+                      max_time_s=0.05, max_samples=40),
+                HotCache(), host_guard=ScriptedGuard(always=True))
+    while not s.done():
+        s.round()
+    m = s.result()
+    assert m.stats.median_us == 5.0 and not m.converged and "host-busy" in m.flags
+    assert m.criterion["why_not"].startswith("every sample was disturbed by other work")
+
+
+def test_rounds_are_validated():
+    with pytest.raises(InvalidCase, match="rounds 0"):
+        MeasureConfig(rounds=0)

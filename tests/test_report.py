@@ -1,7 +1,8 @@
-"""Reports: one Compare-style table per backend/shape/dtype/timer/cache with ctx, batch, block and
-frag% rows and op x layout columns; noisy and unconverged cells marked; the fastest layout starred;
-overhead against sdpa_contiguous of the same shape; skipped and failed cases listed with their
-reasons; CSV with every record; plots behind an optional import."""
+"""Reports: one Compare-style table per op and shape group with ctx and batch rows and layout
+columns, at most 120 characters wide; medians with their CI half-width; noisy and unconverged
+cells marked and explained once; the fastest layout marked by the verdict (* fastest, = tie,
+~ cannot tell apart); overhead against sdpa_contiguous with its CI; skipped and failed cases
+listed with their reasons; CSV with every record; plots behind an optional import."""
 
 from __future__ import annotations
 
@@ -79,55 +80,102 @@ def write(path: Path, records: list[dict[str, Any]]) -> Path:
     return path
 
 
-def test_the_text_table_has_shape_rows_op_layout_columns_and_marks() -> None:
+def test_one_table_per_op_with_shape_rows_layout_columns_and_marks() -> None:
     text = render(sample_records(), "table")
-    title, top, sub, rule, row256, row1024 = text.splitlines()[:6]
-    assert "torch:cpu" in title and "Hq 8 Hkv 2 D 64" in title and "float32" in title
-    assert "timer batched" in title and "cache cold:rotate" in title and "reverse" in title
-    assert top.split()[:4] == ["ctx", "batch", "block", "frag%"]
-    assert "sdpa_contiguous" in top and "gather_sdpa" in top
-    assert sub.split() == ["µs", "NSHD", "µs", "NSHD", "ovh%", "HNSD", "µs", "HNSD", "ovh%"]
+    blocks = text.split("\n\n")
+    contiguous, gather = blocks[0].splitlines(), blocks[1].splitlines()
+    assert contiguous[0].startswith("[") and "sdpa_contiguous · torch:cpu (cpu0)" in contiguous[0]
+    title, top, sub, rule, row256, row1024 = gather
+    assert "gather_sdpa · torch:cpu" in title and "Hq 8 Hkv 2 D 64" in title
+    assert "float32" in title and "batched/cold:rotate" in title and "block 16" in title
+    assert top.split() == ["ctx", "batch", "NSHD", "NSHD", "HNSD", "HNSD"]
+    assert sub.split() == ["µs", "±CI", "ovh%", "±CI", "µs", "±CI", "ovh%", "±CI"]
     assert set(rule) == {"-"}
-    assert row256.split()[:4] == ["256", "1", "16", "0.000"]   # rows sorted by ctx
-    # ctx 256: HNSD (25) beats NSHD (30, not converged: "?"); overheads are 50% and 25%
-    assert "30.00 ? 50.00" in " ".join(row256.split())
-    assert "25.00 * 25.00" in " ".join(row256.split())
-    # ctx 1024: NSHD (75) is fastest; HNSD (150) is noisy
+    assert row256.split()[:2] == ["256", "1"]   # rows sorted by ctx
+    # ctx 256: NSHD (30) did not converge: "?", and it cannot be told apart from HNSD (25)
+    norm = " ".join(row256.split())
+    assert "30.00 ±0.03 ~ ? +50.0 ±0.2" in norm and "25.00 ±0.03 ~ +25.0 ±0.2" in norm
+    # ctx 1024: HNSD (150) is noisy, so no star for NSHD (75) either
     norm = " ".join(row1024.split())
-    assert "75.00 * 50.00" in norm and "150.0 (! " in norm and norm.endswith("200.0")
+    assert "75.00 ±0.09 ~ +50.0 ±" in norm and "~ (! 31%) +200.0 ±" in norm
     assert "Skipped and failed cases:" in text
     assert "skipped torch:cpu x2 paged_sdpa: torch has no fused paged attention kernel on cpu" \
         in " ".join(text.split())
     assert "error torch:cpu x1 append: append disagrees with the oracle" in " ".join(text.split())
 
 
+def test_the_fastest_layout_is_starred_only_when_the_test_says_so_and_ties_are_ties() -> None:
+    records = [record("gather", "NSHD", median=50.0), record("gather", "HNSD", median=80.0),
+               record("gather", "NHSD", median=50.5),
+               record("gather", "NSHD", ctx=2048, median=50.0),
+               record("gather", "HNSD", ctx=2048, median=80.0)]
+    rows = render(records, "table").split("\n\n")[0].splitlines()[4:]
+    tie, star = (" ".join(r.split()) for r in rows)
+    # NSHD and NHSD are within 1% of each other: a tie; HNSD is slower than both: no mark
+    assert "50.00 ±0.06 = 80.00 ±0.09 50.50 ±0.06 =" in tie
+    assert star.endswith("50.00 ±0.06 * 80.00 ±0.09")
+
+
+def test_every_table_fits_120_columns_and_a_wide_one_is_split_by_layout() -> None:
+    layouts = ("NSHD", "HNSD", "NHSD", "SNHD", "HSND", "DNSH")
+    records = [record("sdpa_contiguous", ctx=ctx, median=40.0) for ctx in (256, 4096)]
+    records += [record("paged_sdpa", layout, ctx=ctx, median=1000.0 + i, contiguous=40.0,
+                       spread=0.5, converged=False)
+                for ctx in (256, 4096) for i, layout in enumerate(layouts)]
+    text = render(records, "table")
+    assert max(len(line) for line in text.splitlines()) <= 120
+    titles = [t.title for t in build_tables(records)]
+    parts = [t for t in titles if t.startswith("paged_sdpa")]
+    assert len(parts) >= 2 and parts[0].endswith(f"(1/{len(parts)})")
+    assert parts[-1].endswith(f"({len(parts)}/{len(parts)})")
+
+
+def test_noisy_and_unconverged_cells_are_explained_once_with_what_to_do() -> None:
+    records = [*sample_records(), record("gather", "NSHD", median=9.0, spread=0.5),
+               record("gather", "HNSD", median=9.0, dtype="float16", spread=0.5)]
+    text = render(records, "table")
+    assert text.count("(! XX%)") == 1 and "3 cells" in text
+    assert "--timer batched" in text and "stop other work" in text
+    assert text.count("the stopping rule did not converge") == 1
+
+
+def test_overhead_is_shown_with_its_ci_even_when_negative() -> None:
+    records = [record("sdpa_contiguous", median=100.0, spread=0.05),
+               record("paged_sdpa", median=5.3, contiguous=100.0, spread=0.05)]
+    row = render(records, "table").split("\n\n")[1].splitlines()[4]
+    value, half = row.split()[-2:]
+    assert value == "-94.7" and half.startswith("±") and 0 <= float(half[1:]) < 1
+
+
 def test_one_table_per_backend_dtype_timer_and_cache() -> None:
     records = [*sample_records(), record("sdpa_contiguous", backend="native:cpu", median=5.0),
                record("gather", median=9.0, dtype="float16")]
     titles = [t.title for t in build_tables(records)]
-    assert len(titles) == 3
-    assert titles[0].startswith("native:cpu") and "float32" in titles[0]
-    assert titles[1].startswith("torch:cpu") and "float16" in titles[1]
-    assert titles[2].startswith("torch:cpu") and "float32" in titles[2]
+    assert len(titles) == 4
+    assert titles[0].startswith("sdpa_contiguous · native:cpu") and "float32" in titles[0]
+    assert titles[1].startswith("gather · torch:cpu") and "float16" in titles[1]
+    assert titles[2].startswith("sdpa_contiguous · torch:cpu") and "float32" in titles[2]
+    assert titles[3].startswith("gather_sdpa · torch:cpu")
 
 
 def test_overhead_is_computed_from_the_contiguous_record_when_a_record_lacks_it() -> None:
     # records from different shards or a pytest-benchmark file may carry no overhead
     records = [record("sdpa_contiguous", median=40.0), record("gather_sdpa", median=60.0)]
     records[1]["derived"]["overhead_pct"] = None
-    row = render(records, "table").splitlines()[4]
-    assert row.split()[-1] == "50.00"
+    row = render(records, "table").split("\n\n")[1].splitlines()[4]
+    assert row.split()[-2] == "+50.0"
 
 
 def test_markdown_is_a_pipe_table_per_group() -> None:
     text = render(sample_records(), "markdown")
     lines = text.splitlines()
-    assert lines[0].startswith("#### torch:cpu")
+    assert lines[0].startswith("#### sdpa_contiguous · torch:cpu")
     header = lines[2]
-    assert header.startswith("| ctx | batch | block | frag% | sdpa_contiguous µs |")
-    assert "| gather_sdpa NSHD ovh% |" in header
+    assert header == "| ctx | batch | sdpa_contiguous µs ±CI |"
     assert lines[3].startswith("|---:|")
-    assert lines[4].startswith("| 256 | 1 | 16 |")
+    assert lines[4].startswith("| 256 | 1 | 20.00 ±")
+    assert "| ctx | batch | gather_sdpa NSHD µs ±CI | gather_sdpa NSHD ovh% ±CI |" in text
+    assert "_* fastest layout of the op in its row" in text
     assert "#### Skipped and failed cases" in text
     assert "| skipped | torch:cpu | 2 | paged_sdpa |" in text
 
@@ -155,7 +203,7 @@ def test_columns_are_validated_against_stats_fields_and_derived_figures() -> Non
     with pytest.raises(InvalidCase, match=r"unknown column 'median'.*median_us.*gbps"):
         parse_columns("median")
     text = render(sample_records(), "table", parse_columns("min_us,gbps"))
-    assert "GB/s" in text.splitlines()[2] and "min_us" in text.splitlines()[2]
+    assert ["min_us", "GB/s"] in [line.split() for line in text.splitlines()]
 
 
 def test_report_command_reads_several_files_and_writes_each_format(tmp_path: Path,

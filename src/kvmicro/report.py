@@ -1,12 +1,15 @@
 """Reports over result files: Compare-style tables (text or Markdown), CSV, and plots.
 
 Reads records only (``results.read_results``: kvmicro JSONL and pytest-benchmark JSON alike) and
-never measures. One table per backend, shape (heads, head_dim, placement, slack), dtype, timer and
-cache policy; rows are ctx, batch, block and frag%; columns are op x layout. A cell is the median in
-µs (the unit is stated once, under the table), marked ``(! 12%)`` when the sample spread is above
-``NOISY_PCT`` and ``?`` when the stopping rule did not converge; ``*`` marks the fastest layout of
-an op in its row. ``ovh%`` is the overhead against ``sdpa_contiguous`` of the same shape.
-Skipped and error records are listed after the tables with their reasons.
+never measures. One table per op and shape group (backend, heads, head_dim, placement, slack,
+dtype, timer and cache policy); rows are ctx, batch, block and frag%; columns are the layouts,
+and a table wider than 120 columns is split by layout. A cell is the median in µs with the
+half-width of its 95% CI (``12.34 ±0.05``), marked ``(! 12%)`` when the sample spread is above
+``NOISY_PCT`` and ``?`` when the stopping rule did not converge. The fastest-layout mark comes
+from :mod:`kvmicro.verdict`: ``*`` fastest (every other layout slower by the test), ``=`` tied,
+``~`` cannot tell apart. ``ovh%`` is the overhead against ``sdpa_contiguous`` of the same shape,
+with its CI. What the marks mean is said once, under the tables. Skipped and error records are
+listed after the tables with their reasons.
 """
 
 from __future__ import annotations
@@ -197,21 +200,18 @@ def fmt_number(x: Any) -> str:
 
 
 def table_key(rec: dict[str, Any]) -> tuple[Any, ...]:
-    from .record import backend_label
-
-    # one table per backend variant: native:cuda[splits=8] is not native:cuda
-    return (backend_label(rec), rec.get("q_heads"), rec.get("kv_heads"), rec.get("head_dim"),
+    return (rec.get("backend"), rec.get("q_heads"), rec.get("kv_heads"), rec.get("head_dim"),
             rec.get("q_len", 1), rec.get("placement"), rec.get("slack"), rec.get("dtype"),
             timer_of(rec), cache_of(rec))
 
 
-def table_title(key: tuple[Any, ...], device: str = "") -> str:
+def table_title(key: tuple[Any, ...], device: str = "", op: str = "") -> str:
     backend, hq, hkv, d, q_len, placement, slack, dtype, timer, cache = key
-    parts = [str(backend) + (f" ({device})" if device else ""), f"Hq {hq} Hkv {hkv} D {d}"]
+    parts = ([op] if op else []) + [str(backend) + (f" ({device})" if device else ""),
+                                    f"Hq {hq} Hkv {hkv} D {d}"]
     if q_len != 1:
         parts.append(f"q_len {q_len}")
-    parts += [str(dtype), f"{placement} placement, slack {float(slack or 0):g}",
-              f"timer {timer}", f"cache {cache}"]
+    parts += [str(dtype), f"{placement}, slack {float(slack or 0):g}", f"{timer}/{cache}"]
     return " · ".join(parts)
 
 
@@ -223,25 +223,45 @@ class Table:
         # header cells: (first line, second line, full name for one-line formats)
         self.title, self.header, self.rows, self.notes = title, header, rows, notes
 
+    def widths(self) -> list[int]:
+        return [max(len(h[0]), len(h[1]), *(len(r[i]) for r in self.rows))
+                for i, h in enumerate(self.header)]
+
+    @property
+    def width(self) -> int:
+        widths = self.widths()
+        return sum(widths) + 2 * (len(widths) - 1)
+
     def text(self) -> str:
         top = [h[0] for h in self.header]
         sub = [h[1] for h in self.header]
-        widths = [max(len(t), len(s), *(len(r[i]) for r in self.rows))
-                  for i, (t, s) in enumerate(zip(top, sub, strict=True))]
+        widths = self.widths()
         total = sum(widths) + 2 * (len(widths) - 1)
         title = f" {self.title} "
-        pad = max(total - len(title), 4)
-        lines = ["[" + "-" * (pad // 2) + title + "-" * (pad - pad // 2) + "]"]
+        inner = max(total - 2, len(title) + 4)   # the title line is as wide as the table
+        if inner + 2 <= MAX_WIDTH:
+            pad = inner - len(title)
+            lines = ["[" + "-" * (pad // 2) + title + "-" * (pad - pad // 2) + "]"]
+        else:   # a long title wraps at its " · " separators
+            lines, current = [], ""
+            for piece in self.title.split(" · "):
+                if current and len(current) + len(piece) + 3 > MAX_WIDTH - 8:
+                    lines.append(current + " ·")
+                    current = piece
+                else:
+                    current = f"{current} · {piece}" if current else piece
+            lines.append(current)
+            lines = ["[-- " + lines[0]] + ["    " + t for t in lines[1:]]
+            lines[-1] += " --]"
 
-        def line(cells: list[str], left: int) -> str:
-            out = [c.rjust(w) if i >= left else c.ljust(w)
-                   for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        def line(cells: list[str]) -> str:
+            out = [c.rjust(w) for c, w in zip(cells, widths, strict=True)]
             return "  ".join(out).rstrip()
 
-        lines.append(line(top, 0))
-        lines.append(line(sub, 0))
+        lines.append(line(top))
+        lines.append(line(sub))
         lines.append("-" * total)
-        lines += [line(r, 0) for r in self.rows]
+        lines += [line(r) for r in self.rows]
         lines += self.notes
         return "\n".join(lines)
 
@@ -255,17 +275,30 @@ class Table:
         return "\n".join(lines)
 
 
-def build_tables(records: Sequence[dict[str, Any]],
-                 columns: Sequence[str] = DEFAULT_COLUMNS) -> list[Table]:
-    """The Compare-style tables of the ``ok`` records (see the module docstring)."""
+#: the default table width: a table wider than this is split by layout
+MAX_WIDTH = 120
+#: marks of the fastest-layout comparison (see :func:`layout_marks`)
+MARK_FASTEST, MARK_TIE, MARK_UNSURE = "*", "=", "~"
+
+
+def build_tables(records: Sequence[dict[str, Any]], columns: Sequence[str] = DEFAULT_COLUMNS,
+                 width: int = MAX_WIDTH) -> list[Table]:
+    """The Compare-style tables of the ``ok`` records: one per op and shape group (backend,
+    heads, head_dim, q_len, placement, slack, dtype, timer, cache), rows ctx x batch x block,
+    columns the layouts; a table wider than ``width`` is split into several by layout."""
     ok = [r for r in records if r.get("status") == "ok" and stat(r, "median_us") is not None]
-    contiguous = contiguous_medians(ok)
+    contiguous = contiguous_records(ok)
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for rec in ok:
-        groups[table_key(rec)].append(rec)
-    tables = []
-    for key in sorted(groups, key=lambda k: tuple(str(x) for x in k)):
-        tables.append(_table(key, groups[key], columns, contiguous))
+        groups[(table_key(rec), rec.get("op", "?"))].append(rec)
+
+    def order(k: tuple[Any, ...]) -> tuple[Any, ...]:
+        key, op = k
+        return (tuple(str(x) for x in key), OP_ORDER.index(op) if op in OP_ORDER else 99, op)
+
+    tables: list[Table] = []
+    for key, op in sorted(groups, key=order):
+        tables += _op_tables(key, op, groups[(key, op)], columns, contiguous, width)
     return tables
 
 
@@ -275,73 +308,214 @@ def _layout_order(layout: str) -> tuple[int, str]:
             layout)
 
 
-def _table(key: tuple[Any, ...], recs: list[dict[str, Any]], columns: Sequence[str],
-           contiguous: dict[tuple[Any, ...], float]) -> Table:
-    ops_layouts: dict[str, list[str]] = defaultdict(list)
-    for rec in recs:
-        op, layout = rec.get("op", "?"), rec.get("layout", "?")
-        if layout not in ops_layouts[op]:
-            ops_layouts[op].append(layout)
-    ops = sorted(ops_layouts, key=lambda o: (OP_ORDER.index(o) if o in OP_ORDER else 99, o))
-    header: list[tuple[str, str, str]] = [(n, "", n) for n in ("ctx", "batch", "block", "frag%")]
-    cols: list[tuple[str, str, str]] = []   # (op, layout, column)
-    for op in ops:
-        layouts = sorted(ops_layouts[op], key=_layout_order)
-        for layout in layouts:
-            first = True
-            for column in columns:
-                if column == "overhead_pct" and op not in OVERHEAD_OPS:
-                    continue
-                label = _LABELS.get(column, column)
-                shown_layout = "" if (op == "sdpa_contiguous" and len(layouts) == 1) else layout
-                sub = f"{shown_layout} {label}".strip()
-                header.append((op if first else "", sub, f"{op} {sub}"))
-                cols.append((op, layout, column))
-                first = False
-    cells: dict[tuple[Any, ...], dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
+def contiguous_records(records: Iterable[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The ok sdpa_contiguous record of each shape (:func:`shape_key`)."""
+    return {shape_key(r): r for r in records
+            if r.get("status") == "ok" and r.get("op") == "sdpa_contiguous"
+            and stat(r, "median_us")}
+
+
+def overhead_ci(rec: dict[str, Any], base: dict[str, Any] | None) -> tuple[float, float] | None:
+    """The 95% CI of a record's overhead% against its sdpa_contiguous record: the bootstrap CI of
+    the median ratio over both records' samples (rounds-aware, verdict.ratio_interval), or, for
+    records without samples, the conservative box from the two medians' CIs."""
+    from .verdict import ratio_interval, record_rounds
+
+    if base is None:
+        return None
+    new_x, base_x = rec.get("samples_us") or [], base.get("samples_us") or []
+    try:
+        if new_x and base_x:
+            lo, hi = ratio_interval(new_x, base_x, new_rounds=record_rounds(rec),
+                                    base_rounds=record_rounds(base), resamples=1000)
+        else:
+            lo = float(stat(rec, "ci95_lo_us")) / float(stat(base, "ci95_hi_us"))
+            hi = float(stat(rec, "ci95_hi_us")) / float(stat(base, "ci95_lo_us"))
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    return (lo - 1.0) * 100.0, (hi - 1.0) * 100.0
+
+
+def layout_marks(by_layout: dict[str, dict[str, Any]],
+                 threshold: float | None = None) -> dict[str, str]:
+    """The fastest-layout marks of one op in one row, from verdict.py: the layout with the lowest
+    median gets ``*`` when every other layout is slower by the test, ``=`` when the others that
+    are not slower are the same (a tie: they get ``=`` too), ``~`` when some cannot be told
+    apart from it (unsure: those get ``~`` too). One layout alone gets no mark."""
+    from .verdict import DEFAULT_THRESHOLD, compare_records
+
+    if len(by_layout) < 2:
+        return {}
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    best = min(by_layout, key=lambda lay: float(stat(by_layout[lay], "median_us")))
+    marks: dict[str, str] = {}
+    for layout, rec in by_layout.items():
+        if layout == best:
+            continue
+        v = compare_records(rec, by_layout[best], threshold=threshold).verdict
+        if v == "same":
+            marks[layout] = MARK_TIE
+        elif v != "slower":
+            marks[layout] = MARK_UNSURE
+    if MARK_UNSURE in marks.values():
+        marks[best] = MARK_UNSURE
+    elif marks:
+        marks[best] = MARK_TIE
+    else:
+        marks[best] = MARK_FASTEST
+    return marks
+
+
+def _fmt_pm(median: float, half: float) -> str:
+    """``median ±half`` with the half-width at the median's precision."""
+    text = fmt_number(median)
+    decimals = len(text.split(".")[1]) if "." in text and "e" not in text else 0
+    return f"{text} ±{half:.{decimals}f}" if "e" not in text else f"{text} ±{half:.1e}"
+
+
+def _median_cell(rec: dict[str, Any], mark: str) -> tuple[str, bool, bool]:
+    """The median with its CI half-width, the mark, ``(! XX%)`` and ``?``; and whether the cell
+    is noisy and unconverged."""
+    median, lo, hi = stat(rec, "median_us"), stat(rec, "ci95_lo_us"), stat(rec, "ci95_hi_us")
+    if lo is not None and hi is not None:
+        text = _fmt_pm(float(median), (float(hi) - float(lo)) / 2.0)
+    else:
+        text = fmt_number(median)
+    if mark:
+        text += f" {mark}"
+    noisy = is_noisy(rec)
+    if noisy:
+        text += f" (! {stat(rec, 'spread_pct'):.0f}%)"
+    unconverged = converged(rec) is False
+    if unconverged:
+        text += " ?"
+    return text, noisy, unconverged
+
+
+def _overhead_cell(rec: dict[str, Any], contiguous: dict[tuple[Any, ...], dict[str, Any]]) -> str:
+    medians = {k: float(stat(r, "median_us")) for k, r in contiguous.items()}
+    value_ = overhead(rec, medians)
+    if value_ is None:
+        return ""
+    ci = overhead_ci(rec, contiguous.get(shape_key(rec)))
+    if ci is None:
+        return f"{value_:+.1f}"
+    return f"{value_:+.1f} ±{(ci[1] - ci[0]) / 2.0:.1f}"
+
+
+def _op_tables(key: tuple[Any, ...], op: str, recs: list[dict[str, Any]],
+               columns: Sequence[str], contiguous: dict[tuple[Any, ...], dict[str, Any]],
+               width: int) -> list[Table]:
+    layouts = sorted({str(r.get("layout", "?")) for r in recs}, key=_layout_order)
+    shown = [c for c in columns if not (c == "overhead_pct" and op not in OVERHEAD_OPS)]
+    medians = {k: float(stat(r, "median_us")) for k, r in contiguous.items()}
+    cells: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = defaultdict(dict)
     for rec in recs:
         ctx = rec.get("ctx")
         row = (_ctx_sort(ctx), ctx_label(ctx), rec.get("batch"), rec.get("block_size"),
                rec.get("frag_pct"))
-        cells[row][(rec.get("op"), rec.get("layout"))] = rec
-    noisy = unconverged = 0
-    rows = []
-    for row in sorted(cells, key=lambda r: (r[0], r[2] or 0, r[3] or 0)):
-        by_cell = cells[row]
-        best: dict[str, str] = {}
-        for op in ops:
-            medians = {lay: stat(rec, "median_us") for (o, lay), rec in by_cell.items()
-                       if o == op}
-            if len(medians) > 1:
-                best[op] = min(medians, key=lambda lay: medians[lay])
-        out = [row[1], str(row[2]), str(row[3]), fmt_number(row[4])]
-        for op, layout, column in cols:
-            rec = by_cell.get((op, layout))
-            if rec is None:
-                out.append("")
-                continue
-            text = fmt_number(value(rec, column, contiguous))
-            if column == "median_us":
-                if best.get(op) == layout:
-                    text += " *"
-                spread = stat(rec, "spread_pct")
-                if is_noisy(rec):
-                    text += f" (! {spread:.0f}%)"
-                    noisy += 1
-                if converged(rec) is False:
-                    text += " ?"
-                    unconverged += 1
-            out.append(text)
-        rows.append(out)
+        cells[row][str(rec.get("layout", "?"))] = rec
+    row_keys = sorted(cells, key=lambda r: (r[0], r[2] or 0, r[3] or 0))
+    # one column group per layout: its cells, row by row
+    groups: list[tuple[list[tuple[str, str, str]], list[list[str]]]] = []
+    counts = {"noisy": 0, "unconverged": 0}
+    marks = {row: layout_marks(cells[row]) for row in row_keys}
+    single = op == "sdpa_contiguous" and len(layouts) == 1
+    for layout in layouts:
+        header, body = [], []
+        for column in shown:
+            label = _LABELS.get(column, column)
+            sub = f"{label} ±CI" if column in ("median_us", "overhead_pct") else label
+            top = "" if single else layout
+            header.append((top, sub, f"{op} {top} {sub}".replace("  ", " ")))
+        for row in row_keys:
+            rec = cells[row].get(layout)
+            out = []
+            for column in shown:
+                if rec is None:
+                    out.append("")
+                elif column == "median_us":
+                    text, noisy, unconverged = _median_cell(rec, marks[row].get(layout, ""))
+                    counts["noisy"] += noisy
+                    counts["unconverged"] += unconverged
+                    out.append(text)
+                elif column == "overhead_pct":
+                    out.append(_overhead_cell(rec, contiguous))
+                else:
+                    out.append(fmt_number(value(rec, column, medians)))
+            body.append(out)
+        groups.append((header, body))
+    # block and frag% columns only where they vary; a constant one goes into the title
+    row_header: list[tuple[str, str, str]] = [("ctx", "", "ctx"), ("batch", "", "batch")]
+    row_cells = [[r[1], str(r[2])] for r in row_keys]
+    constant = []
+    for index, name, fmt in ((3, "block", str), (4, "frag%", fmt_number)):
+        values = {r[index] for r in row_keys}
+        if len(values) == 1:
+            if name == "block" or next(iter(values)):
+                constant.append(f"{name} {fmt(next(iter(values)))}")
+            continue
+        row_header.append((name, "", name))
+        for out, r in zip(row_cells, row_keys, strict=True):
+            out.append(fmt(r[index]))
     device = next((r.get("device") for r in recs if r.get("device")), "")
-    notes = ["  times in µs (median of the samples); * fastest layout of the op in its row"]
-    if any(c == "overhead_pct" for _, _, c in cols):
-        notes.append("  ovh% = median over sdpa_contiguous of the same shape, minus 1, in %")
+    title = " · ".join([table_title(key, device, op), *constant])
+
+    def assemble(chunk: list[int], part: str) -> Table:
+        header = list(row_header)
+        rows = [list(r) for r in row_cells]
+        for g in chunk:
+            header += groups[g][0]
+            for out, extra in zip(rows, groups[g][1], strict=True):
+                out += extra
+        return Table(title + part, header, rows, [])
+
+    # as many layouts per table as fit the width
+    chunks: list[list[int]] = [[]]
+    for g in range(len(groups)):
+        if chunks[-1] and assemble([*chunks[-1], g], "").width > width:
+            chunks.append([])
+        chunks[-1].append(g)
+    tables = []
+    for i, chunk in enumerate(chunks):
+        part = f" ({i + 1}/{len(chunks)})" if len(chunks) > 1 else ""
+        tables.append(assemble(chunk, part))
+    tables[-1].counts = counts  # type: ignore[attr-defined]
+    return tables
+
+
+def legend(tables: Sequence[Table], columns: Sequence[str] = DEFAULT_COLUMNS) -> list[str]:
+    """What the cells and marks mean, said once under all the tables, with what to do about
+    noisy and unconverged cells."""
+    from .verdict import DEFAULT_THRESHOLD
+
+    noisy = sum(getattr(t, "counts", {}).get("noisy", 0) for t in tables)
+    unconverged = sum(getattr(t, "counts", {}).get("unconverged", 0) for t in tables)
+    pct = f"{DEFAULT_THRESHOLD * 100:g}%"
+    lines = ["times in µs: the median of the samples ± half the width of its 95% CI"]
+    if "overhead_pct" in columns:
+        lines.append("ovh% = median over sdpa_contiguous of the same shape, minus 1, in %, "
+                     "± half its 95% CI (bootstrap of the median ratio)")
+    lines += [
+        f"{MARK_FASTEST} fastest layout of the op in its row: every other layout is slower by "
+        f"the test (Mann-Whitney p < 0.01, ratio 95% CI beyond {pct})",
+        f"{MARK_TIE} tied for fastest: the same within {pct}   "
+        f"{MARK_UNSURE} cannot tell apart from the fastest (a noisy or unconverged record, or "
+        "too few samples)",
+    ]
     if noisy:
-        notes.append(f"  (! XX%) = spread above {NOISY_PCT:.0f}% ({noisy} cells): read with care")
+        lines.append(
+            f"(! XX%) {noisy} cells: the middle 90% of their samples spans XX% of the median "
+            f"(over {NOISY_PCT:g}%): jitter from other work on the host or from the op itself. "
+            "Their ± says how well the median is known, but comparisons with them are unsure. "
+            "To fix: stop other work (the sweep says when the host was busy), time ops under "
+            "~10 µs with --timer batched, or sample longer (--max-time).")
     if unconverged:
-        notes.append(f"  ? = the stopping rule did not converge ({unconverged} cells)")
-    return Table(table_title(key, device), header, rows, notes)
+        lines.append(f"? {unconverged} cells: the stopping rule did not converge (the record's "
+                     "criterion.why_not says why): raise --max-time or loosen --noise.")
+    return lines
 
 
 def problems(records: Sequence[dict[str, Any]]) -> list[tuple[str, str, str, int, list[str]]]:
@@ -383,10 +557,22 @@ def render(records: Sequence[dict[str, Any]], fmt: str = "table",
     parts = [t.markdown() if fmt == "markdown" else t.text() for t in tables]
     if not tables:
         parts.append("no ok records to tabulate")
+    else:
+        notes = legend(tables, columns)
+        parts.append("\n\n".join(f"_{n}_" for n in notes) if fmt == "markdown"
+                     else "\n".join(_wrap(n, MAX_WIDTH) for n in notes))
     extra = render_problems(records, markdown=fmt == "markdown")
     if extra:
         parts.append(extra)
     return "\n\n".join(parts) + "\n"
+
+
+def _wrap(text: str, width: int) -> str:
+    """A legend line wrapped to ``width``, continuation lines indented."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, initial_indent="  ",
+                                    subsequent_indent="      "))
 
 
 # ---------------------------------------------------------------------------------------- csv

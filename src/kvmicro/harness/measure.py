@@ -36,7 +36,7 @@ from ..derived import footprint_bytes, working_set_bytes
 from ..errors import InvalidCase, KvmicroError
 from .cache import CACHE_POLICIES, CachePolicy
 from .criteria import CRITERIA, Criterion, make_criterion
-from .noise import BUSY_DROP_FRACTION, HostGuard, announce_guard_off, announce_if_busy
+from .noise import BUSY_DROP_FRACTION, HostGuard
 from .noise import REASONS as HOST_REASONS
 from .stats import Stats, median_ci_ranks
 from .timers import make_timer
@@ -166,10 +166,11 @@ def _guard(prepared: Prepared, sample_us: float, threshold: float) -> tuple[str,
 class Sampler:
     """One case's measurement, taken in rounds that other cases' rounds may interleave with.
 
-    ``round()`` takes one round: the first warms up and calibrates k, later ones re-warm with one
-    discarded sample (other cases ran in between). Each round aims at 1/``rounds`` of the samples
-    the criterion expects (:meth:`Criterion.expected_n`) within 1/``rounds`` of ``max_time_s``;
-    from round ``rounds`` on, a round also ends as soon as the criterion is done. ``done()`` is
+    ``round()`` takes one round: the first warms up and calibrates k, later ones re-warm with
+    ``warmup_count`` discarded samples (other cases ran in between). Each round aims at
+    1/``rounds`` of the samples the criterion expects (:meth:`Criterion.expected_n`) within
+    1/``rounds`` of ``max_time_s``; from round ``rounds`` on, a round also ends as soon as the
+    criterion is done. ``done()`` is
     true once ``rounds`` rounds were taken and the criterion is done, or a budget (``max_samples``,
     ``max_time_s`` of sampling, rounds' re-warm and other cases excluded) ran out. ``result()``
     summarises; a case whose round medians disagree (their 95% CIs share no value and they span
@@ -195,6 +196,9 @@ class Sampler:
         self.sampling_s = 0.0
         self._fractions: list[float] = []
         self._dropped: Counter[str] = Counter()
+        #: samples the host-noise guard dropped: the figures of last resort when no sample was
+        #: clean (a record flagged host-busy beats no record on a saturated machine)
+        self._disturbed: list[float] = []
         self._stop = ""
 
     @property
@@ -214,15 +218,23 @@ class Sampler:
 
     def _sample(self) -> None:
         """Take one sample through the guards; keep it or count why not."""
-        guard = self.guard
-        if guard is not None:
-            guard.begin()
-        sample = self.timer.sample(self.prepared, self.cache)
-        host_why = guard.end() if guard is not None else ""
+        guard, timer = self.guard, self.timer
+        if timer.guards_window:
+            # the Python clocks bracket their own window: a preemption during the cache flush
+            # before it does not disturb the sample
+            sample = timer.sample(self.prepared, self.cache)
+            host_why = timer.disturbed
+        else:
+            if guard is not None:
+                guard.begin()
+            sample = timer.sample(self.prepared, self.cache)
+            host_why = guard.end() if guard is not None else ""
         why, fraction = _guard(self.prepared, sample, self.config.throttle_threshold)
         why = why or host_why
         if why:
             self._dropped[why] += 1
+            if why == host_why and len(self._disturbed) < self.config.max_samples:
+                self._disturbed.append(sample)
             return
         self.samples.append(sample)
         if fraction is not None:
@@ -243,11 +255,14 @@ class Sampler:
                 self.warmup += 1
             self.k = self.timer.calibrate(self.prepared, self.cache, config.sample_time_s,
                                           config.max_k)
-        elif config.warmup_count:
-            self.timer.sample(self.prepared, self.cache)   # other cases ran in between
-            self.rewarm += 1
+        else:
+            # other cases ran in between: bring caches and clocks back before counting
+            for _ in range(config.warmup_count):
+                self.timer.sample(self.prepared, self.cache)
+                self.rewarm += 1
         if self.guard is not None and self.guard.on:
             self.guard.refresh_threads()
+            self.timer.guard = self.guard
         last_minimum = self.rounds_taken + 1 >= config.rounds
         quota = max(1, math.ceil(min(self.criterion.expected_n(), config.max_samples)
                                  / config.rounds))
@@ -302,27 +317,31 @@ class Sampler:
                                                            "why_off": "disabled by the config"}
         if guard is not None:
             guard.close()
-        if not self.samples:
-            reasons = ", ".join(f"{why}: {n}" for why, n in sorted(self._dropped.items())) \
-                or "none taken"
-            raise KvmicroError(f"[measure] {self.prepared.case.backend} "
-                               f"{self.prepared.case.op}: no valid sample within max_time "
-                               f"{config.max_time_s:g} s ({reasons})")
-        rounds, rounds_why = self._rounds_summary()
-        converged = self.criterion.converged() and not rounds_why
-        stop = self._stop if not self.criterion.done() or self._stop else ""
-        why_not = "" if converged else "; ".join(
-            t for t in (stop, self.criterion.why_not(), rounds_why) if t)
         disturbed = sum(self._dropped[r] for r in HOST_REASONS)
         taken = self.n + sum(self._dropped.values())
+        reasons = ", ".join(f"{why}: {n}" for why, n in sorted(self._dropped.items())) \
+            or "none taken"
+        last_resort = ""
+        if not self.samples:
+            if not self._disturbed:
+                raise KvmicroError(f"[measure] {self.prepared.case.backend} "
+                                   f"{self.prepared.case.op}: no valid sample within max_time "
+                                   f"{config.max_time_s:g} s ({reasons})")
+            # every sample was disturbed: report them, flagged, rather than nothing
+            self.samples = list(self._disturbed)
+            self.round_sizes = [len(self.samples)]
+            last_resort = (f"every sample was disturbed by other work on the host ({reasons}): "
+                           "these figures include that work")
+        rounds, rounds_why = self._rounds_summary()
+        converged = self.criterion.converged() and not rounds_why and not last_resort
+        stop = self._stop if not self.criterion.done() or self._stop else ""
+        why_not = "" if converged else "; ".join(
+            t for t in (last_resort, stop, self.criterion.why_not(), rounds_why) if t)
         flags = []
-        if taken and disturbed / taken > BUSY_DROP_FRACTION:
+        if last_resort or (taken and disturbed / taken > BUSY_DROP_FRACTION):
             flags.append("host-busy")
-            announce_if_busy({**host, "busy": True})
         if rounds_why:
             flags.append("rounds-disagree")
-        if guard is not None and not guard.on:
-            announce_guard_off(guard.why_off)
         host["disturbed"] = disturbed
         return Measurement(
             samples_us=list(self.samples),

@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Calibrate kvmicro's verdicts (src/kvmicro/verdict.py) on this machine: an A/A test and a
+planted slowdown.
+
+1. Run the same sweep ``--repeats`` times back to back (optionally with one core kept busy by a
+   background Python loop: ``--busy``): by default the inline sweep (:func:`inline_sweep`: 28
+   native:cpu cases, one kernel thread, host timer, hot cache, rounds interleaved across the
+   cases), or ``--engine cli``: ``kvmicro sweep --sweep-args ...`` as a user runs it.
+2. A/A: compare every pair of those identical sweeps case by case (``compare_records``): any
+   faster or slower verdict is false. The target is at most 1% of the matched cases.
+3. Planted slowdown: the same pairs, with every sample of the NEW record multiplied by
+   ``--factor`` (default 1.3; the record's statistics scaled alike, its flags kept: spread and
+   convergence do not change with the scale). A slower verdict finds it; the target is at least
+   95% of the matched cases.
+
+    python scripts/calibrate_verdicts.py --repeats 4 --out results/calibration
+    python scripts/calibrate_verdicts.py --repeats 4 --busy --out results/calibration
+    python scripts/calibrate_verdicts.py --from results/calibration/quiet-*.jsonl
+
+Every matched case counts, including those whose records did not converge or errored (those
+are unsure or n/a: never false, never found). The summary goes to stdout and, as JSON, to
+``OUT/summary-{quiet,busy}-{engine}.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from kvmicro.record import record_key  # noqa: E402
+from kvmicro.results import read_results  # noqa: E402
+from kvmicro.verdict import compare_records  # noqa: E402
+
+DEFAULT_SWEEP = ("--backend native:cpu --preset quick --dtype float32 --cache hot")
+_SCALED_STATS = ("min_us", "max_us", "mean_us", "median_us", "trimmed_mean_us", "stdev_us",
+                 "mad_us", "p05_us", "p95_us", "ci95_lo_us", "ci95_hi_us")
+
+
+def plant(record: dict[str, Any], factor: float) -> dict[str, Any]:
+    """``record`` as if every sample had taken ``factor`` times as long."""
+    out = dict(record)
+    out["samples_us"] = [s * factor for s in record.get("samples_us") or []]
+    if record.get("stats"):
+        out["stats"] = {k: (v * factor if k in _SCALED_STATS and v is not None else v)
+                        for k, v in record["stats"].items()}
+    rounds = record.get("rounds")
+    if isinstance(rounds, dict) and rounds.get("medians_us"):
+        out["rounds"] = {**rounds, "medians_us": [m * factor for m in rounds["medians_us"]]}
+    return out
+
+
+def inline_cases() -> list[Any]:
+    """The inline sweep's grid: the quick preset's shape (Hq 32, Hkv 8, D 128, float32, reverse
+    placement, block 16) at ctx 256 and 1024, batch 1 and 4, for four ops and two layouts."""
+    from kvmicro.workload import Case
+
+    cases = []
+    for ctx in (256, 1024):
+        for batch in (1, 4):
+            cases.append(Case(op="sdpa_contiguous", backend="native:cpu", ctx=ctx, batch=batch,
+                              dtype="float32", placement="reverse"))
+            for op in ("gather", "paged_sdpa", "append"):
+                for layout in ("NSHD", "HNSD"):
+                    cases.append(Case(op=op, backend="native:cpu", ctx=ctx, batch=batch,
+                                      layout=layout, dtype="float32", placement="reverse"))
+    return cases
+
+
+def inline_sweep(path: Path, max_time_s: float, threads: int) -> None:
+    """One sweep of :func:`inline_cases` on native:cpu with ``threads`` kernel threads (host
+    timer, hot cache): every case prepared and checked against the oracle once, then the cases'
+    rounds interleaved (one round of each case in turn, as a runner interleaves a shape group's
+    cases), each record written as ``kvmicro sweep`` writes it."""
+    from kvmicro.backends.native import NativeCpuBackend
+    from kvmicro.check import compare
+    from kvmicro.harness.cache import HotCache
+    from kvmicro.harness.measure import MeasureConfig, Sampler
+    from kvmicro.harness.noise import host_load
+    from kvmicro.results import ResultsWriter, case_record
+    from kvmicro.workload import materialize
+
+    backend = NativeCpuBackend(threads=threads)
+    config = MeasureConfig(timer="host", cache="hot", noise=0.05, min_samples=10,
+                           max_time_s=max_time_s, warmup_count=3, warmup_time_s=0.05)
+    prepared, samplers = [], []
+    for case in inline_cases():
+        arrays = materialize(case)
+        p = backend.prepare(case, arrays)
+        p.run()
+        p.sync()
+        check = compare(case, arrays, p.output())
+        if not check.passed:
+            raise SystemExit(f"{case.op} {case.layout}: check failed: {check}")
+        prepared.append((case, p, check))
+        samplers.append(Sampler(p, config, HotCache()))
+    while not all(s.done() for s in samplers):
+        for s in samplers:
+            if not s.done():
+                s.round()
+    provenance = {"argv": ["calibrate_verdicts.py", "inline", f"threads={threads}"],
+                  "host_load": host_load()}
+    with ResultsWriter(path, provenance) as writer:
+        for (case, p, check), s in zip(prepared, samplers, strict=True):
+            writer.write(case_record(case, status="ok", measurement=s.result(),
+                                     check=check.to_dict(), device="native:cpu"))
+            p.release()
+
+
+def run_sweeps(repeats: int, out_dir: Path, label: str, sweep_args: str, busy: bool,
+               engine: str, max_time_s: float, threads: int) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    loop = None
+    if busy:
+        # one core kept busy, as a user's other work would
+        loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    paths = []
+    try:
+        for i in range(repeats):
+            path = out_dir / f"{label}-{engine}-{i}.jsonl"
+            if path.exists():
+                path.unlink()
+            start = time.monotonic()
+            if engine == "inline":
+                inline_sweep(path, max_time_s, threads)
+                status = "ok"
+            else:
+                argv = [sys.executable, "-m", "kvmicro", "sweep", *shlex.split(sweep_args),
+                        "--out", str(path), "-q"]
+                done = subprocess.run(argv, env=env, stderr=subprocess.PIPE, text=True)
+                status = f"exit {done.returncode}"
+            print(f"sweep {i + 1}/{repeats} ({label}, {engine}): {status}, "
+                  f"{time.monotonic() - start:.0f} s -> {path}", file=sys.stderr)
+            paths.append(path)
+    finally:
+        if loop is not None:
+            loop.terminate()
+            loop.wait()
+    return paths
+
+
+def analyse(paths: list[Path], threshold: float, factor: float) -> dict[str, Any]:
+    sweeps = []
+    for path in paths:
+        _, records = read_results(path)
+        sweeps.append({record_key(r): r for r in records})
+    aa: Counter[str] = Counter()
+    planted: Counter[str] = Counter()
+    both_ok = 0
+    flags: Counter[str] = Counter()
+    for base, new in itertools.combinations(sweeps, 2):
+        for key, n in new.items():
+            b = base.get(key)
+            if b is None:
+                continue
+            aa[compare_records(n, b, threshold=threshold).verdict] += 1
+            planted[compare_records(plant(n, factor), b, threshold=threshold).verdict] += 1
+            both_ok += n.get("status") == "ok" and b.get("status") == "ok"
+    for sweep in sweeps:
+        for r in sweep.values():
+            flags.update(r.get("flags") or [])
+            flags["records"] += 1
+            flags[f"status {r.get('status')}"] += 1
+    matched = sum(aa.values())
+    false = aa["faster"] + aa["slower"]
+    return {
+        "files": [str(p) for p in paths],
+        "threshold": threshold, "factor": factor,
+        "matched": matched, "both_ok": both_ok,
+        "aa": dict(aa), "aa_false": false,
+        "aa_false_pct": 100.0 * false / matched if matched else None,
+        "planted": dict(planted),
+        "planted_found_pct": 100.0 * planted["slower"] / matched if matched else None,
+        "record_flags": dict(flags),
+    }
+
+
+def describe(label: str, s: dict[str, Any]) -> str:
+    aa, planted = s["aa"], s["planted"]
+    return "\n".join([
+        f"{label}: {len(s['files'])} identical sweeps, {s['matched']} matched case pairs "
+        f"({s['both_ok']} with both records ok), threshold {s['threshold'] * 100:g}%",
+        f"  A/A: false faster/slower {s['aa_false']} ({s['aa_false_pct']:.2f}%); "
+        + ", ".join(f"{k} {v}" for k, v in sorted(aa.items())),
+        f"  planted {s['factor']:g}x slowdown: found (slower) {planted.get('slower', 0)} "
+        f"({s['planted_found_pct']:.1f}%); " + ", ".join(f"{k} {v}"
+                                                         for k, v in sorted(planted.items())),
+        "  record flags: " + ", ".join(f"{k} {v}" for k, v in sorted(s["record_flags"].items())),
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=4, help="identical sweeps (default 4)")
+    parser.add_argument("--busy", action="store_true",
+                        help="keep one core busy with a background Python loop meanwhile")
+    parser.add_argument("--engine", choices=("inline", "cli"), default="inline",
+                        help="inline (default): the cases of inline_cases() measured in this "
+                        "process with interleaved rounds; cli: `kvmicro sweep --sweep-args`")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="inline: native:cpu kernel threads (default 1; 0: all cores)")
+    parser.add_argument("--max-time", type=float, default=0.5,
+                        help="inline: seconds of sampling per case (default 0.5)")
+    parser.add_argument("--sweep-args", default=DEFAULT_SWEEP,
+                        help=f"cli: the sweep's arguments (default: {DEFAULT_SWEEP})")
+    parser.add_argument("--out", default="results/calibration", help="directory for the files")
+    parser.add_argument("--from", dest="files", nargs="+", metavar="FILE",
+                        help="analyse these results files instead of sweeping")
+    parser.add_argument("--threshold", type=float, default=5.0, help="percent (default 5)")
+    parser.add_argument("--factor", type=float, default=1.3, help="planted slowdown (1.3)")
+    args = parser.parse_args(argv)
+    label = "busy" if args.busy else "quiet"
+    if args.files:
+        paths = [Path(f) for f in args.files]
+    else:
+        if args.repeats < 2:
+            parser.error("--repeats must be at least 2 (an A/A test compares pairs)")
+        paths = run_sweeps(args.repeats, Path(args.out), label, args.sweep_args, args.busy,
+                           args.engine, args.max_time, args.threads)
+    summary = analyse(paths, args.threshold / 100.0, args.factor)
+    summary.update(label=label, busy=args.busy, engine=args.engine,
+                   **({"sweep_args": args.sweep_args} if args.engine == "cli" else
+                      {"threads": args.threads, "max_time_s": args.max_time}))
+    print(describe(label, summary))
+    if not args.files:
+        target = Path(args.out) / f"summary-{label}-{args.engine}.json"
+        target.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {target}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
