@@ -20,6 +20,9 @@
 #if defined(KVMICRO_WITH_CUDA)
 #include "cuda/cuda_bindings.h"
 #endif
+#if defined(KVMICRO_WITH_METAL)
+#include "metal/metal_bindings.h"  // native:metal (csrc/metal, Apple only)
+#endif
 
 #ifndef KVMICRO_VERSION
 #define KVMICRO_VERSION "unknown"
@@ -142,7 +145,9 @@ std::unique_ptr<NativeOp> prepare(const std::string& device, const std::string& 
   opt.threads = threads;
   opt.index = index;
   opt.priority = priority;
-  opt.variant = parse_variant(name, device, {options.begin(), options.end()});
+  // native:metal's options are its submission axes, parsed by the Metal host (metal_host.h).
+  if (device != "metal")
+    opt.variant = parse_variant(name, device, {options.begin(), options.end()});
 
   auto result = std::make_unique<NativeOp>();
   result->device = device;
@@ -161,8 +166,12 @@ std::unique_ptr<NativeOp> prepare(const std::string& device, const std::string& 
                                             "(no nvcc at build time, or KVMICRO_CUDA=OFF)"));
 #endif
   } else if (device == "metal") {
+#if defined(KVMICRO_WITH_METAL)
+    result->op = make_metal_op_from(in, opt, options);
+#else
     throw UnsupportedError(op_message(name, "device 'metal': kvmicro._native was built without "
                                             "Metal (it needs macOS)"));
+#endif
   } else {
     invalid(name, "unknown device '", device, "'; expected cpu or cuda");
   }
@@ -361,5 +370,8 @@ PYBIND11_MODULE(_native, m) {
 
 #if defined(KVMICRO_WITH_CUDA)
   kvmicro::register_cuda(m);
+#endif
+#if defined(KVMICRO_WITH_METAL)
+  kvmicro::register_metal(m);
 #endif
 }
