@@ -390,9 +390,11 @@ def hardware(ev: Evidence, params: Params) -> Finding:
     lines.append("- records: " + ", ".join(f"{k} {v}" for k, v in sorted(status.items()))
                  + ("; flags: " + ", ".join(f"{k} {v}" for k, v in sorted(flags.items()))
                     if flags else ""))
-    argv = run.get("argv")
-    if argv:
-        lines.append(f"- command: `{' '.join(str(a) for a in argv)}`")
+    commands = list(dict.fromkeys(" ".join(str(a) for a in r["argv"]) for r in ev.runs
+                                  if r.get("argv")))
+    for i, command in enumerate(commands):
+        label = "command" if len(commands) == 1 else f"command {i + 1} of {len(commands)}"
+        lines.append(f"- {label}: `{command}`")
     return Finding("\n".join(lines), records)
 
 
