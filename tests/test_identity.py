@@ -337,9 +337,12 @@ def test_the_report_tables_each_variant_under_its_spec():
 def test_the_command_lines_priority_becomes_the_option_of_the_backends_that_have_it(capsys):
     from kvmicro.cli import main
 
-    assert main(["sweep", "--preset", "smoke", "--backend",
-                 "native:cuda,native:cuda[priority=low],torch:cpu", "--priority", "high",
-                 "--op", "paged_sdpa", "--dry-run"]) == 0
+    try:
+        assert main(["sweep", "--preset", "smoke", "--backend",
+                     "native:cuda,native:cuda[priority=low],torch:cpu", "--priority", "high",
+                     "--op", "paged_sdpa", "--dry-run"]) == 0
+    finally:
+        registry.set_priority("normal")   # the deprecated process-wide shim the CLI still sets
     out = capsys.readouterr().out
     assert "native:cuda[priority=high]" in out and "native:cuda[priority=low]" in out
     assert "torch:cpu[" not in out and "torch:cpu" in out
