@@ -9,6 +9,7 @@ the parent hands its registry and sys.path to each worker it starts."""
 from __future__ import annotations
 
 import faulthandler
+import itertools
 import os
 import signal
 import subprocess
@@ -33,13 +34,17 @@ from kvmicro.workload import Case
 
 #: the ctx at which the misbehaving backends misbehave; every other case of theirs is fine
 BAD_CTX = 33
+#: the op of every run() in this process, in order (to see how cases were interleaved)
+RUNS: list[str] = []
 
 
 class OraclePrepared(Prepared):
     """Returns the oracle's answer; ``misbehave`` runs inside run() (the oracle check's run)."""
 
-    def __init__(self, case: Case, arrays: dict[str, np.ndarray], misbehave: Any) -> None:
+    def __init__(self, case: Case, arrays: dict[str, np.ndarray], misbehave: Any,
+                 bad_ctx: int) -> None:
         super().__init__(case)
+        self._bad_ctx = bad_ctx
         ref = oracle.run(case, arrays)
         dtype = carrier(case.dtype)
         self._out = (tuple(r.astype(dtype) for r in ref) if isinstance(ref, tuple)
@@ -48,7 +53,8 @@ class OraclePrepared(Prepared):
         self._work = np.zeros(64)
 
     def run(self) -> None:
-        if self.case.ctx == BAD_CTX and self.case.op == "gather":
+        RUNS.append(self.case.op)
+        if self.case.ctx == self._bad_ctx and self.case.op == "gather":
             self._misbehave()
         self._work += 1.0
 
@@ -61,6 +67,7 @@ class OraclePrepared(Prepared):
 
 class _TestBackend(Backend):
     ops = ("sdpa_contiguous", "gather", "gather_sdpa")
+    bad_ctx = BAD_CTX
 
     def availability(self) -> Availability:
         return Availability(True, "test double")
@@ -72,7 +79,7 @@ class _TestBackend(Backend):
         return {"read_gbps": 10.0, "copy_gbps": 20.0, "pid": os.getpid()}
 
     def prepare(self, case: Case, arrays: dict[str, np.ndarray], copies: int = 1) -> Prepared:
-        return OraclePrepared(case, arrays, self.misbehave)
+        return OraclePrepared(case, arrays, self.misbehave, self.bad_ctx)
 
     def misbehave(self) -> None:
         pass
@@ -97,6 +104,13 @@ class HangBackend(_TestBackend):
         time.sleep(3600)
 
 
+class LateHangBackend(HangBackend):
+    """Hangs on the second shape of the grid (ctx 70), after the first is written."""
+
+    name = "latehang:cpu"
+    bad_ctx = 70
+
+
 class IsolatedBackend(_TestBackend):
     """A backend that must not share a process with the others."""
 
@@ -117,7 +131,8 @@ class WarningBackend(_TestBackend):
 
 
 TEST_BACKENDS = {"good:cpu": "GoodBackend", "segv:cpu": "SegfaultBackend",
-                 "hang:cpu": "HangBackend", "loner:cpu": "IsolatedBackend",
+                 "hang:cpu": "HangBackend", "latehang:cpu": "LateHangBackend",
+                 "loner:cpu": "IsolatedBackend",
                  "warn:cpu": "WarningBackend"}
 
 
@@ -227,19 +242,20 @@ def test_ctrl_c_stops_the_workers_and_keeps_every_finished_record(tmp_path: Path
             "registry._FACTORIES.update({n: ('test_worker', c) for n, c in "
             "test_worker.TEST_BACKENDS.items()}); from kvmicro.cli import main; "
             "raise SystemExit(main(sys.argv[1:]))")
-    argv = [sys.executable, "-c", code, "sweep", "--backend", "good:cpu,hang:cpu", "--preset",
+    argv = [sys.executable, "-c", code, "sweep", "--backend", "good:cpu,latehang:cpu", "--preset",
             "smoke", "--ctx", f"70,{BAD_CTX}", "--batch", "1", "--op", "sdpa_contiguous,gather",
             "--layout", "NSHD", "--timer", "host", "--cache", "hot", "--min-samples", "5",
             "--max-time", "0.01", "--out", str(out), "-q"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
-        # ctx 33 comes first: both sdpa_contiguous and good:cpu's gather, then hang:cpu's gather
-        while time.monotonic() < deadline:
-            if out.exists() and out.read_text().count('"type": "case"') >= 3:
+        # ctx 33 comes first (4 records), then ctx 70, where latehang:cpu's gather hangs
+        while True:
+            if out.exists() and out.read_text().count('"type": "case"') >= 4:
                 break
-            assert proc.poll() is None
+            assert proc.poll() is None and time.monotonic() < deadline, "no records appeared"
             time.sleep(0.05)
+        time.sleep(0.5)   # into the hang
         workers = _children(proc.pid)
         assert workers, "the sweep has no worker process"
         proc.send_signal(signal.SIGINT)
@@ -252,7 +268,8 @@ def test_ctrl_c_stops_the_workers_and_keeps_every_finished_record(tmp_path: Path
         assert not Path(f"/proc/{pid}").exists() or \
             "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], f"worker {pid} survived"
     records = read_results(out)[1]
-    assert len(records) == 3 and all(r["status"] == "ok" for r in records)
+    assert len(records) == 4 and all(r["status"] == "ok" for r in records)
+    assert {r["ctx"] for r in records} == {BAD_CTX}
 
 
 def test_the_case_timeout_must_be_positive(capsys: Any) -> None:
@@ -271,3 +288,48 @@ def test_a_workers_warnings_are_shown_by_the_parent_once_per_kind(test_backends:
         run_sweep(points, tmp_path / "r.jsonl", argv=["test"], measure=FAST, progress=False)
     shown = [str(w.message) for w in caught if w.category is WorkerWarning]
     assert len(points) > 1 and shown == ["careful with sdpa_contiguous"]
+
+
+def _spans(ops: list[str]) -> dict[str, tuple[int, int]]:
+    """First and last position of each op in the run log."""
+    return {op: (ops.index(op), len(ops) - 1 - ops[::-1].index(op)) for op in set(ops)}
+
+
+def test_a_shape_groups_cases_are_measured_in_interleaved_rounds(test_backends: Any) -> None:
+    from kvmicro.runner import Runner
+
+    points = [p for p in expand(grid("good:cpu")) if p.case.ctx == 70]
+    runner = Runner(FAST)
+    assert [len(chunk) for chunk in runner.chunks(points)] == [3]   # all three fit together
+    RUNS.clear()
+    records = list(runner.run_group(points))
+    assert [r["op"] for r in records] == [p.case.op for p in points]   # in point order
+    assert all(r["status"] == "ok" for r in records)
+    assert all(r["interleaved_cases"] == 3 and r["rounds"]["count"] >= 3 for r in records)
+    spans = _spans(RUNS)
+    # every case was still being sampled after the others had started: the spans overlap
+    assert max(lo for lo, _ in spans.values()) < min(hi for _, hi in spans.values())
+    # the overhead is against the sdpa_contiguous measured in the same rounds
+    assert records[-1]["op"] == "gather_sdpa" and records[-1]["derived"]["overhead_pct"] \
+        is not None
+
+    RUNS.clear()
+    records = list(runner.run_group(points, interleave=False))
+    assert all(r["status"] == "ok" and "interleaved_cases" not in r for r in records)
+    spans = sorted(_spans(RUNS).values())
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(spans))   # one after another
+
+
+def test_cases_that_do_not_fit_in_memory_together_are_measured_one_by_one(
+        test_backends: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmicro.derived import footprint_bytes
+    from kvmicro.runner import Runner
+
+    points = [p for p in expand(grid("good:cpu")) if p.case.ctx == 70]
+    runner = Runner(FAST)
+    sizes = [footprint_bytes(p.case) for p in points]   # one copy each: hot cache
+    monkeypatch.setattr(runner, "memory_budget", lambda backend: min(
+        a + b for a, b in itertools.pairwise(sizes)) - 1)
+    assert [len(chunk) for chunk in runner.chunks(points)] == [1, 1, 1]
+    monkeypatch.setattr(runner, "memory_budget", lambda backend: sizes[0] + sizes[1])
+    assert [len(chunk) for chunk in runner.chunks(points)] == [2, 1]

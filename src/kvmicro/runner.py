@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from .backends.registry import get_backend
 from .check import CheckResult, compare
 from .dtypes import carrier
 from .errors import KvmicroError, Unsupported
-from .points import Point, contiguous_key, shape_key
+from .points import Point, by_case, contiguous_key, shape_key
 from .workload import ATTENTION_OPS, Case, Layout
 
 #: memory for the input copies ``cold:rotate`` uploads per case. 2 GiB holds enough copies to
@@ -280,57 +281,63 @@ class Runner:
     def measure_prepared(self, point: Point, prepared: Any, check: CheckResult,
                          policy: Any = None, extra: dict[str, Any] | None = None
                          ) -> dict[str, Any]:
-        """The record of ``point`` measured on a case already prepared and checked: measure,
-        derive, and keep an ``sdpa_contiguous`` median as its shape's baseline. A timer the
-        prepared case lacks is a skipped record, a failure of the measurement an error record."""
+        """The record of ``point`` measured on a case already prepared and checked: measure (its
+        rounds back to back), derive, and keep an ``sdpa_contiguous`` median as its shape's
+        baseline. A timer the prepared case lacks is a skipped record, a failure of the
+        measurement an error record."""
         from .harness.measure import measure
-        from .results import case_record
-
-        case = prepared.case
-        device = self.device_name(case.backend)
-        extra = dict(extra or {})
-
-        def failed(status: str, reason: str) -> dict[str, Any]:
-            return case_record(case, status=status, reason=reason, device=device,
-                               check=check.to_dict(),
-                               extra={"timer": point.timer, "cache": point.cache, **extra})
 
         if point.timer not in prepared.timers:
-            return failed("skipped", f"timer {point.timer} not available on {case.backend} "
-                          f"(it has {', '.join(prepared.timers)})")
+            return self._failed(point, prepared, check, extra, "skipped", _no_timer(point,
+                                                                                    prepared))
         try:
             m = measure(prepared, self.config(point),
                         policy if policy is not None else self.cache_policy(point))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            return self._failed(point, prepared, check, extra, *failure(exc))
+        return self.measured(point, prepared, check, m, extra)
+
+    def measured(self, point: Point, prepared: Any, check: CheckResult, m: Any,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The ok record of a measurement ``m`` of ``point`` (derived figures included), or an
+        error record when deriving fails; an ``sdpa_contiguous`` median becomes its shape's
+        baseline."""
+        from .results import case_record
+
+        try:
             derived = self.derive(point, m.stats)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:
-            return failed(*failure(exc))
-        if case.op == "sdpa_contiguous":
+            return self._failed(point, prepared, check, extra, *failure(exc))
+        if point.case.op == "sdpa_contiguous":
             self.set_baseline(point, m.stats.median_us)
-        return case_record(case, status="ok", measurement=m, check=check.to_dict(),
-                           derived=derived, device=device, extra=extra)
+        return case_record(point.case, status="ok", measurement=m, check=check.to_dict(),
+                           derived=derived, device=self.device_name(point.case.backend),
+                           extra=dict(extra or {}))
 
-    def run_case(self, points: list[Point]) -> Iterator[dict[str, Any]]:
-        """Records for the points of one case (its timers and cache policies), one per point and
-        in their order: prepared once, with as many input copies as the most demanding policy
-        needs, checked against the oracle, then measured point by point."""
-        from .derived import footprint_bytes, working_set_bytes
+    def _failed(self, point: Point, prepared: Any, check: CheckResult | None,
+                extra: dict[str, Any] | None, status: str, reason: str) -> dict[str, Any]:
         from .results import case_record
+
+        return case_record(point.case, status=status, reason=reason,
+                           device=self.device_name(point.case.backend),
+                           check=check.to_dict() if check is not None else None,
+                           extra={"timer": point.timer, "cache": point.cache, **(extra or {})})
+
+    def _prepare_points(self, points: list[Point]) -> _Prepared | list[dict[str, Any]]:
+        """Prepare and check the case of ``points`` for all of them (as many input copies as the
+        most demanding cache policy needs); or, when that fails, their records (skipped: the
+        backend is unavailable or refuses; error: a mismatch or an exception)."""
+        from .derived import footprint_bytes, working_set_bytes
 
         case = points[0].case
         timings: dict[str, Any] = {"priority": _priority(case)}
-
-        def record(point: Point, status: str, reason: str = "", **kw: Any) -> dict[str, Any]:
-            extra = {"timer": point.timer, "cache": point.cache, **timings}
-            return case_record(point.case, status=status, reason=reason,
-                               device=self.device_name(case.backend), extra=extra, **kw)
-
         reason = self.availability_reason(case.backend)
         if reason:
-            for p in points:
-                yield record(p, "skipped", reason)
-            return
+            return [self._failed(p, None, None, timings, "skipped", reason) for p in points]
         try:
             policies = [self.cache_policy(p) for p in points]
             copies = max(max(1, int(pol.copies_needed(working_set_bytes(case),
@@ -342,19 +349,160 @@ class Runner:
             raise
         except BaseException as exc:
             status, why = failure(exc)
-            for p in points:
-                yield record(p, status, why)
+            return [self._failed(p, None, None, timings, status, why) for p in points]
+        if not check.passed:
+            prepared.release()
+            why = mismatch_reason(case, check)
+            return [self._failed(p, None, check, timings, "error", why) for p in points]
+        return _Prepared(points, prepared, check, policies, timings, copies)
+
+    def run_case(self, points: list[Point]) -> Iterator[dict[str, Any]]:
+        """Records for the points of one case (its timers and cache policies), one per point and
+        in their order: prepared once, checked against the oracle, then measured point by
+        point."""
+        ready = self._prepare_points(points)
+        if isinstance(ready, list):
+            yield from ready
             return
         try:
-            if not check.passed:
-                why = mismatch_reason(case, check)
-                for p in points:
-                    yield record(p, "error", why, check=check.to_dict())
-                return
-            for p, policy in zip(points, policies, strict=True):
-                yield self.measure_prepared(p, prepared, check, policy, timings)
+            for p, policy in zip(points, ready.policies, strict=True):
+                yield self.measure_prepared(p, ready.prepared, ready.check, policy, ready.timings)
         finally:
-            prepared.release()
+            ready.prepared.release()
+
+    # -- a shape group ----------------------------------------------------------------------
+    def memory_budget(self, backend: str) -> int:
+        """Bytes of inputs the cases measured together may hold on ``backend``'s device: half
+        its memory (a quarter of the host's for a CPU), at least one rotation budget."""
+        from .environment import memory_bytes
+
+        info = get_backend(backend).device_info()
+        total = info.memory_bytes if info.kind != "cpu" else 0
+        if not total:
+            total = int(memory_bytes().get("total") or 0) // 2
+        return max(total // 2, self.rotate_budget_bytes)
+
+    def chunks(self, points: list[Point]) -> list[list[list[Point]]]:
+        """``points`` (one shape group) as runs of cases measured together: consecutive cases
+        whose inputs (pools with their slack, times the copies their cache policies upload)
+        fit :meth:`memory_budget` together; a case alone in its run is measured on its own."""
+        from .derived import footprint_bytes, working_set_bytes
+
+        out: list[list[list[Point]]] = []
+        used = 0
+        budget = None
+        for case_points in by_case(points):
+            case = case_points[0].case
+            try:
+                copies = max(max(1, int(self.cache_policy(p).copies_needed(
+                    working_set_bytes(case), footprint_bytes(case)))) for p in case_points)
+                need = footprint_bytes(case) * copies
+                budget = self.memory_budget(case.backend) if budget is None else budget
+            except Exception:   # the case will fail on its own; measure it alone
+                out.append([case_points])
+                used, budget = 0, None
+                continue
+            if out and len(out[-1]) and used + need <= budget and \
+                    out[-1][-1][0].case.backend.split(":")[1] == case.backend.split(":")[1]:
+                out[-1].append(case_points)
+                used += need
+            else:
+                out.append([case_points])
+                used = need
+        return out
+
+    def run_group(self, points: list[Point], interleave: bool = True
+                  ) -> Iterator[dict[str, Any]]:
+        """Records for ``points`` (the cases of one shape group), one per point and in their
+        order. With ``interleave`` the cases that fit in memory together (:meth:`chunks`) are
+        prepared and checked first, then measured in interleaved rounds: round 1 of every
+        point, then round 2, ..., so that each case's samples spread over at least
+        ``MeasureConfig.rounds`` rounds taken at different moments (a host disturbance hits
+        several cases a little, not one case a lot). Without it, or where only one case fits,
+        case by case."""
+        for chunk in (self.chunks(points) if interleave else [[c] for c in by_case(points)]):
+            if len(chunk) == 1:
+                yield from self.run_case(chunk[0])
+            else:
+                yield from self._run_interleaved(chunk)
+
+    def _run_interleaved(self, chunk: list[list[Point]]) -> Iterator[dict[str, Any]]:
+        from .harness.measure import Sampler
+
+        records: dict[int, dict[str, Any]] = {}      # by position in the chunk's points
+        samplers: dict[int, tuple[Point, _Prepared, Any]] = {}
+        held: list[_Prepared] = []
+        position = 0
+        try:
+            for case_points in chunk:
+                ready = self._prepare_points(case_points)
+                if isinstance(ready, list):
+                    for record in ready:
+                        records[position] = record
+                        position += 1
+                    continue
+                held.append(ready)
+                for p, policy in zip(case_points, ready.policies, strict=True):
+                    if p.timer not in ready.prepared.timers:
+                        records[position] = self._failed(
+                            p, ready.prepared, ready.check, ready.timings, "skipped",
+                            _no_timer(p, ready.prepared))
+                    else:
+                        try:
+                            samplers[position] = (p, ready, Sampler(ready.prepared,
+                                                                    self.config(p), policy))
+                        except KvmicroError as exc:
+                            records[position] = self._failed(p, ready.prepared, ready.check,
+                                                             ready.timings, *failure(exc))
+                    position += 1
+            active = dict(samplers)
+            while active:
+                for pos, (p, ready, sampler) in list(active.items()):
+                    try:
+                        sampler.round()
+                        if sampler.done():
+                            del active[pos]
+                    except (KeyboardInterrupt, SystemExit):
+                        raise
+                    except BaseException as exc:
+                        records[pos] = self._failed(p, ready.prepared, ready.check,
+                                                    ready.timings, *failure(exc))
+                        del active[pos]
+            for pos in range(position):   # in point order: sdpa_contiguous first
+                if pos not in records:
+                    p, ready, sampler = samplers[pos]
+                    try:
+                        m = sampler.result()
+                    except (KeyboardInterrupt, SystemExit):
+                        raise
+                    except BaseException as exc:
+                        records[pos] = self._failed(p, ready.prepared, ready.check,
+                                                    ready.timings, *failure(exc))
+                    else:
+                        records[pos] = self.measured(p, ready.prepared, ready.check, m,
+                                                     {**ready.timings,
+                                                      "interleaved_cases": len(chunk)})
+                yield records[pos]
+        finally:
+            for ready in held:
+                ready.prepared.release()
+
+
+@dataclass
+class _Prepared:
+    """A case prepared and checked for its points (Runner._prepare_points)."""
+
+    points: list[Point]
+    prepared: Any
+    check: CheckResult
+    policies: list[Any]
+    timings: dict[str, Any]
+    copies: int
+
+
+def _no_timer(point: Point, prepared: Any) -> str:
+    return (f"timer {point.timer} not available on {point.case.backend} (it has "
+            f"{', '.join(prepared.timers)})")
 
 
 def _priority(case: Case) -> str:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -71,6 +72,19 @@ class Outcome:
     @property
     def counts(self) -> Counter[str]:
         return Counter(r.get("status", "?") for r in self.records)
+
+
+def shape_runs(points: list[Point]) -> Iterator[list[Point]]:
+    """Consecutive points of one shape (all backends, ops, layouts and placements of it): what
+    a worker measures in one command, interleaving its cases where memory allows."""
+    run: list[Point] = []
+    for p in points:
+        if run and shape_key(p.case)[1:] != shape_key(run[0].case)[1:]:
+            yield run
+            run = []
+        run.append(p)
+    if run:
+        yield run
 
 
 def _lost_record(point: Point, reason: str, device: str) -> dict[str, Any]:
@@ -168,11 +182,16 @@ def run_sweep(points: list[Point], out: str | Path, *, argv: list[str] | None = 
             try:
                 for job in jobs:
                     worker = workers.get(job.key)
-                    for group in by_case([p for p in job.points if p in todo_set]):
-                        device = str(devices.get(group[0].case.backend, {}).get("name", ""))
-                        bar.update(group[0].label)
+                    # (points, interleave): shape groups first; a group's cases one by one after
+                    # a worker was lost on it
+                    pending = deque((group, True) for group in
+                                    shape_runs([p for p in job.points if p in todo_set]))
+                    while pending:
+                        unit, interleave = pending.popleft()
+                        device = str(devices.get(unit[0].case.backend, {}).get("name", ""))
+                        bar.update(unit[0].label)
                         if worker is None and job.key in lost_at_start:
-                            for p in group:
+                            for p in unit:
                                 write(p, _lost_record(p, f"the worker for {job.key} could not "
                                                       f"start: {lost_at_start[job.key]}", device))
                             continue
@@ -181,19 +200,24 @@ def run_sweep(points: list[Point], out: str | Path, *, argv: list[str] | None = 
                             if worker is None:
                                 worker = Worker(setup(), warned=warned)
                                 workers[job.key] = worker
-                            for point, record in zip(group, worker.run_case(
-                                    group, [baselines.get(contiguous_key(p)) for p in group],
-                                    case_timeout_s), strict=False):
+                            for point, record in zip(unit, worker.run_points(
+                                    unit, [baselines.get(contiguous_key(p)) for p in unit],
+                                    case_timeout_s, interleave), strict=False):
                                 write(point, record)
                                 sent += 1
                         except WorkerLost as lost:
-                            for p in group[sent:]:
-                                write(p, _lost_record(p, f"{lost.reason} (this case was in "
-                                                      "flight)", device))
                             if worker is not None:
                                 worker.close()
                             worker = None
                             workers[job.key] = None
+                            cases = list(by_case(unit[sent:]))
+                            if len(cases) > 1:
+                                # which case took the worker down is unknown: one at a time now
+                                pending.extendleft((c, False) for c in reversed(cases))
+                                continue
+                            for p in unit[sent:]:
+                                write(p, _lost_record(p, f"{lost.reason} (this case was in "
+                                                      "flight)", device))
                     if worker is not None:
                         worker.close()
                         workers[job.key] = None
@@ -214,5 +238,5 @@ __all__ = [
     "DEFAULT_ROTATE_BUDGET_BYTES", "PRESETS", "ArrayCache", "Grid", "Outcome", "Point", "Preset",
     "Progress", "Runner", "by_case", "contiguous_key", "device_kind", "exact_check", "expand",
     "get_preset", "is_out_of_memory", "make_grid", "parse_axis", "parse_shard", "plan_summary",
-    "point_key", "point_weight", "run_sweep", "shape_groups", "shape_key",
+    "point_key", "point_weight", "run_sweep", "shape_groups", "shape_key", "shape_runs",
 ]

@@ -10,14 +10,19 @@ stdin and answers on its stdout, one JSON object per line:
 
     parent -> worker   {"cmd": "setup", ...}        sys.path, backend factories, sampling settings
                        {"cmd": "describe", "backends": [...]}   -> {"type": "described", ...}
-                       {"cmd": "case", "points": ..., "baselines": [...]}
+                       {"cmd": "points", "points": ..., "baselines": [...], "interleave": b}
                                                     -> {"type": "record", "record": {...}} per point
-    worker -> parent   {"type": "ready"} after setup; {"type": "failed", "reason"} on a bug
+    worker -> parent   {"type": "ready"} after setup; {"type": "failed", "reason"} on a bug;
+                       {"type": "warning", ...} whenever a warning is raised (shown once per kind)
 
-The worker measures each case with :class:`kvmicro.runner.Runner` (the one measurement path) and
-sends each record as soon as it exists; the parent writes it. When the worker dies (a signal, an
-exit) or sends nothing for ``case_timeout_s``, the parent kills it, records the case in flight as
-an error naming the signal or the timeout, and starts a fresh worker for the next case. The
+The parent sends a shape group at a time; the worker measures it with
+:meth:`kvmicro.runner.Runner.run_group` (the one measurement path: cases that fit in memory
+together are measured in interleaved rounds) and sends each record as soon as it exists; the
+parent writes it. When the worker dies (a signal, an exit) or sends nothing for
+``case_timeout_s``, the parent kills it and starts a fresh one. Which case of an interleaved group
+took it down is unknown, so the group's unfinished cases are then measured one by one, each in
+its own command: the case that crashes again (or hangs again) is recorded as an error naming the
+signal or the timeout, and the rest are measured. The
 ``sdpa_contiguous`` medians that overheads are computed against travel with each case, so a fresh
 worker derives the same figures.
 
@@ -280,11 +285,13 @@ class Worker:
             raise WorkerLost(f"worker failed to describe its devices: {answer.get('reason')}")
         return answer
 
-    def run_case(self, points: Sequence[Point], baselines: Sequence[float | None],
-                 timeout_s: float) -> Iterator[dict[str, Any]]:
-        """Records of ``points`` (one case), as the worker sends them. Raises :class:`WorkerLost`
-        (after the records already sent) when the worker dies or hangs."""
-        self.send({"cmd": "case", "points": encode_points(points), "baselines": list(baselines)})
+    def run_points(self, points: Sequence[Point], baselines: Sequence[float | None],
+                   timeout_s: float, interleave: bool = True) -> Iterator[dict[str, Any]]:
+        """Records of ``points`` (a shape group, or one case), in their order, as the worker
+        sends them (:meth:`kvmicro.runner.Runner.run_group`). Raises :class:`WorkerLost` (after
+        the records already sent) when the worker dies or hangs."""
+        self.send({"cmd": "points", "points": encode_points(points),
+                   "baselines": list(baselines), "interleave": bool(interleave)})
         for _ in points:
             answer = self.receive(timeout_s)
             if answer.get("type") == "failed":
@@ -347,12 +354,12 @@ def _serve(commands: IO[str], answers: IO[str]) -> int:
                 answer({"type": "ready", "pid": os.getpid()})
             elif cmd == "describe":
                 answer({"type": "described", **_describe(runner, message["backends"])})
-            elif cmd == "case":
+            elif cmd == "points":
                 points = decode_points(message["points"])
                 for point, median in zip(points, message.get("baselines", []), strict=False):
                     if median is not None:
                         runner.set_baseline(point, median)
-                for record in runner.run_case(points):
+                for record in runner.run_group(points, bool(message.get("interleave", True))):
                     answer({"type": "record", "record": record})
             elif cmd == "exit":
                 return 0
