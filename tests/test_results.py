@@ -567,3 +567,18 @@ def test_framework_versions_never_import(monkeypatch):
 
     monkeypatch.setattr(env, "FRAMEWORKS", {"numpy": "numpy", "no-such-dist-kvmicro": "ghost"})
     assert framework_versions() == {"numpy": np.__version__, "ghost": None}
+
+
+def test_kvmicro_report_reads_a_file_whose_last_line_is_not_utf8(tmp_path, capsys):
+    from kvmicro.cli import main
+
+    path = tmp_path / "r.jsonl"
+    with ResultsWriter(path, provenance_for()) as w:
+        w.write(ok_record())
+    path.write_bytes(path.read_bytes() + b'{"type": "case", "\xff\xfe')
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["report", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "paged_sdpa" in out
+    assert "r.jsonl:3: ignoring a truncated or damaged last line (not valid UTF-8" in err
