@@ -138,7 +138,7 @@ def set_priority(priority: str) -> None:
         raise InvalidCase(f"unknown priority {priority!r}; expected one of {', '.join(PRIORITIES)}")
     if priority != _priority:
         _priority = priority
-        get_backend.cache_clear()
+        _get_backend.cache_clear()
 
 
 def get_priority() -> str:
@@ -168,6 +168,7 @@ def _get_backend(name: str) -> Backend:
     return backend
 
 
+# callers that cleared the old cached get_backend keep working
 get_backend.cache_clear = _get_backend.cache_clear  # type: ignore[attr-defined]
 
 
