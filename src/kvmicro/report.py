@@ -200,7 +200,10 @@ def fmt_number(x: Any) -> str:
 
 
 def table_key(rec: dict[str, Any]) -> tuple[Any, ...]:
-    return (rec.get("backend"), rec.get("q_heads"), rec.get("kv_heads"), rec.get("head_dim"),
+    from .record import backend_label
+
+    # one table per backend variant: native:cuda[splits=8] is not native:cuda
+    return (backend_label(rec), rec.get("q_heads"), rec.get("kv_heads"), rec.get("head_dim"),
             rec.get("q_len", 1), rec.get("placement"), rec.get("slack"), rec.get("dtype"),
             timer_of(rec), cache_of(rec))
 
