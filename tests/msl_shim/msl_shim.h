@@ -232,8 +232,10 @@ inline int watchdog_ms() {
 constexpr int kSimdWidth = 32;
 
 // One meeting point of `expected` threads: a threadgroup barrier, or one simdgroup's SIMD
-// exchange. All state is guarded by the owning Group's mutex.
+// exchange. All its state is guarded by its mutex.
 struct Rendezvous {
+  std::mutex mu;
+  int exited = 0;  // threads of its scope (threadgroup or simdgroup) that returned
   int expected = 0;
   int arrived = 0;
   uint64_t generation = 0;
@@ -243,12 +245,9 @@ struct Rendezvous {
 
 // The running threadgroup.
 struct Group {
-  std::mutex mu;
   int threads = 0;
-  int exited = 0;
   Rendezvous barrier;
   std::vector<std::unique_ptr<Rendezvous>> simd;  // one per simdgroup
-  std::vector<int> simd_exited;
   // SIMD exchange slots, double-buffered by each lane's op count: [simdgroup][parity][lane].
   std::vector<std::array<std::array<std::array<unsigned char, 32>, kSimdWidth>, 2>> slots;
 };
@@ -268,10 +267,10 @@ struct ThreadCtx {
 
 inline thread_local ThreadCtx* tls = nullptr;
 
-inline void meet(Group& g, Rendezvous& r, int exited_in_scope, const char* scope,
-                 std::unique_lock<std::mutex>& lock, const std::source_location& loc) {
-  if (exited_in_scope > 0)
-    fail("non-uniform barrier at " + where(loc) + ": " + std::to_string(exited_in_scope) +
+inline void meet(Rendezvous& r, const char* scope, std::unique_lock<std::mutex>& lock,
+                 const std::source_location& loc) {
+  if (r.exited > 0)
+    fail("non-uniform barrier at " + where(loc) + ": " + std::to_string(r.exited) +
          " thread(s) of the " + scope + " already returned");
   if (r.arrived == 0) {
     r.site = loc;
@@ -291,25 +290,27 @@ inline void meet(Group& g, Rendezvous& r, int exited_in_scope, const char* scope
     fail("non-uniform barrier at " + where(loc) + ": " + std::to_string(r.arrived) + " of " +
          std::to_string(r.expected) + " threads of the " + scope + " arrived within " +
          std::to_string(ms) + " ms");
-  (void)g;
 }
 
 inline void threadgroup_barrier_at(const std::source_location& loc) {
-  Group& g = *tls->group;
-  std::unique_lock<std::mutex> lock(g.mu);
-  meet(g, g.barrier, g.exited, "threadgroup", lock, loc);
+  Rendezvous& r = tls->group->barrier;
+  std::unique_lock<std::mutex> lock(r.mu);
+  meet(r, "threadgroup", lock, loc);
 }
 
 // A thread left the kernel: it must not leave others waiting at a barrier.
 inline void thread_exit() {
   Group& g = *tls->group;
-  std::unique_lock<std::mutex> lock(g.mu);
-  ++g.exited;
-  ++g.simd_exited[tls->simdgroup];
-  if (g.barrier.arrived > 0)
-    fail("non-uniform barrier at " + where(g.barrier.site) +
-         ": a thread of the threadgroup returned while others wait there");
+  {
+    std::unique_lock<std::mutex> lock(g.barrier.mu);
+    ++g.barrier.exited;
+    if (g.barrier.arrived > 0)
+      fail("non-uniform barrier at " + where(g.barrier.site) +
+           ": a thread of the threadgroup returned while others wait there");
+  }
   Rendezvous& s = *g.simd[tls->simdgroup];
+  std::unique_lock<std::mutex> lock(s.mu);
+  ++s.exited;
   if (s.arrived > 0)
     fail("non-uniform barrier at " + where(s.site) +
          ": a lane of the simdgroup returned while others wait at this SIMD op");
@@ -324,9 +325,10 @@ std::array<T, kSimdWidth> simd_exchange(const T& value, const std::source_locati
   const int parity = (int)(c.simd_ops++ & 1);
   auto& buf = g.slots[c.simdgroup][parity];
   std::array<T, kSimdWidth> all;
-  std::unique_lock<std::mutex> lock(g.mu);
+  Rendezvous& r = *g.simd[c.simdgroup];
+  std::unique_lock<std::mutex> lock(r.mu);
   std::memcpy(buf[c.lane].data(), &value, sizeof(T));
-  meet(g, *g.simd[c.simdgroup], g.simd_exited[c.simdgroup], "simdgroup", lock, loc);
+  meet(r, "simdgroup", lock, loc);
   for (int i = 0; i < kSimdWidth; ++i) std::memcpy(&all[i], buf[i].data(), sizeof(T));
   return all;
 }
@@ -510,7 +512,6 @@ inline void launch(const Launch& L, const std::vector<unsigned char*>& buffers, 
       g.simd.emplace_back(new Rendezvous);
       g.simd.back()->expected = kSimdWidth;
     }
-    g.simd_exited.assign(simdgroups, 0);
     g.slots.resize(simdgroups);
     std::vector<std::thread> threads;
     threads.reserve(n);

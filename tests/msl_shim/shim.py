@@ -75,9 +75,15 @@ def query_tiles(group: int) -> int:
 # ---- building ----------------------------------------------------------------------------------
 
 
+def source_path(name: str) -> Path:
+    """``metal/<name>.metal``, or the shim's own ``selftest`` kernels."""
+    return SHIM / "selftest.metal" if name == "selftest" else METAL / f"{name}.metal"
+
+
 def _sources() -> list[Path]:
     common = ROOT / "csrc" / "common"
     return sorted([*METAL.glob("*.metal"), *METAL.glob("*.h"), *SHIM.glob("*.h"),
+                   *SHIM.glob("*.metal"),
                    SHIM / "driver.cpp", SHIM / "include" / "metal_stdlib", SHIM / "bindgen.py",
                    common / "layout.h", common / "paged_kv.h", common / "params.h",
                    common / "half.h"])
@@ -94,7 +100,7 @@ def _key(name: str, defines: Sequence[str]) -> str:
 
 def _command(name: str, defines: Sequence[str], bindings: Path, out: Path) -> list[str]:
     return [CXX, *FLAGS, *(f"-D{d}" for d in defines), f"-I{SHIM / 'include'}",
-            f"-DKV_METAL_SOURCE=\"{METAL / (name + '.metal')}\"",
+            f"-DKV_METAL_SOURCE=\"{source_path(name)}\"",
             f"-DKV_METAL_BINDINGS=\"{bindings}\"", str(SHIM / "driver.cpp"), "-o", str(out)]
 
 
@@ -109,7 +115,7 @@ def build_many(names: Iterable[tuple[str, tuple[str, ...]]], jobs: int = 2) -> d
         if exe.exists():
             continue
         bindings = CACHE / f"{exe.name}.bind.h"
-        bindings.write_text(bindgen.generate(METAL / f"{name}.metal"))
+        bindings.write_text(bindgen.generate(source_path(name)))
         tmp = exe.with_name(exe.name + f".tmp{os.getpid()}")
         pending.append(((name, defines), _command(name, defines, bindings, tmp), tmp, exe))
     while pending:
@@ -198,19 +204,6 @@ def op_params(case: Case, arrays: dict[str, np.ndarray]) -> bytes:
                        DTYPE_ID[case.dtype])
     blob = pool + rest
     return blob + b"\0" * (88 - len(blob))
-
-
-def executables_for(ops: Iterable[str], defines: tuple[str, ...] = ()) -> dict[str, Path]:
-    """op -> executable for every op's .metal file (combine too for attention), built 2 at a time."""
-    names = {op: op for op in ops}
-    wanted = {(n, defines) for n in names.values()}
-    if {"paged_sdpa", "sdpa_contiguous"} & set(names):
-        wanted.add(("combine", ()))
-    built = build_many(sorted(wanted))
-    exes = {op: built[(n, defines)] for op, n in names.items()}
-    if ("combine", ()) in built:
-        exes["combine"] = built[("combine", ())]
-    return exes
 
 
 def run_case(case: Case, arrays: dict[str, np.ndarray], exes: dict[str, Path],
