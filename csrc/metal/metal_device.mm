@@ -78,10 +78,14 @@ id<MTLCommandBuffer> new_command_buffer(id<MTLCommandQueue> queue) {
   return cb;
 }
 
+// Blit fills and copies on macOS take offsets and sizes in multiples of 4 bytes; buffers are
+// allocated in multiples of 16, so a rounded-up range always lies inside its buffer.
+int64_t round4(int64_t bytes) { return (bytes + 3) / 4 * 4; }
+
 id<MTLBuffer> new_buffer(id<MTLDevice> device, int64_t bytes, MTLResourceOptions options,
                          const char* op) {
-  id<MTLBuffer> b = [device newBufferWithLength:(NSUInteger)std::max<int64_t>(bytes, 16)
-                                        options:options];
+  const int64_t length = (std::max<int64_t>(bytes, 16) + 15) / 16 * 16;
+  id<MTLBuffer> b = [device newBufferWithLength:(NSUInteger)length options:options];
   if (!b)
     throw UnsupportedError(std::string("[") + op + "] newBufferWithLength " +
                            std::to_string(bytes) + " bytes failed: out of device memory");
@@ -285,15 +289,12 @@ void MetalOp::fill(id<MTLBuffer> buf, const void* src, int64_t bytes, uint8_t va
   id<MTLBlitCommandEncoder> blit = [cb blitCommandEncoder];
   if (!blit) KV_METAL_FAIL("[metal] blitCommandEncoder returned nil", nil);
   if (src) {
-    id<MTLBuffer> staging = [ctx_.device newBufferWithBytes:src
-                                                     length:(NSUInteger)bytes
-                                                    options:MTLResourceStorageModeShared];
-    if (!staging) throw UnsupportedError(op_message(name_, "staging buffer of ", bytes,
-                                                    " bytes failed: out of memory"));
+    id<MTLBuffer> staging = new_buffer(ctx_.device, bytes, MTLResourceStorageModeShared, name_);
+    std::memcpy(staging.contents, src, (size_t)bytes);
     [blit copyFromBuffer:staging sourceOffset:0 toBuffer:buf destinationOffset:0
-                    size:(NSUInteger)bytes];
+                    size:(NSUInteger)round4(bytes)];
   } else {
-    [blit fillBuffer:buf range:NSMakeRange(0, (NSUInteger)bytes) value:value];
+    [blit fillBuffer:buf range:NSMakeRange(0, (NSUInteger)round4(bytes)) value:value];
   }
   [blit endEncoding];
 }
@@ -391,7 +392,7 @@ void MetalOp::download(BufferIndex which, void* dst) {
     id<MTLBlitCommandEncoder> blit = [cb blitCommandEncoder];
     if (!blit) KV_METAL_FAIL("[metal] blitCommandEncoder returned nil", nil);
     [blit copyFromBuffer:src sourceOffset:0 toBuffer:staging destinationOffset:0
-                    size:(NSUInteger)bytes];
+                    size:(NSUInteger)round4(bytes)];
     [blit endEncoding];
     [cb commit];
     wait_completed(cb, "download");
@@ -400,11 +401,11 @@ void MetalOp::download(BufferIndex which, void* dst) {
 }
 
 void MetalOp::encode_flush(id<MTLCommandBuffer> cb, int64_t bytes) {
-  if (!flush_ || (int64_t)flush_.length < bytes)
+  if (!flush_ || (int64_t)flush_.length < round4(bytes))
     flush_ = new_buffer(ctx_.device, bytes, MTLResourceStorageModePrivate, name_);
   id<MTLBlitCommandEncoder> blit = [cb blitCommandEncoder];
   if (!blit) KV_METAL_FAIL("[metal] blitCommandEncoder returned nil", nil);
-  [blit fillBuffer:flush_ range:NSMakeRange(0, (NSUInteger)bytes) value:++flush_value_];
+  [blit fillBuffer:flush_ range:NSMakeRange(0, (NSUInteger)round4(bytes)) value:++flush_value_];
   [blit endEncoding];
 }
 

@@ -125,9 +125,6 @@ static inline MTLSize MTLSizeMake(NSUInteger width, NSUInteger height, NSUIntege
     (NSUInteger)maxCommandBufferCount;
 - (nullable id<MTLBuffer>)newBufferWithLength:(NSUInteger)length
                                       options:(MTLResourceOptions)options;
-- (nullable id<MTLBuffer>)newBufferWithBytes:(const void*)pointer
-                                      length:(NSUInteger)length
-                                     options:(MTLResourceOptions)options;
 - (nullable id<MTLLibrary>)newLibraryWithURL:(NSURL*)url
                                        error:(__autoreleasing NSError* _Nullable* _Nullable)error;
 - (nullable id<MTLLibrary>)newLibraryWithSource:(NSString*)source
