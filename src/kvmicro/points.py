@@ -165,8 +165,11 @@ def point_key(point: Point) -> tuple[Any, ...]:
 
 
 def contiguous_key(point: Point) -> tuple[Any, ...]:
-    """Which ``sdpa_contiguous`` record a point's overhead is against: same shape, timer, cache."""
-    return (*shape_key(point.case), point.timer, point.cache)
+    """Which ``sdpa_contiguous`` record a point's overhead is against: same shape, backend
+    options, timer, cache (:func:`kvmicro.record.shape_key`, the one definition)."""
+    from .record import shape_key as record_shape_key
+
+    return record_shape_key(point.case, point.timer, point.cache)
 
 
 def point_weight(point: Point) -> float:
