@@ -127,15 +127,15 @@ EOF
 fi
 if [ "$what" = gqa ]; then  # torch:cuda decode GQA: enable_gqa vs folded heads, same data
     timeout "${BENCH_TIMEOUT:-300}" python3 - <<'EOF' 2>&1 | tee "$OUT/gqa.log"
-import os, statistics, numpy as np, kvmicro as kv
+import statistics, numpy as np, kvmicro as kv
 from kvmicro.check import compare
 from kvmicro.backends.torch_backend import TorchCudaBackend
 backend, outs = TorchCudaBackend(), {}
 for mode in ("native", "fold"):
-    os.environ["KVMICRO_TORCH_GQA"] = mode
+    options = (("gqa", mode),)  # the case option (torch_backend.py), part of the record
     for op in ("sdpa_contiguous", "gather_sdpa"):  # ragged (masked), GQA group 7
         case = kv.Case(op=op, backend="torch:cuda", batch=3, q_heads=28, kv_heads=4,
-                       head_dim=128, ctx=(37, 1300, 5), seed=3)
+                       head_dim=128, ctx=(37, 1300, 5), seed=3, options=options)
         arrays = kv.materialize(case)
         prepared = backend.prepare(case, arrays)
         prepared.run()
@@ -146,7 +146,7 @@ for mode in ("native", "fold"):
         rng = np.random.default_rng(0)
         normal = lambda *s: rng.standard_normal(s, dtype=np.float32).astype(np.float16)
         case = kv.Case(op="sdpa_contiguous", backend="torch:cuda", batch=batch, q_heads=32,
-                       kv_heads=8, head_dim=128, ctx=ctx)
+                       kv_heads=8, head_dim=128, ctx=ctx, options=options)
         arrays = dict(q=normal(batch, 32, 1, 128), k_dense=normal(batch, 8, ctx, 128),
                       v_dense=normal(batch, 8, ctx, 128), ctx=np.full(batch, ctx, np.int32))
         prepared = backend.prepare(case, arrays)

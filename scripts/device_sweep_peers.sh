@@ -44,8 +44,9 @@ else
   fi_shapes=(--ctx 1024,4096,16384,32768 --batch 1,4)
 fi
 # FlashInfer's second decode path (tensor cores) as its own records
-KVMICRO_FLASHINFER_TENSOR_CORES=1 timeout 120 python3 -m kvmicro sweep "${common[@]}" \
-    --backend flashinfer:cuda --op paged_sdpa "${fi_shapes[@]}" --out "$OUT/peers_fi_tc.jsonl"
+timeout 120 python3 -m kvmicro sweep "${common[@]}" \
+    --backend 'flashinfer:cuda[tensor_cores=true]' --op paged_sdpa "${fi_shapes[@]}" \
+    --out "$OUT/peers_fi_tc.jsonl"
 echo "sweeps took $((SECONDS - start)) s"
 python3 -m kvmicro report "$OUT/peers.jsonl" "$OUT/peers_fi_tc.jsonl" --columns median_us \
     >"$OUT/report.txt" 2>&1

@@ -87,13 +87,21 @@ def test_flashinfer_refuses_head_dims_and_groups_its_kernels_lack() -> None:
     FlashInferBackend(tensor_cores=True).supports(group7)
 
 
-def test_flashinfer_variant_comes_from_the_constructor_or_the_environment(
+def test_flashinfer_variant_comes_from_the_case_option_or_the_constructor(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KVMICRO_FLASHINFER_TENSOR_CORES", "1")
-    assert FlashInferBackend().variant == "tensor-cores"
-    assert FlashInferBackend(tensor_cores=False).variant == "cuda-cores"
-    monkeypatch.delenv("KVMICRO_FLASHINFER_TENSOR_CORES")
+    monkeypatch.setenv("KVMICRO_FLASHINFER_TENSOR_CORES", "1")  # no longer read
     assert FlashInferBackend().variant == "cuda-cores"
+    assert FlashInferBackend(tensor_cores=True).variant == "tensor-cores"
+    case = kv.Case(op="paged_sdpa", backend="flashinfer:cuda", q_heads=7, kv_heads=1,
+                   head_dim=128)
+    assert not FlashInferBackend().uses_tensor_cores(case)
+    tc = case.with_(options=(("tensor_cores", "true"),))
+    assert FlashInferBackend().uses_tensor_cores(tc)
+    assert not FlashInferBackend(tensor_cores=True).uses_tensor_cores(
+        case.with_(options=(("tensor_cores", "false"),)))
+    FlashInferBackend().supports(tc)  # group 7 takes the tensor-core path
+    with pytest.raises(kv.InvalidCase, match="option tensor_cores value 'maybe'"):
+        FlashInferBackend().supports(case.with_(options=(("tensor_cores", "maybe"),)))
 
 
 def test_bad_device_indices_are_named() -> None:

@@ -267,12 +267,10 @@ def test_torch_cuda_reports_l2_and_bandwidth() -> None:
 
 
 @pytest.mark.parametrize("mode", ["fold", "native"])
-def test_both_gqa_strategies_compute_the_same_attention(mode: str,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KVMICRO_TORCH_GQA", mode)
+def test_both_gqa_strategies_compute_the_same_attention(mode: str) -> None:
     for ctx in ((37, 130, 5), 90):  # masked (ragged) and sliced
         case = kv.Case(op="gather_sdpa", backend="torch:cpu", batch=3, q_heads=28, kv_heads=4,
-                       head_dim=64, ctx=ctx, layout="HNSD", seed=3)
+                       head_dim=64, ctx=ctx, layout="HNSD", seed=3, options=(("gqa", mode),))
         arrays, out = _run(case)
         assert compare(case, arrays, out).passed
 
@@ -282,18 +280,19 @@ def test_both_gqa_strategies_compute_the_same_attention(mode: str,
     ("native", (37, 90), "(enable_gqa, masked)")])
 def test_the_record_names_the_gqa_path(mode: str, ctx: Any, named: str,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KVMICRO_TORCH_GQA", mode)
+    monkeypatch.setenv("KVMICRO_TORCH_GQA", "fold" if mode == "native" else "native")  # ignored
     case = kv.Case(op="sdpa_contiguous", backend="torch:cpu", batch=2, q_heads=8, kv_heads=2,
-                   head_dim=64, ctx=ctx)
+                   head_dim=64, ctx=ctx, options=(("gqa", mode),))
     prepared = get_backend("torch:cpu").prepare(case, kv.materialize(case))
     assert prepared.kernel == f"torch scaled_dot_product_attention {named}"
     prepared.release()
 
 
-def test_an_unknown_gqa_strategy_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KVMICRO_TORCH_GQA", "tile")
-    case = kv.Case(op="sdpa_contiguous", backend="torch:cpu", ctx=32, q_heads=8, kv_heads=2)
-    with pytest.raises(kv.InvalidCase, match="KVMICRO_TORCH_GQA='tile'"):
+def test_an_unknown_gqa_strategy_is_named() -> None:
+    case = kv.Case(op="sdpa_contiguous", backend="torch:cpu", ctx=32, q_heads=8, kv_heads=2,
+                   options=(("gqa", "tile"),))
+    with pytest.raises(kv.InvalidCase, match="option gqa value 'tile' is not valid; expected one "
+                                             "of auto, native, fold"):
         kv.execute(case)
 
 

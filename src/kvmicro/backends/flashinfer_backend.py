@@ -9,8 +9,9 @@ FlashInfer's CSR form (``indptr``, ``indices``, ``last_page_len``) once, at prep
 
 FlashInfer has two decode paths: the CUDA-core decode kernel and, with ``use_tensor_cores=True``,
 its prefill kernel run with one query row per request (``fa2``). Both are this backend; which one
-is the backend's ``variant`` (``cuda-cores`` / ``tensor-cores``), chosen by the constructor or by
-``KVMICRO_FLASHINFER_TENSOR_CORES=1``, and named in ``device_info().extra["variant"]``.
+is the case's ``tensor_cores`` option (``flashinfer:cuda[tensor_cores=true]``, part of the record;
+the constructor's ``tensor_cores`` is the default a case without the option gets), named by the
+prepared case's ``kernel`` and ``variant`` (``cuda-cores`` / ``tensor-cores``).
 
 ``append`` goes through ``flashinfer.page.append_paged_kv_cache``, which writes token ``ctx[b]``
 of each sequence into its page.
@@ -21,15 +22,14 @@ caches them under ``~/.cache/flashinfer``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..errors import Unsupported
 from ..workload import Case
-from .base import Availability, Backend, DeviceInfo, Prepared
+from .base import Availability, Backend, DeviceInfo, Option, Prepared
 from .common import cuda_backend_name, require, validate_arrays
 from .torch_backend import (
     TorchPrepared,
@@ -51,7 +51,9 @@ HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
 CUDA_CORE_GROUPS: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 16)
 #: FlashInfer's recommended float workspace for split-KV partial results
 WORKSPACE_BYTES = 128 * 1024 * 1024
-TENSOR_CORES_ENV = "KVMICRO_FLASHINFER_TENSOR_CORES"
+#: the case option that picks FlashInfer's tensor-core decode path (module docstring)
+TENSOR_CORES_OPTION = Option("bool", False, help="FlashInfer's tensor-core decode path (fa2 "
+                                                 "prefill, one query row); false: CUDA cores")
 
 
 def _import_flashinfer() -> tuple[Any, Any]:
@@ -84,11 +86,11 @@ def _csr(case: Case, table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 class _FlashInferPrepared(TorchPrepared):
     def __init__(self, backend: FlashInferBackend, case: Case, arrays: dict[str, np.ndarray],
-                 copies: int) -> None:
+                 copies: int, tensor_cores: bool) -> None:
         torch = import_torch()
         super().__init__(case, torch.device("cuda", backend.index), "cuda", copies)
         self._decode, self._page = _import_flashinfer()
-        self._tensor_cores = backend.tensor_cores
+        self._tensor_cores = tensor_cores
         self._kv_layout = KV_LAYOUTS[case.layout]
         self._workspace: Any = None
         self._wrappers: list[Any] = []  # each holds the plan (and int workspace) run() reads
@@ -167,14 +169,18 @@ class FlashInferBackend(Backend):
 
     ops = ("paged_sdpa", "append")
     dtypes = ("float16", "bfloat16")
+    OPTIONS: ClassVar[dict[str, Option]] = {"tensor_cores": TENSOR_CORES_OPTION}
 
-    def __init__(self, index: int = 0, tensor_cores: bool | None = None) -> None:
+    def __init__(self, index: int = 0, tensor_cores: bool = False) -> None:
         self.name = cuda_backend_name("flashinfer", index)
-        if tensor_cores is None:
-            tensor_cores = os.environ.get(TENSOR_CORES_ENV, "").strip().lower() in (
-                "1", "true", "yes", "on")
         self.index = index
         self.tensor_cores = bool(tensor_cores)
+
+    def uses_tensor_cores(self, case: Case) -> bool:
+        """The decode path ``case`` runs: its ``tensor_cores`` option, else the constructor's."""
+        if "tensor_cores" in dict(case.options):
+            return bool(self.parse_options(case.options)["tensor_cores"])
+        return self.tensor_cores
 
     @property
     def variant(self) -> str:
@@ -208,11 +214,11 @@ class FlashInferBackend(Backend):
         if case.head_dim not in HEAD_DIMS:
             raise Unsupported(f"FlashInfer's decode kernels take head_dim "
                               f"{', '.join(map(str, HEAD_DIMS))}; got {case.head_dim}")
-        if case.op == "paged_sdpa" and not self.tensor_cores and \
+        if case.op == "paged_sdpa" and not self.uses_tensor_cores(case) and \
                 case.group not in CUDA_CORE_GROUPS:
             raise Unsupported(f"FlashInfer's CUDA-core decode kernel dispatches GQA groups "
                               f"{', '.join(map(str, CUDA_CORE_GROUPS))}; group {case.group} needs "
-                              f"the tensor-core path ({TENSOR_CORES_ENV}=1)")
+                              f"the tensor-core path (flashinfer:cuda[tensor_cores=true])")
 
     def device_info(self) -> DeviceInfo:
         return cuda_device_info(self.index, {"variant": self.variant, **self.versions()})
@@ -226,7 +232,7 @@ class FlashInferBackend(Backend):
     def prepare(self, case: Case, arrays: dict[str, np.ndarray], copies: int = 1) -> Prepared:
         require(self, case)
         validate_arrays(case, arrays)
-        return _FlashInferPrepared(self, case, arrays, copies)
+        return _FlashInferPrepared(self, case, arrays, copies, self.uses_tensor_cores(case))
 
 
-__all__ = ["HEAD_DIMS", "KV_LAYOUTS", "TENSOR_CORES_ENV", "FlashInferBackend"]
+__all__ = ["HEAD_DIMS", "KV_LAYOUTS", "TENSOR_CORES_OPTION", "FlashInferBackend"]

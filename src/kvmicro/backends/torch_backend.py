@@ -11,7 +11,8 @@ dispatches torch ops. The CUDA plumbing here (events, CUDA graphs, L2 flush, ban
 properties) is shared with the peers ``cudnn:cuda`` and ``flashinfer:cuda``, which subclass
 :class:`TorchPrepared`.
 
-GQA in decode, two ways (``KVMICRO_TORCH_GQA`` = ``native`` | ``fold`` | ``auto``, the default):
+GQA in decode, two ways (case option ``gqa`` = ``native`` | ``fold`` | ``auto``, the default, e.g.
+``torch:cpu[gqa=fold]``):
 
 - ``fold``: the ``group`` query heads sharing a kv head become the query-length axis
   (``q [B, Hkv, group, D]`` against ``K [B, Hkv, T, D]``): the same computation with one query
@@ -32,7 +33,6 @@ Expanding K/V to ``Hq`` heads is never used: it copies them ``group`` times.
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -42,7 +42,7 @@ import numpy as np
 
 from ..errors import InvalidCase, Unsupported
 from ..workload import AXES, Case
-from .base import Availability, Backend, DeviceInfo, Prepared, host_bandwidth
+from .base import Availability, Backend, DeviceInfo, Option, Prepared, host_bandwidth
 from .common import cuda_backend_name, host_device_info, require, validate_arrays
 from .nvml import sm_clock, sm_clock_status, torch_bus_id
 
@@ -61,17 +61,18 @@ MPS_DTYPE_NEEDS: dict[str, str] = {"bfloat16": "macOS 14 or newer"}
 
 #: what ``output()`` returns for one run: an array (attention) or a (k, v) pair
 Output = Any
-GQA_ENV = "KVMICRO_TORCH_GQA"
 GQA_MODES: tuple[str, ...] = ("auto", "native", "fold")
+#: the case option that picks the GQA path (module docstring)
+GQA_OPTION = Option("choice", "auto", GQA_MODES,
+                    help="decode GQA: native (enable_gqa), fold (heads into q_len), or auto")
 
 
-def gqa_mode(kind: str, masked: bool = False) -> str:
+def gqa_mode(kind: str, masked: bool = False, mode: str = "auto") -> str:
     """How decode attention serves GQA on device ``kind`` (module docstring): ``native`` or
-    ``fold``, from ``KVMICRO_TORCH_GQA`` or, for ``auto``, from the device and whether the batch
-    needs a padding mask."""
-    mode = os.environ.get(GQA_ENV, "auto").strip().lower() or "auto"
+    ``fold``, as the case's ``gqa`` option ``mode`` asks or, for ``auto``, from the device and
+    whether the batch needs a padding mask."""
     if mode not in GQA_MODES:
-        raise InvalidCase(f"{GQA_ENV}={mode!r}; expected one of {', '.join(GQA_MODES)}")
+        raise InvalidCase(f"gqa {mode!r}; expected one of {', '.join(GQA_MODES)}")
     # a builtin has no inspectable signature; its docstring lists the keyword (torch >= 2.5)
     has_native = "enable_gqa" in (
         import_torch().nn.functional.scaled_dot_product_attention.__doc__ or "")
@@ -337,7 +338,7 @@ class _TorchOpPrepared(TorchPrepared):
     """The four ops in plain torch."""
 
     def __init__(self, case: Case, arrays: dict[str, np.ndarray], device: Any, kind: str,
-                 copies: int) -> None:
+                 copies: int, gqa: str = "auto") -> None:
         super().__init__(case, device, kind, copies)
         torch = import_torch()
         B = case.batch
@@ -351,7 +352,7 @@ class _TorchOpPrepared(TorchPrepared):
             positions = torch.arange(span, device=device)
             mask = positions[None, :] < torch.from_numpy(ctx).to(device)[:, None]
             self._mask = mask.view(B, 1, 1, span)
-        self.gqa = gqa_mode(kind, masked=self._mask is not None)
+        self.gqa = gqa_mode(kind, masked=self._mask is not None, mode=gqa)
         self._build(arrays)
 
     @property
@@ -487,6 +488,7 @@ class _TorchOpPrepared(TorchPrepared):
 
 class _TorchBackend(Backend):
     kind = "cpu"
+    OPTIONS: ClassVar[dict[str, Option]] = {"gqa": GQA_OPTION}
     ops = TORCH_OPS
 
     def _device(self) -> Any:
@@ -519,7 +521,8 @@ class _TorchBackend(Backend):
                 copies: int = 1) -> Prepared:
         require(self, case)
         validate_arrays(case, arrays)
-        return _TorchOpPrepared(case, arrays, self._device(), self.kind, copies)
+        gqa = self.parse_options(case.options)["gqa"]
+        return _TorchOpPrepared(case, arrays, self._device(), self.kind, copies, gqa)
 
 
 class TorchCpuBackend(_TorchBackend):
@@ -650,7 +653,7 @@ class TorchMpsBackend(_TorchBackend):
 
 
 __all__ = [
-    "GQA_ENV",
+    "GQA_OPTION",
     "MPS_DTYPE_NEEDS",
     "MPS_NO_DEVICE_TIMER",
     "TORCH_OPS",
