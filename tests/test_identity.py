@@ -346,3 +346,14 @@ def test_the_command_lines_priority_becomes_the_option_of_the_backends_that_have
     out = capsys.readouterr().out
     assert "native:cuda[priority=high]" in out and "native:cuda[priority=low]" in out
     assert "torch:cpu[" not in out and "torch:cpu" in out
+
+
+def test_a_variants_overhead_is_against_its_own_contiguous_twin():
+    from kvmicro.points import Point, contiguous_key
+
+    paged = Case(op="paged_sdpa", backend="native:cuda[priority=high]", layout="HNSD")
+    twin = paged.with_(op="sdpa_contiguous", layout="NSHD")
+    plain_twin = twin.with_(options=())
+    key = contiguous_key(Point(paged, "graph", "hot"))
+    assert key == contiguous_key(Point(twin, "graph", "hot"))
+    assert key != contiguous_key(Point(plain_twin, "graph", "hot"))
