@@ -6,8 +6,9 @@ planted slowdown.
    background Python loop: ``--busy``): by default the inline sweep (:func:`inline_sweep`: 28
    native:cpu cases, one kernel thread, host timer, hot cache, rounds interleaved across the
    cases), or ``--engine cli``: ``kvmicro sweep --sweep-args ...`` as a user runs it.
-2. A/A: compare every pair of those identical sweeps case by case (``compare_records``): any
-   faster or slower verdict is false. The target is at most 1% of the matched cases.
+2. A/A: compare every pair of those identical sweeps case by case (``compare_records``; "across"),
+   and, for the inline sweep, the two interleaved arms of each sweep ("within"): any faster or
+   slower verdict is false. The target is at most 1% of the matched cases.
 3. Planted slowdown: the same pairs, with every sample of the NEW record multiplied by
    ``--factor`` (default 1.3; the record's statistics scaled alike, its flags kept: spread and
    convergence do not change with the scale). A slower verdict finds it; the target is at least
@@ -19,7 +20,7 @@ planted slowdown.
 
 Every matched case counts, including those whose records did not converge or errored (those
 are unsure or n/a: never false, never found). The summary goes to stdout and, as JSON, to
-``OUT/summary-{quiet,busy}-{engine}.json``.
+``OUT/summary-{quiet,busy}-{native-cpu,native-cuda,cli}.json``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from kvmicro.record import record_key  # noqa: E402
 from kvmicro.results import read_results  # noqa: E402
-from kvmicro.verdict import compare_records  # noqa: E402
+from kvmicro.verdict import compare_records, untrusted_reason  # noqa: E402
 
 DEFAULT_SWEEP = ("--backend native:cpu --preset quick --dtype float32 --cache hot")
 _SCALED_STATS = ("min_us", "max_us", "mean_us", "median_us", "trimmed_mean_us", "stdev_us",
@@ -61,7 +62,7 @@ def plant(record: dict[str, Any], factor: float) -> dict[str, Any]:
     return out
 
 
-def inline_cases() -> list[Any]:
+def inline_cases(backend: str = "native:cpu") -> list[Any]:
     """The inline sweep's grid: the quick preset's shape (Hq 32, Hkv 8, D 128, float32, reverse
     placement, block 16) at ctx 256 and 1024, batch 1 and 4, for four ops and two layouts."""
     from kvmicro.workload import Case
@@ -69,21 +70,25 @@ def inline_cases() -> list[Any]:
     cases = []
     for ctx in (256, 1024):
         for batch in (1, 4):
-            cases.append(Case(op="sdpa_contiguous", backend="native:cpu", ctx=ctx, batch=batch,
+            cases.append(Case(op="sdpa_contiguous", backend=backend, ctx=ctx, batch=batch,
                               dtype="float32", placement="reverse"))
             for op in ("gather", "paged_sdpa", "append"):
                 for layout in ("NSHD", "HNSD"):
-                    cases.append(Case(op=op, backend="native:cpu", ctx=ctx, batch=batch,
+                    cases.append(Case(op=op, backend=backend, ctx=ctx, batch=batch,
                                       layout=layout, dtype="float32", placement="reverse"))
     return cases
 
 
-def inline_sweep(path: Path, max_time_s: float, threads: int) -> None:
+def inline_sweep(paths: tuple[Path, Path], max_time_s: float, threads: int,
+                 backend_name: str = "native:cpu") -> None:
     """One sweep of :func:`inline_cases` on native:cpu with ``threads`` kernel threads (host
-    timer, hot cache): every case prepared and checked against the oracle once, then the cases'
-    rounds interleaved (one round of each case in turn, as a runner interleaves a shape group's
-    cases), each record written as ``kvmicro sweep`` writes it."""
-    from kvmicro.backends.native import NativeCpuBackend
+    timer, hot cache), or on native:cuda (device timer: CUDA events, hot cache): every case
+    prepared and checked against the oracle once, then measured
+    as two identical arms (two Samplers on the same prepared case), every arm's rounds
+    interleaved with every other's (one round of each in turn, as a runner interleaves a shape
+    group's cases, so that drift of the host lands in both arms alike). Arm A's records go to
+    ``paths[0]``, arm B's to ``paths[1]``, each written as ``kvmicro sweep`` writes it."""
+    from kvmicro.backends.native import NativeCpuBackend, NativeCudaBackend
     from kvmicro.check import compare
     from kvmicro.harness.cache import HotCache
     from kvmicro.harness.measure import MeasureConfig, Sampler
@@ -91,11 +96,13 @@ def inline_sweep(path: Path, max_time_s: float, threads: int) -> None:
     from kvmicro.results import ResultsWriter, case_record
     from kvmicro.workload import materialize
 
-    backend = NativeCpuBackend(threads=threads)
-    config = MeasureConfig(timer="host", cache="hot", noise=0.05, min_samples=10,
+    cuda = backend_name == "native:cuda"
+    backend = NativeCudaBackend() if cuda else NativeCpuBackend(threads=threads)
+    config = MeasureConfig(timer="device" if cuda else "host", cache="hot", noise=0.05,
+                           min_samples=10,
                            max_time_s=max_time_s, warmup_count=3, warmup_time_s=0.05)
     prepared, samplers = [], []
-    for case in inline_cases():
+    for case in inline_cases(backend_name):
         arrays = materialize(case)
         p = backend.prepare(case, arrays)
         p.run()
@@ -104,22 +111,24 @@ def inline_sweep(path: Path, max_time_s: float, threads: int) -> None:
         if not check.passed:
             raise SystemExit(f"{case.op} {case.layout}: check failed: {check}")
         prepared.append((case, p, check))
-        samplers.append(Sampler(p, config, HotCache()))
-    while not all(s.done() for s in samplers):
-        for s in samplers:
+        samplers.append((Sampler(p, config, HotCache()), Sampler(p, config, HotCache())))
+    every = [s for pair in samplers for s in pair]
+    while not all(s.done() for s in every):
+        for s in every:
             if not s.done():
                 s.round()
     provenance = {"argv": ["calibrate_verdicts.py", "inline", f"threads={threads}"],
                   "host_load": host_load()}
-    with ResultsWriter(path, provenance) as writer:
-        for (case, p, check), s in zip(prepared, samplers, strict=True):
-            writer.write(case_record(case, status="ok", measurement=s.result(),
-                                     check=check.to_dict(), device="native:cpu"))
+    with ResultsWriter(paths[0], provenance) as a, ResultsWriter(paths[1], provenance) as b:
+        for (case, p, check), (arm_a, arm_b) in zip(prepared, samplers, strict=True):
+            for writer, arm in ((a, arm_a), (b, arm_b)):
+                writer.write(case_record(case, status="ok", measurement=arm.result(),
+                                         check=check.to_dict(), device=backend_name))
             p.release()
 
 
 def run_sweeps(repeats: int, out_dir: Path, label: str, sweep_args: str, busy: bool,
-               engine: str, max_time_s: float, threads: int) -> list[Path]:
+               engine: str, max_time_s: float, threads: int, backend: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     loop = None
@@ -129,12 +138,15 @@ def run_sweeps(repeats: int, out_dir: Path, label: str, sweep_args: str, busy: b
     paths = []
     try:
         for i in range(repeats):
-            path = out_dir / f"{label}-{engine}-{i}.jsonl"
-            if path.exists():
-                path.unlink()
+            tag = engine if engine == "cli" else backend.replace(":", "-")
+            path = out_dir / f"{label}-{tag}-{i}.jsonl"
+            twin = out_dir / f"{label}-{tag}-{i}-b.jsonl"
+            for p in (path, twin):
+                if p.exists():
+                    p.unlink()
             start = time.monotonic()
             if engine == "inline":
-                inline_sweep(path, max_time_s, threads)
+                inline_sweep((path, twin), max_time_s, threads, backend)
                 status = "ok"
             else:
                 argv = [sys.executable, "-m", "kvmicro", "sweep", *shlex.split(sweep_args),
@@ -151,54 +163,75 @@ def run_sweeps(repeats: int, out_dir: Path, label: str, sweep_args: str, busy: b
     return paths
 
 
+def _tally(pairs: list[tuple[dict[str, Any], dict[str, Any]]], threshold: float,
+           factor: float) -> dict[str, Any]:
+    """A/A and planted verdicts over (base, new) record pairs."""
+    aa: Counter[str] = Counter()
+    planted: Counter[str] = Counter()
+    both_ok = trusted = 0
+    for b, n in pairs:
+        aa[compare_records(n, b, threshold=threshold).verdict] += 1
+        planted[compare_records(plant(n, factor), b, threshold=threshold).verdict] += 1
+        both_ok += n.get("status") == "ok" and b.get("status") == "ok"
+        trusted += not untrusted_reason(n) and not untrusted_reason(b)
+    matched = sum(aa.values())
+    false = aa["faster"] + aa["slower"]
+    return {"matched": matched, "both_ok": both_ok, "both_trusted": trusted,
+            "aa": dict(aa), "aa_false": false,
+            "aa_false_pct": 100.0 * false / matched if matched else None,
+            "planted": dict(planted),
+            "planted_found_pct": 100.0 * planted["slower"] / matched if matched else None}
+
+
 def analyse(paths: list[Path], threshold: float, factor: float) -> dict[str, Any]:
+    """``across``: every pair of sweeps (``compare BASE NEW``); ``within``: the two interleaved
+    arms of each inline sweep (what the report's fastest-layout mark compares)."""
     sweeps = []
     for path in paths:
         _, records = read_results(path)
         sweeps.append({record_key(r): r for r in records})
-    aa: Counter[str] = Counter()
-    planted: Counter[str] = Counter()
-    both_ok = 0
+    across = [(base[k], new[k]) for base, new in itertools.combinations(sweeps, 2)
+              for k in new if k in base]
+    within = []
+    for path, sweep in zip(paths, sweeps, strict=True):
+        twin = path.with_name(path.stem + "-b.jsonl")
+        if twin.exists():
+            other = {record_key(r): r for r in read_results(twin)[1]}
+            within += [(sweep[k], other[k]) for k in sweep if k in other]
     flags: Counter[str] = Counter()
-    for base, new in itertools.combinations(sweeps, 2):
-        for key, n in new.items():
-            b = base.get(key)
-            if b is None:
-                continue
-            aa[compare_records(n, b, threshold=threshold).verdict] += 1
-            planted[compare_records(plant(n, factor), b, threshold=threshold).verdict] += 1
-            both_ok += n.get("status") == "ok" and b.get("status") == "ok"
     for sweep in sweeps:
         for r in sweep.values():
             flags.update(r.get("flags") or [])
             flags["records"] += 1
             flags[f"status {r.get('status')}"] += 1
-    matched = sum(aa.values())
-    false = aa["faster"] + aa["slower"]
-    return {
-        "files": [str(p) for p in paths],
-        "threshold": threshold, "factor": factor,
-        "matched": matched, "both_ok": both_ok,
-        "aa": dict(aa), "aa_false": false,
-        "aa_false_pct": 100.0 * false / matched if matched else None,
-        "planted": dict(planted),
-        "planted_found_pct": 100.0 * planted["slower"] / matched if matched else None,
-        "record_flags": dict(flags),
-    }
+    out: dict[str, Any] = {"files": [str(p) for p in paths], "threshold": threshold,
+                           "factor": factor, "record_flags": dict(flags),
+                           "across": _tally(across, threshold, factor)}
+    if within:
+        out["within"] = _tally(within, threshold, factor)
+    return out
 
 
 def describe(label: str, s: dict[str, Any]) -> str:
-    aa, planted = s["aa"], s["planted"]
-    return "\n".join([
-        f"{label}: {len(s['files'])} identical sweeps, {s['matched']} matched case pairs "
-        f"({s['both_ok']} with both records ok), threshold {s['threshold'] * 100:g}%",
-        f"  A/A: false faster/slower {s['aa_false']} ({s['aa_false_pct']:.2f}%); "
-        + ", ".join(f"{k} {v}" for k, v in sorted(aa.items())),
-        f"  planted {s['factor']:g}x slowdown: found (slower) {planted.get('slower', 0)} "
-        f"({s['planted_found_pct']:.1f}%); " + ", ".join(f"{k} {v}"
-                                                         for k, v in sorted(planted.items())),
-        "  record flags: " + ", ".join(f"{k} {v}" for k, v in sorted(s["record_flags"].items())),
-    ])
+    lines = [f"{label}: {len(s['files'])} identical sweeps, threshold {s['threshold'] * 100:g}%, "
+             f"planted {s['factor']:g}x"]
+    for scope, what in (("within", "two interleaved arms of one sweep"),
+                        ("across", "pairs of sweeps run one after the other")):
+        t = s.get(scope)
+        if not t:
+            continue
+        lines += [
+            f"  {scope} ({what}): {t['matched']} case pairs, {t['both_ok']} both ok, "
+            f"{t['both_trusted']} both trusted (converged, no untrusting flag)",
+            f"    A/A: false faster/slower {t['aa_false']} ({t['aa_false_pct']:.2f}%); "
+            + ", ".join(f"{k} {v}" for k, v in sorted(t["aa"].items())),
+            f"    planted: found (slower) {t['planted'].get('slower', 0)} "
+            f"({t['planted_found_pct']:.1f}%); "
+            + ", ".join(f"{k} {v}" for k, v in sorted(t["planted"].items())),
+        ]
+    lines.append("  record flags: " + ", ".join(f"{k} {v}"
+                                                for k, v in sorted(s["record_flags"].items())))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=("inline", "cli"), default="inline",
                         help="inline (default): the cases of inline_cases() measured in this "
                         "process with interleaved rounds; cli: `kvmicro sweep --sweep-args`")
+    parser.add_argument("--backend", choices=("native:cpu", "native:cuda"), default="native:cpu",
+                        help="inline: native:cpu (host timer) or native:cuda (device timer)")
     parser.add_argument("--threads", type=int, default=1,
                         help="inline: native:cpu kernel threads (default 1; 0: all cores)")
     parser.add_argument("--max-time", type=float, default=0.5,
@@ -223,19 +258,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     label = "busy" if args.busy else "quiet"
     if args.files:
-        paths = [Path(f) for f in args.files]
+        # an inline sweep's arm-B file travels with its arm-A file, not as a sweep of its own
+        paths = [Path(f) for f in args.files if not f.endswith("-b.jsonl")]
     else:
         if args.repeats < 2:
             parser.error("--repeats must be at least 2 (an A/A test compares pairs)")
         paths = run_sweeps(args.repeats, Path(args.out), label, args.sweep_args, args.busy,
-                           args.engine, args.max_time, args.threads)
+                           args.engine, args.max_time, args.threads, args.backend)
     summary = analyse(paths, args.threshold / 100.0, args.factor)
     summary.update(label=label, busy=args.busy, engine=args.engine,
                    **({"sweep_args": args.sweep_args} if args.engine == "cli" else
-                      {"threads": args.threads, "max_time_s": args.max_time}))
+                      {"backend": args.backend, "threads": args.threads,
+                       "max_time_s": args.max_time}))
     print(describe(label, summary))
     if not args.files:
-        target = Path(args.out) / f"summary-{label}-{args.engine}.json"
+        tag = args.engine if args.engine == "cli" else args.backend.replace(":", "-")
+        target = Path(args.out) / f"summary-{label}-{tag}.json"
         target.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {target}", file=sys.stderr)
     return 0

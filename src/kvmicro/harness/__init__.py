@@ -27,7 +27,15 @@ from .criteria import (
     StdRelCriterion,
     make_criterion,
 )
-from .measure import MeasureConfig, Measurement, footprint_bytes, measure, working_set_bytes
+from .measure import (
+    MeasureConfig,
+    Measurement,
+    Sampler,
+    footprint_bytes,
+    measure,
+    working_set_bytes,
+)
+from .noise import HostGuard, host_load
 from .stats import Stats, check_columns
 from .timers import (
     TIMER_CLASSES,
@@ -42,7 +50,8 @@ from .timers import (
 __all__ = [
     "CACHE_POLICIES", "CRITERIA", "TIMER_CLASSES", "BatchedTimer", "CachePolicy",
     "CiMedianCriterion", "ColdFlush", "ColdRotate", "Criterion", "DeviceTimer", "GraphTimer",
-    "HostTimer", "HotCache", "MeasureConfig", "Measurement", "SampleCountCriterion", "Stats",
-    "StdRelCriterion", "Timer", "check_columns", "footprint_bytes", "make_cache_policy",
-    "make_criterion", "make_timer", "measure", "resolve_cache_name", "working_set_bytes",
+    "HostGuard", "HostTimer", "HotCache", "MeasureConfig", "Measurement", "SampleCountCriterion",
+    "Sampler", "Stats", "StdRelCriterion", "Timer", "check_columns", "footprint_bytes",
+    "host_load", "make_cache_policy", "make_criterion", "make_timer", "measure",
+    "resolve_cache_name", "working_set_bytes",
 ]
