@@ -195,3 +195,43 @@ def test_the_metal_kernel_params_are_the_native_pool_strides(layout: str) -> Non
     assert [int(x) for x in pool.split(",")] == [strides["N"], strides["S"], strides["H"],
                                                  strides["D"], n, 16, 2, 64]
     assert "kv_mlx_part = {70, 1};" in text
+
+
+@pytest.mark.parametrize("layout, head_dim", [("NSHD", 80), ("HDNS", 128)])
+def test_the_metal_kernel_source_compiles_under_the_msl_shim(tmp_path, layout: str,  # type: ignore[no-untyped-def]
+                                                             head_dim: int) -> None:
+    """What mlx:gpu hands mx.fast.metal_kernel (header, params, body), wrapped in the signature
+    MLX generates for it, compiled as C++ against tests/msl_shim: it proves the body and the
+    params literal fit the kernel template's types, not that Apple's compiler or MLX accept it."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from kvmicro.backends import mlx_backend as m
+
+    root = Path(__file__).resolve().parents[1]
+    shim = root / "tests" / "msl_shim" / "include"
+    gxx = shutil.which("g++")
+    if gxx is None or not shim.exists():
+        pytest.skip("needs g++ and tests/msl_shim")
+    case = kv.Case(op="paged_sdpa", backend="mlx:gpu", batch=2, q_heads=8, kv_heads=2,
+                   head_dim=head_dim, ctx=(33, 70), block_size=16, layout=layout)
+    arrays = kv.materialize(case)
+    header = m.metal_kernel_header() + m._params_literal(
+        case, arrays["k_pool"].shape, arrays["block_table"].shape[1], 70)
+    body = m._PAGED_BODY.format(floats=m.attention_threadgroup_floats(head_dim),
+                                head_dim=head_dim, d_inner=str(layout.endswith("D")).lower())
+    args = ("const device {T}* q, const device {T}* k_pool, const device {T}* v_pool, "
+            "const device int32_t* table, const device int32_t* ctx, device {T}* out, "
+            "device float* part_out, device float* part_ml, uint3 threadgroup_position_in_grid, "
+            "uint simdgroup_index_in_threadgroup, uint thread_index_in_simdgroup")
+    source = tmp_path / "mlx_paged.cpp"
+    source.write_text(
+        "#include <metal_stdlib>\n" + header + "template <typename T>\n[[kernel]] void "
+        f"kv_mlx_paged({args.format(T='T')}) {{{body}}}\n"
+        + "".join(f"template void kv_mlx_paged<{t}>({args.format(T=t)});\n"
+                  for t in ("half", "float")))
+    done = subprocess.run([gxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wno-attributes",
+                           "-Werror", "-DKVMICRO_MSL_SHIM", f"-I{shim}", "-x", "c++",
+                           str(source)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
