@@ -57,7 +57,7 @@ if(_kv_metal_rc EQUAL 0 AND _kv_metal_cc)
     add_custom_command(
       OUTPUT ${_air}
       COMMAND ${CMAKE_COMMAND} -E make_directory ${_kv_gen}
-      COMMAND xcrun -sdk macosx metal -std=${KVMICRO_METAL_STD} -Werror -O3
+      COMMAND xcrun -sdk macosx metal -std=${KVMICRO_METAL_STD} -Werror
               -I${CMAKE_CURRENT_SOURCE_DIR}/csrc -I${CMAKE_CURRENT_SOURCE_DIR}/metal
               -c ${_src} -o ${_air}
       DEPENDS ${_src} ${KVMICRO_METAL_HEADERS}
