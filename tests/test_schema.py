@@ -107,3 +107,30 @@ def test_a_skipped_line_needs_its_reason(validator):
 def test_every_flag_kvmicro_writes_fits_the_schema(validator):
     line = _ok_line()
     assert errors(validator, {**line, "flags": list(FLAGS)}) == []
+
+
+def test_a_record_measured_through_the_harness_validates(validator):
+    from kvmicro.backends.base import Prepared
+    from kvmicro.harness import ColdRotate, measure
+    from kvmicro.harness.measure import MeasureConfig
+
+    class Quick(Prepared):
+        copies = 3
+
+        def run(self) -> None:
+            sum(range(50))
+
+        def sync(self) -> None:
+            pass
+
+        def output(self):
+            return None
+
+    case = Case(backend="torch:cpu", batch=2, ctx=(37, 300), kv_heads=2, q_heads=8, head_dim=64)
+    m = measure(Quick(case), MeasureConfig(timer="batched", cache="cold:rotate", max_time_s=0.3,
+                                           criterion="sample-count",
+                                           criterion_params={"count": 6}),
+                ColdRotate(cache_bytes=1 << 16))
+    line = case_record(case, status="ok", measurement=m, derived=derive(case, m.stats, 10.0))
+    assert line["cache_policy"]["copies_prepared"] == 3
+    assert errors(validator, line) == []
