@@ -29,8 +29,8 @@ using namespace metal;
 namespace kvmicro {
 namespace mtl {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kEmpty = -1.0e30f;  // running max before any key: exp2(kEmpty - real) == 0
+KV_CONST float kLog2e = 1.4426950408889634f;
+KV_CONST float kEmpty = -1.0e30f;  // running max before any key: exp2(kEmpty - real) == 0
 
 constexpr int lanes_for_chunks(int chunks) {
   return chunks > 16 ? 32 : chunks > 8 ? 16 : chunks > 4 ? 8 : chunks > 2 ? 4 : chunks > 1 ? 2 : 1;
@@ -39,10 +39,10 @@ constexpr int lanes_for_chunks(int chunks) {
 template <int D>
 struct LaneMap {
   static_assert(D % 4 == 0, "head_dim must be a multiple of 4");
-  static constexpr int kChunks = D / 4;
-  static constexpr int kLanesPerRow = lanes_for_chunks(kChunks);
-  static constexpr int kChunksPerLane = (kChunks + kLanesPerRow - 1) / kLanesPerRow;
-  static constexpr int kRowsPerSimd = kSimdWidth / kLanesPerRow;
+  static KV_CONST int kChunks = D / 4;
+  static KV_CONST int kLanesPerRow = lanes_for_chunks(kChunks);
+  static KV_CONST int kChunksPerLane = (kChunks + kLanesPerRow - 1) / kLanesPerRow;
+  static KV_CONST int kRowsPerSimd = kSimdWidth / kLanesPerRow;
 };
 
 // Four elements of a row starting at element offset `at`: one vector load when D is innermost

@@ -11,16 +11,23 @@
 #include "../csrc/common/paged_kv.h"
 #include "../csrc/common/params.h"
 
+// A program-scope (or static member) constant: MSL puts those in the constant address space.
+#if defined(__METAL_VERSION__)
+#define KV_CONST constant constexpr
+#else
+#define KV_CONST constexpr
+#endif
+
 namespace kvmicro {
 namespace mtl {
 
 // Attention (paged_sdpa_*, sdpa_contiguous_*): one threadgroup of kAttnSimdgroups simdgroups per
 // (partition, kv head x query tile, sequence). A query tile is up to kMaxQueryTile query heads of
 // one kv head's GQA group; groups of <= 8 heads are one tile, so each K/V byte is read once.
-constexpr int kSimdWidth = 32;
-constexpr int kAttnSimdgroups = 4;
-constexpr int kAttnThreads = kSimdWidth * kAttnSimdgroups;  // threads per threadgroup
-constexpr int kMaxQueryTile = 8;
+KV_CONST int kSimdWidth = 32;
+KV_CONST int kAttnSimdgroups = 4;
+KV_CONST int kAttnThreads = kSimdWidth * kAttnSimdgroups;  // threads per threadgroup
+KV_CONST int kMaxQueryTile = 8;
 
 KV_HD int query_tiles(int group) { return (group + kMaxQueryTile - 1) / kMaxQueryTile; }
 
@@ -36,8 +43,8 @@ KV_HD int attn_threadgroup_bytes(int head_dim) {
 // With fewer than 8 threadgroups per GPU core (sequences x kv heads x query tiles), cut each
 // sequence into fixed partitions of kPartitionTokens and merge them in a second pass (combine_*);
 // otherwise one partition of max_ctx tokens, and the attention kernel writes the output itself.
-constexpr int kPartitionTokens = 512;
-constexpr int kGroupsPerCore = 8;
+KV_CONST int kPartitionTokens = 512;
+KV_CONST int kGroupsPerCore = 8;
 
 KV_HD PartitionParams choose_partitions(int batch, int kv_heads, int group, int max_ctx,
                                         int gpu_cores) {
@@ -54,10 +61,10 @@ KV_HD PartitionParams choose_partitions(int batch, int kv_heads, int group, int 
 }
 
 // combine_*: one threadgroup of kCombineThreads per (query head, sequence); no threadgroup memory.
-constexpr int kCombineThreads = 128;
+KV_CONST int kCombineThreads = 128;
 // gather_*: one threadgroup of kCopyThreads per (logical block, kv head, sequence).
 // append_*: one threadgroup of kCopyThreads per (sequence, kv head).
-constexpr int kCopyThreads = 64;
+KV_CONST int kCopyThreads = 64;
 
 }  // namespace mtl
 }  // namespace kvmicro

@@ -29,7 +29,7 @@ _RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"(?<![\w.])\d+(?:\.\d*)?(?:[eE][+-]?\d+)?h\b"), "`h` literal suffix"),
     (re.compile(r"\.(?:[xyzw]{2,4}|[rgba]{2,4})\b(?!\s*\()"), "swizzle other than .x/.y/.z/.w"),
     (re.compile(r"\bstd::"), "std:: in a kernel"),
-    (re.compile(r"\bstatic\s+(?!constexpr|_assert|inline)"), "static storage"),
+    (re.compile(r"\bstatic\s+(?!constexpr|KV_CONST|_assert|inline)"), "static storage"),
     (re.compile(r"#\s*include\s*<(?!metal_stdlib>)"), "include other than <metal_stdlib>"),
     (re.compile(r"\[\[\s*host_name"), "[[host_name]] outside KV_INSTANTIATE"),
 ]

@@ -20,7 +20,7 @@
 //   output buffer are filled with NaN bytes (0xFF) before each launch.
 #pragma once
 
-// ---- (1) std headers -----------------------------------------------------------------------------
+// ---- (1) std headers ---------------------------------------------------------------------------
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -48,7 +48,7 @@
 
 #include "../../csrc/common/half.h"  // the project's exact float16 / bfloat16 conversions
 
-// ---- (2) the runtime -----------------------------------------------------------------------------
+// ---- (2) the runtime ---------------------------------------------------------------------------
 
 // 16-bit floats as MSL has them: storage of IEEE binary16 / bfloat16 bits, converted to and from
 // float with round-to-nearest-even. There is no arithmetic on them: an expression converts to
@@ -521,7 +521,8 @@ inline void launch(const Launch& L, const std::vector<unsigned char*>& buffers, 
         c.group = &g;
         c.thread_index = (uint)i;
         c.thread_position_in_threadgroup =
-            uint3(i % L.threads.x, (i / L.threads.x) % L.threads.y, i / (L.threads.x * L.threads.y));
+            uint3(i % L.threads.x, (i / L.threads.x) % L.threads.y,
+                  i / (L.threads.x * L.threads.y));
         c.threadgroup_position_in_grid = pos;
         c.threads_per_threadgroup = L.threads;
         c.threadgroups_per_grid = L.grid;
@@ -548,7 +549,8 @@ inline void launch(const Launch& L, const std::vector<unsigned char*>& buffers, 
 //     output SLOT PATH            after the launches, write the slot's bytes to PATH
 inline int run_job(int argc, char** argv) {
   if (argc == 2 && std::string(argv[1]) == "list") {
-    for (const auto& [name, entry] : kernels()) std::printf("%s %s\n", name.c_str(), entry.function.c_str());
+    for (const auto& [name, entry] : kernels())
+      std::printf("%s %s\n", name.c_str(), entry.function.c_str());
     return 0;
   }
   if (argc != 2) fail("usage: driver list | driver JOB");

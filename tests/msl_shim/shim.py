@@ -53,7 +53,7 @@ def have_compiler() -> bool:
 def _abi_constants() -> dict[str, int]:
     text = (METAL / "kernel_abi.h").read_text()
     values: dict[str, int] = {}
-    for name, expr in re.findall(r"constexpr int (k\w+) = ([^;]+);", text):
+    for name, expr in re.findall(r"KV_CONST int (k\w+) = ([^;]+);", text):
         values[name] = int(eval(expr, {}, dict(values)))  # "kSimdWidth * kAttnSimdgroups"
     return values
 
