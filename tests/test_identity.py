@@ -203,6 +203,7 @@ def test_every_case_round_trips_through_a_record(case):
 
     rec = case_record(case, status="error", reason="x", timer="host", cache="hot")
     assert Record.from_json(rec).case == case
+    assert record_key(rec) == case_key(case, "host", "hot") == Record.from_json(rec).key
 
 
 # ------------------------------------------------------------------------ case validation
