@@ -183,6 +183,8 @@ def _is_real(value: Any) -> bool:
 def _ctx_tuple(ctx: Any, batch: int) -> tuple[int, ...]:
     """ctx as one int per sequence. An int (every sequence) or a sequence of ints, one per
     sequence; anything else (None, a string, floats, bools, a nested list) is refused by value."""
+    if isinstance(ctx, np.ndarray) and ctx.ndim == 0:
+        ctx = ctx.item()
     if _is_int(ctx):
         values: tuple[int, ...] = (int(ctx),) * batch
     else:
@@ -347,8 +349,10 @@ class Case:
             raise InvalidCase(f"slack {self.slack!r} must be a number >= 1.0 (pool size over "
                               "blocks needed)")
         object.__setattr__(self, "slack", float(self.slack))
-        ctx = _ctx_tuple(self.ctx, self.batch)
-        object.__setattr__(self, "ctx", int(self.ctx) if _is_int(self.ctx) else ctx)
+        raw = self.ctx.item() if isinstance(self.ctx, np.ndarray) and self.ctx.ndim == 0 \
+            else self.ctx
+        ctx = _ctx_tuple(raw, self.batch)
+        object.__setattr__(self, "ctx", int(raw) if _is_int(raw) else ctx)
         object.__setattr__(self, "ctx_list", ctx)
         if self.q_len > min(ctx):
             raise InvalidCase(f"q_len {self.q_len} exceeds the shortest ctx {min(ctx)}")
