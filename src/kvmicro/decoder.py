@@ -433,6 +433,7 @@ class Decoder:
         self.tokens: Any = None
         self.length = 0
         self.capacity = 0
+        self.budget = 0
         ops.sync()
 
     # -- building blocks --------------------------------------------------------------------
@@ -521,6 +522,7 @@ class Decoder:
             raise InvalidCase(f"[decoder] decoding budget {budget} must be >= 1")
         self.cfg.check_length(n + budget)
         self._setup(n + budget, kv_cache)
+        self.budget = budget
         self._prompt = self.ops.tokens(prompt)
         self.ops.sync()
 
@@ -538,9 +540,9 @@ class Decoder:
     def step(self) -> Any:
         """One decode step: the next token from the last one (cache on) or from the whole prefix
         (cache off)."""
-        if self.length >= self.capacity:
-            raise InvalidCase(f"[decoder] step beyond the budget: {self.length} positions of "
-                              f"{self.capacity} used")
+        if self.length + 1 >= self.capacity:   # the prefill's token and budget - 1 steps
+            raise InvalidCase(f"[decoder] step beyond the budget: all {self.budget} tokens "
+                              "are generated")
         if self._kv:
             logits = self.forward(self.tokens[-1:], self.length)
         else:

@@ -425,8 +425,18 @@ def summary(intervals: Sequence[dict[str, Any]]) -> str:
 
 
 def cmd_regimes(args: argparse.Namespace) -> int:
-    """The ``kvmicro regimes`` command: exit 0, or 130 when interrupted (the file is valid)."""
-    out, intervals, interrupted = run(args)
+    """The ``kvmicro regimes`` command: exit 0, or 130 when interrupted (Ctrl-C or SIGTERM:
+    the rounds completed so far are written and analysed)."""
+    import signal
+
+    def sigterm_as_interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+    try:
+        out, intervals, interrupted = run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(summary(intervals), flush=True)
     _say(f"kvmicro regimes: wrote {out}")
     return 130 if interrupted else 0
