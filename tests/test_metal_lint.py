@@ -59,3 +59,11 @@ def test_includes_host_name_and_bindings_are_checked() -> None:
 def test_bfloat_inside_its_guard_is_fine() -> None:
     ok = KERNEL.format(body="") + "#if KV_HAS_BFLOAT\nKV_INSTANTIATE(\"kb\", k, bfloat)\n#endif\n"
     assert lint.check_source("ok.metal", ok) == []
+
+
+def test_kvmicro_env_says_what_was_done_with_the_kernels() -> None:
+    from kvmicro.environment import host_info
+
+    line = host_info()["metal_kernels"]
+    assert "emulated on Linux through the MSL shim" in line
+    assert "not compiled by Apple's compiler" in line and "not run on an Apple GPU" in line

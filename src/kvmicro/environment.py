@@ -21,6 +21,10 @@ from typing import Any
 VECTOR_FLAGS: tuple[str, ...] = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16",
                                  "avx512_fp16", "amx_tile", "neon", "sve", "sve2")
 
+#: what has been done with the metal/ kernels so far (docs/metal.md), said wherever env runs
+METAL_KERNELS = ("native:metal kernels: emulated on Linux through the MSL shim, not compiled by "
+                 "Apple's compiler, not run on an Apple GPU")
+
 #: distribution name -> the key it is reported under (import names differ from package names)
 FRAMEWORKS: dict[str, str] = {
     "numpy": "numpy",
@@ -194,6 +198,7 @@ def host_info() -> dict[str, Any]:
         "memory_bytes": memory_bytes()["total"],
         "frameworks": framework_versions(),
         "git": git_info(),
+        "metal_kernels": METAL_KERNELS,
     }
     if os_name == "Darwin":  # what native:metal's submission axes do and do not control
         from .backends.native_metal import METAL_AXES
