@@ -300,17 +300,25 @@ class Tally:
         return ", ".join(f"{w} {c[w]}" for w in TALLY_ORDER if c[w]) + f" of {len(self.verdicts)}"
 
 
+#: how an unsure verdict's reason is named in a summary: (marker in the reason, short name;
+#: empty: the reason from the marker on, e.g. "flagged noisy, not-converged")
+_UNSURE_KINDS: tuple[tuple[str, str], ...] = (
+    ("flagged", ""), ("status", ""), ("not converged", "not converged"),
+    ("too few samples", "too few samples"), ("straddles", "the ratio's CI straddles the band"),
+    ("Mann-Whitney", "beyond the band but the test is not significant"),
+    ("rounds disagree", "the rounds disagree"),
+)
+
+
 def _unsure_reasons(verdicts: Iterable[Verdict]) -> str:
     """The distinct reasons of unsure verdicts, shortened to their kind, with counts."""
     kinds: dict[str, int] = defaultdict(int)
     for v in verdicts:
         if v.verdict == "unsure":
             reason = v.reason
-            for marker in ("flagged", "not converged", "too few samples", "straddles",
-                           "Mann-Whitney", "rounds disagree", "status"):
+            for marker, short in _UNSURE_KINDS:
                 if marker in reason:
-                    reason = reason[reason.index(marker):] if marker in ("flagged", "status") \
-                        else marker
+                    reason = reason[reason.index(marker):] if not short else short
                     break
             kinds[reason] += 1
     return "; ".join(f"{k} ({n})" for k, n in sorted(kinds.items()))
