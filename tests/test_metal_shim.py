@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -334,3 +335,25 @@ def test_a_barrier_that_never_completes_trips_the_watchdog(selftest: Path,
 def test_the_build_is_cached_by_source_hash(selftest: Path) -> None:
     assert shim.build("selftest") == selftest
     assert selftest.name.startswith("selftest-") and os.access(selftest, os.X_OK)
+
+
+def test_the_host_side_abi_is_what_the_shim_ran(tmp_path: Path) -> None:
+    """kernel_abi.h compiled as host C++: the threadgroup memory the host will set is the size
+    these tests allocated exactly (so ASan would have seen an overrun), and the partition rule
+    cuts long contexts of small grids into 512-token partitions."""
+    src = tmp_path / "abi.cpp"
+    src.write_text('#include <cstdio>\n#include <initializer_list>\n'
+                   '#include "metal/kernel_abi.h"\nint main() {\n'
+                   '  for (int d : {64, 80, 96, 112, 128, 256})\n'
+                   '    std::printf("%d ", kvmicro::mtl::attn_threadgroup_bytes(d));\n'
+                   '  auto a = kvmicro::mtl::choose_partitions(1, 8, 4, 8192, 38);\n'
+                   '  auto b = kvmicro::mtl::choose_partitions(64, 8, 4, 8192, 38);\n'
+                   '  std::printf("%d %d %d %d\\n", a.partition_tokens, a.partitions,\n'
+                   '              b.partition_tokens, b.partitions);\n}\n')
+    exe = tmp_path / "abi"
+    subprocess.run([shim.CXX, "-std=c++17", f"-I{shim.ROOT}", str(src), "-o", str(exe)],
+                   check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()
+    dims = (64, 80, 96, 112, 128, 256)
+    assert [int(x) for x in out[:6]] == [shim.attn_threadgroup_bytes(d) for d in dims]
+    assert [int(x) for x in out[6:]] == [512, 16, 8192, 1]

@@ -51,10 +51,15 @@ def have_compiler() -> bool:
 
 
 def _abi_constants() -> dict[str, int]:
+    """``KV_CONST int kName = ...;`` of kernel_abi.h: literals, or products of earlier names."""
     text = (METAL / "kernel_abi.h").read_text()
     values: dict[str, int] = {}
     for name, expr in re.findall(r"KV_CONST int (k\w+) = ([^;]+);", text):
-        values[name] = int(eval(expr, {}, dict(values)))  # "kSimdWidth * kAttnSimdgroups"
+        product = 1
+        for factor in expr.split("*"):
+            factor = factor.strip()
+            product *= values[factor] if factor in values else int(factor)
+        values[name] = product
     return values
 
 
