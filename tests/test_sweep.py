@@ -382,8 +382,28 @@ def test_a_killed_or_interrupted_sweep_resumes_without_duplicates(fake: Any, tmp
                          for p in expand(grid)}
     assert set(first) < set(keys)
     assert runs[-1].get("resumed") is True
+    # overheads measured after the resume are against the sdpa_contiguous already in the file
+    assert all(r["derived"]["overhead_pct"] is not None
+               for r in records if r["op"] == "gather_sdpa" and r["status"] == "ok")
     for line in out.read_text().splitlines():
         json.loads(line)                                  # every line is whole
+
+
+def test_a_resumed_sweep_derives_overheads_from_the_baselines_in_the_file(
+        fake: Any, tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    grid = tiny_grid(ctxs=(33,), batches=(1,), ops=("sdpa_contiguous", "gather_sdpa"),
+                     timers=("host",))
+    everything = expand(grid)
+    contiguous = [p for p in everything if p.case.op == "sdpa_contiguous"]
+    run_sweep(contiguous, out, measure=FAST, progress=False)
+    outcome = run_sweep(everything, out, measure=FAST, progress=False, resume=True)
+    assert outcome.resumed == len(contiguous)
+    assert {r["op"] for r in outcome.records} == {"gather_sdpa"}
+    base = next(r for r in read_results(out)[1] if r["op"] == "sdpa_contiguous")
+    for r in outcome.records:
+        want = 100 * (r["stats"]["median_us"] / base["stats"]["median_us"] - 1)
+        assert r["derived"]["overhead_pct"] == pytest.approx(want)
 
 
 def test_shards_merged_equal_the_unsharded_sweep(fake: Any, tmp_path: Path) -> None:
