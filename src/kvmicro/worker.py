@@ -237,30 +237,30 @@ class Worker:
             raise WorkerLost(f"worker {self._exit()}") from None
 
     def receive(self, timeout_s: float, doing: str = "measuring") -> dict[str, Any]:
-        """The next message; :class:`WorkerLost` when the worker dies first or ``timeout_s``
-        passes without one (then the worker is killed)."""
+        """The next message (warnings are shown on the way); :class:`WorkerLost` when the worker
+        dies first or ``timeout_s`` passes without one (then the worker is killed)."""
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + timeout_s
-        while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                stop(self.proc, grace_s=0.5)
-                raise WorkerLost(f"no result within {timeout_s:g} s while {doing} (the case "
-                                 "timeout); the worker was killed")
-            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
-            if not ready:
-                continue
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                raise WorkerLost(f"worker {self._exit()} while {doing}")
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        message = json.loads(line)
-        if message.get("type") == "warning":
+        while True:
+            while b"\n" not in self._buffer:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    stop(self.proc, grace_s=0.5)
+                    raise WorkerLost(f"no result within {timeout_s:g} s while {doing} (the "
+                                     "case timeout); the worker was killed")
+                ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+                if not ready:
+                    continue
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    raise WorkerLost(f"worker {self._exit()} while {doing}")
+                self._buffer += chunk
+            line, _, self._buffer = self._buffer.partition(b"\n")
+            message = json.loads(line)
+            if message.get("type") != "warning":
+                return message
             self._warn(message)
-            return self.receive(max(0.0, deadline - time.monotonic()) or 1e-3, doing)
-        return message
 
     def _warn(self, message: dict[str, Any]) -> None:
         """A warning the worker raised, shown here once per kind (every worker would repeat a
