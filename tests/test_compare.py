@@ -190,4 +190,4 @@ def test_unsure_cases_are_explained_once_with_what_to_do(tmp_path: Path, capsys:
     assert main(["compare", str(a), str(b)]) == 0
     out = capsys.readouterr().out
     assert "matched cases: unsure 1" in out
-    assert "unsure: 1 flagged noisy" in out and "Re-measure" in out
+    assert "unsure: 1 flagged noisy" in out and "--timer batched" in out

@@ -274,9 +274,14 @@ def render(result: CompareResult, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
     if explain and counts["unsure"]:
         why: Counter[str] = Counter(_reason_kind(c.reason) for c in result.comparisons
                                     if c.verdict == "unsure")
+        text = " ".join(why)
+        advice = ["re-measure them on a quiet host"]
+        if "noisy" in text or "host-busy" in text:
+            advice.append("time small ops with --timer batched (or graph on a GPU)")
+        if "converged" in text or "rounds" in text or "straddl" in text or "few" in text:
+            advice.append("sample longer (--max-time)")
         lines.append("unsure: " + "; ".join(f"{n} {kind}" for kind, n in why.most_common())
-                     + ". Re-measure those cases on a quiet host, with a longer --max-time or a "
-                     "larger --noise target, to get a verdict.")
+                     + ". To get a verdict: " + ", ".join(advice) + ".")
     if result.only_base:
         lines.append(f"{len(result.only_base)} cases only in BASE")
     if result.only_new:
