@@ -384,8 +384,9 @@ class Runner:
 
     def chunks(self, points: list[Point]) -> list[list[list[Point]]]:
         """``points`` (one shape group) as runs of cases measured together: consecutive cases
-        whose inputs (pools with their slack, times the copies their cache policies upload)
-        fit :meth:`memory_budget` together; a case alone in its run is measured on its own."""
+        whose inputs (pools with their slack, times the copies their cache policies upload, plus
+        a flush scratch under cold:flush) fit :meth:`memory_budget` together; a case alone in
+        its run is measured on its own."""
         from .derived import footprint_bytes, working_set_bytes
 
         out: list[list[list[Point]]] = []
@@ -397,6 +398,9 @@ class Runner:
                 copies = max(max(1, int(self.cache_policy(p).copies_needed(
                     working_set_bytes(case), footprint_bytes(case)))) for p in case_points)
                 need = footprint_bytes(case) * copies
+                if any(p.cache == "cold:flush" for p in case_points):
+                    # each prepared case may keep its own flush scratch: twice the cache
+                    need += 2 * get_backend(case.backend).device_info().cache_bytes
                 budget = self.memory_budget(case.backend) if budget is None else budget
             except Exception:   # the case will fail on its own; measure it alone
                 out.append([case_points])
