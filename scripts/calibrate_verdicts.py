@@ -80,7 +80,7 @@ def inline_cases(backend: str = "native:cpu") -> list[Any]:
 
 
 def inline_sweep(paths: tuple[Path, Path], max_time_s: float, threads: int,
-                 backend_name: str = "native:cpu") -> None:
+                 backend_name: str = "native:cpu", timer: str = "") -> None:
     """One sweep of :func:`inline_cases` on native:cpu with ``threads`` kernel threads (host
     timer, hot cache), or on native:cuda (device timer: CUDA events, hot cache): every case
     prepared and checked against the oracle once, then measured
@@ -98,7 +98,7 @@ def inline_sweep(paths: tuple[Path, Path], max_time_s: float, threads: int,
 
     cuda = backend_name == "native:cuda"
     backend = NativeCudaBackend() if cuda else NativeCpuBackend(threads=threads)
-    config = MeasureConfig(timer="device" if cuda else "host", cache="hot", noise=0.05,
+    config = MeasureConfig(timer=timer or ("device" if cuda else "host"), cache="hot", noise=0.05,
                            min_samples=10,
                            max_time_s=max_time_s, warmup_count=3, warmup_time_s=0.05)
     prepared, samplers = [], []
@@ -128,7 +128,8 @@ def inline_sweep(paths: tuple[Path, Path], max_time_s: float, threads: int,
 
 
 def run_sweeps(repeats: int, out_dir: Path, label: str, sweep_args: str, busy: bool,
-               engine: str, max_time_s: float, threads: int, backend: str) -> list[Path]:
+               engine: str, max_time_s: float, threads: int, backend: str,
+               timer: str = "") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     loop = None
@@ -138,7 +139,8 @@ def run_sweeps(repeats: int, out_dir: Path, label: str, sweep_args: str, busy: b
     paths = []
     try:
         for i in range(repeats):
-            tag = engine if engine == "cli" else backend.replace(":", "-")
+            tag = engine if engine == "cli" else backend.replace(":", "-") + (f"-{timer}" if timer
+                                                                            else "")
             path = out_dir / f"{label}-{tag}-{i}.jsonl"
             twin = out_dir / f"{label}-{tag}-{i}-b.jsonl"
             for p in (path, twin):
@@ -146,7 +148,7 @@ def run_sweeps(repeats: int, out_dir: Path, label: str, sweep_args: str, busy: b
                     p.unlink()
             start = time.monotonic()
             if engine == "inline":
-                inline_sweep((path, twin), max_time_s, threads, backend)
+                inline_sweep((path, twin), max_time_s, threads, backend, timer)
                 status = "ok"
             else:
                 argv = [sys.executable, "-m", "kvmicro", "sweep", *shlex.split(sweep_args),
@@ -244,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                         "process with interleaved rounds; cli: `kvmicro sweep --sweep-args`")
     parser.add_argument("--backend", choices=("native:cpu", "native:cuda"), default="native:cpu",
                         help="inline: native:cpu (host timer) or native:cuda (device timer)")
+    parser.add_argument("--timer", default="",
+                        help="inline: the timer (default host on native:cpu, device on "
+                        "native:cuda; batched, graph: k ops per sample)")
     parser.add_argument("--threads", type=int, default=1,
                         help="inline: native:cpu kernel threads (default 1; 0: all cores)")
     parser.add_argument("--max-time", type=float, default=0.5,
@@ -264,15 +269,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.repeats < 2:
             parser.error("--repeats must be at least 2 (an A/A test compares pairs)")
         paths = run_sweeps(args.repeats, Path(args.out), label, args.sweep_args, args.busy,
-                           args.engine, args.max_time, args.threads, args.backend)
+                           args.engine, args.max_time, args.threads, args.backend,
+                           args.timer)
     summary = analyse(paths, args.threshold / 100.0, args.factor)
     summary.update(label=label, busy=args.busy, engine=args.engine,
                    **({"sweep_args": args.sweep_args} if args.engine == "cli" else
                       {"backend": args.backend, "threads": args.threads,
-                       "max_time_s": args.max_time}))
+                       "timer": args.timer or "default", "max_time_s": args.max_time}))
     print(describe(label, summary))
     if not args.files:
-        tag = args.engine if args.engine == "cli" else args.backend.replace(":", "-")
+        tag = args.engine if args.engine == "cli" else args.backend.replace(":", "-") + (
+            f"-{args.timer}" if args.timer else "")
         target = Path(args.out) / f"summary-{label}-{tag}.json"
         target.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {target}", file=sys.stderr)
