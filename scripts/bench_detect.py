@@ -12,7 +12,7 @@ has exactly its start and end; a false positive is an interval that overlaps not
 Prints a Markdown table and, with --json, writes the figures that docs/regimes.md quotes and
 tests/test_regimes.py bounds.
 
-    python scripts/bench_detect.py --trials 400 --json docs/results/bench_detect.json
+    python scripts/bench_detect.py --trials 400 --json docs/regimes/bench_detect.json
 """
 
 from __future__ import annotations
