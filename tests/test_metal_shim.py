@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -357,3 +358,68 @@ def test_the_host_side_abi_is_what_the_shim_ran(tmp_path: Path) -> None:
     dims = (64, 80, 96, 112, 128, 256)
     assert [int(x) for x in out[:6]] == [shim.attn_threadgroup_bytes(d) for d in dims]
     assert [int(x) for x in out[6:]] == [512, 16, 8192, 1]
+
+
+# ---- the shared page math ----------------------------------------------------------------------
+
+_PAGED_KV_PROGRAM = r"""
+#include <cstdio>
+#include "csrc/common/paged_kv.h"
+int main() {
+  int32_t table[2 * 3] = {4, 0, -1, 2, 5, 7};
+  int32_t ctx[2] = {20, 32};  // sequence 1 holds blocks 2 and 5; entry 7 is outside the pool
+  const char* layouts[] = {LAYOUTS};
+  for (const char* layout : layouts) {
+    kvmicro::PoolView pool;
+    if (!kvmicro::make_pool_view(layout, 6, 16, 3, 8, &pool)) return 2;
+    const kvmicro::PagedKV kv = kvmicro::make_paged_kv(pool, table, ctx, 2, 3);
+    for (int b = 0; b < 2; ++b)
+      for (int t = 0; t < kv.seq_len(b); t += 3)
+        std::printf("%s %d %d %lld %lld\n", layout, b, t, (long long)kv.elem_offset(b, t, 2, 5),
+                    (long long)kv.checked_elem_offset(b, t, 2, 5));
+    // past the table row, past the batch, a -1 entry, an id outside the pool, d and h outside
+    std::printf("%s checked %lld %lld %lld %lld %lld %lld\n", layout,
+                (long long)kv.checked_row_offset(0, 48, 0),
+                (long long)kv.checked_row_offset(2, 0, 0),
+                (long long)kv.checked_row_offset(0, 32, 0),
+                (long long)kv.checked_row_offset(1, 40, 0),
+                (long long)kv.checked_elem_offset(0, 0, 0, 8),
+                (long long)kv.checked_row_offset(0, 0, 3));
+  }
+}
+"""
+
+
+def test_paged_kv_offsets_agree_with_the_python_layout_on_all_24_layouts(tmp_path: Path) -> None:
+    from kvmicro.workload import ALL_LAYOUTS
+
+    src = tmp_path / "paged_kv.cpp"
+    src.write_text(_PAGED_KV_PROGRAM.replace("LAYOUTS", ", ".join(f'"{x}"' for x in ALL_LAYOUTS)))
+    exe = tmp_path / "paged_kv"
+    subprocess.run([shim.CXX, "-std=c++17", "-Wall", "-Werror", f"-I{shim.ROOT}", str(src), "-o",
+                    str(exe)], check=True)
+    table = [[4, 0, -1], [2, 5, 7]]
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    seen = set()
+    for line in out.splitlines():
+        layout, *rest = line.split()
+        if rest[0] == "checked":
+            assert [int(x) for x in rest[1:]] == [-1] * 6, line
+            continue
+        b, t, offset, checked = map(int, rest)
+        lay = Layout(layout)
+        strides = lay.strides(6, 16, 3, 8)
+        want = lay.elem_offset(strides, table[b][t // 16], t % 16, 2, 5)
+        assert offset == checked == want, line
+        seen.add(layout)
+    assert len(seen) == 24
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_paged_kv_compiles_as_cuda(tmp_path: Path) -> None:
+    src = tmp_path / "paged_kv.cu"
+    src.write_text('#include "csrc/common/paged_kv.h"\n'
+                   "__global__ void k(kvmicro::PagedKV kv, long long* out) {\n"
+                   "  out[0] = kv.elem_offset(0, 5, 1, 3) + kv.checked_row_offset(0, 1, 1);\n}\n")
+    subprocess.run(["nvcc", "-std=c++17", "-x", "cu", "-c", f"-I{shim.ROOT}", str(src), "-o",
+                    str(tmp_path / "paged_kv.o")], check=True)
