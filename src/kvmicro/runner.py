@@ -485,7 +485,7 @@ class Runner:
                     else:
                         records[pos] = self.measured(p, ready.prepared, ready.check, m,
                                                      {**ready.timings,
-                                                      "interleaved_cases": len(chunk)})
+                                                      "interleaved_cases": len(held)})
                 yield records[pos]
         finally:
             for ready in held:
