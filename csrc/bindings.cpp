@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <stdexcept>
@@ -12,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/capabilities.h"
 #include "common/device.h"
 #include "common/half.h"
 #include "common/layout.h"
@@ -173,7 +175,7 @@ std::unique_ptr<NativeOp> prepare(const std::string& device, const std::string& 
                                             "Metal (it needs macOS)"));
 #endif
   } else {
-    invalid(name, "unknown device '", device, "'; expected cpu or cuda");
+    invalid(name, "unknown device ", quoted(device), "; expected cpu or cuda");
   }
   return result;
 }
@@ -181,9 +183,14 @@ std::unique_ptr<NativeOp> prepare(const std::string& device, const std::string& 
 py::dict pool_strides(const std::string& layout, int64_t N, int64_t S, int64_t H, int64_t D) {
   for (int64_t v : {N, S, H, D})
     if (v <= 0 || v > INT32_MAX) invalid("layout", "dimension ", v, " must be in [1, 2^31)");
+  check_layout("layout", layout);
+  // The outermost stride is the product of the three inner sizes, and the pool's element count
+  // that of all four: both must fit the int64 offsets kernels form.
+  if ((double)N * (double)S * (double)H * (double)D >= 9.2e18)
+    invalid("layout", "a pool of N ", N, " x S ", S, " x H ", H, " x D ", D,
+            " elements overflows the int64 offsets kernels use");
   PoolView view;
-  if (!make_pool_view(layout.c_str(), (int32_t)N, (int32_t)S, (int32_t)H, (int32_t)D, &view))
-    invalid("layout", "'", layout, "' is not a permutation of N, S, H, D");
+  make_pool_view(layout.c_str(), (int32_t)N, (int32_t)S, (int32_t)H, (int32_t)D, &view);
   py::dict out;
   out["N"] = view.stride_n;
   out["S"] = view.stride_s;
@@ -222,6 +229,61 @@ py::array_t<float> widen(const std::string& dtype, py::array_t<uint16_t, py::arr
   } else {
     for (py::ssize_t i = 0; i < bits.size(); ++i) dst[i] = f16_to_f32(src[i]);
   }
+  return out;
+}
+
+// common/capabilities.h as Python sees it: {device: {op: {"dtypes", "head_dims" (None: any),
+// "variants", and for CUDA attention "kernels": {variant: {"dtypes", "head_dims"}}}}}.
+py::dict capabilities() {
+  auto dtypes = [](const auto& list) {
+    py::list out;
+    for (DType d : list) out.append(dtype_name((int32_t)d));
+    return out;
+  };
+  auto ints = [](const auto& list) {
+    py::list out;
+    for (int32_t v : list) out.append(v);
+    return out;
+  };
+  auto names = [](std::initializer_list<const char*> list) {
+    py::list out;
+    for (const char* v : list) out.append(v);
+    return out;
+  };
+  auto entry = [](py::list dt, py::object head_dims, py::list variants) {
+    py::dict e;
+    e["dtypes"] = dt;
+    e["head_dims"] = head_dims;
+    e["variants"] = variants;
+    return e;
+  };
+  const OpKind ops[] = {OpKind::kSdpaContiguous, OpKind::kGather, OpKind::kGatherSdpa,
+                        OpKind::kPagedSdpa, OpKind::kAppend};
+  py::dict cpu, cuda;
+  for (OpKind op : ops) {
+    const bool attn = is_attention(op);
+    // CPU: any head_dim (the AVX2 kernels where it is a multiple of 8, else the portable ones).
+    cpu[op_name(op)] = entry(dtypes(caps::kAllDTypes), py::none(),
+                             attn ? names({"avx2+f16c+fma", "portable"}) : names({}));
+    if (!attn) {  // gather, append: byte movers, any head_dim
+      cuda[op_name(op)] = entry(dtypes(caps::kAllDTypes), py::none(), names({"16-byte", "strided"}));
+      continue;
+    }
+    py::dict e = entry(dtypes(caps::kAllDTypes), ints(caps::kCudaAttentionHeadDims),
+                       names({"simt", "mma", "async"}));
+    py::dict kernels;
+    kernels["simt"] = entry(dtypes(caps::kAllDTypes), ints(caps::kCudaAttentionHeadDims),
+                            names({"gt1", "gt4", "gt8", "16-byte", "strided"}));
+    kernels["mma"] = entry(dtypes(caps::kTensorCoreDTypes), ints(caps::kCudaTensorCoreHeadDims),
+                           names({"prefetch0", "prefetch128"}));
+    kernels["async"] = entry(dtypes(caps::kTensorCoreDTypes), ints(caps::kCudaTensorCoreHeadDims),
+                             names({"stages2", "stages3"}));
+    e["kernels"] = kernels;
+    cuda[op_name(op)] = e;
+  }
+  py::dict out;
+  out["cpu"] = cpu;
+  out["cuda"] = cuda;
   return out;
 }
 
@@ -365,6 +427,9 @@ PYBIND11_MODULE(_native, m) {
         "Test hook: float32 values -> float16/bfloat16 bit patterns (round to nearest even).");
   m.def("widen", &widen, py::arg("dtype"), py::arg("bits"), py::arg("simd") = false,
         "Test hook: float16/bfloat16 bit patterns -> float32 (exact).");
+  m.def("capabilities", &capabilities,
+        "The native kernels' support matrix (common/capabilities.h): {device: {op: {dtypes, "
+        "head_dims (None: any), variants[, kernels]}}}; the native backends' supports() read it.");
   m.def("cpu_features", &cpu_features, "CPU vector features: compiled in and detected here.");
   m.def("build_info", &build_info, "How this extension was built.");
 

@@ -469,3 +469,129 @@ def test_bad_table_through_execute() -> None:
     arrays["block_table"][0, 2] = 9000
     with pytest.raises(InvalidCase, match=re.escape("block id 9000 at table[0][2]")):
         kv.execute(case, arrays)
+
+
+# ---- bad input that used to slip through (each now refused by value, or answered right) -------
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("block_table", lambda a: a.astype(np.float64) + 0.25, "block_table has dtype float64 (e.g. "),
+    ("block_table", lambda a: a >= 0, "block_table has dtype bool (e.g. True)"),
+    ("block_table", lambda a: np.where(a >= 0, np.nan, -1.0), "block_table has dtype float64 "
+                                                               "(e.g. nan)"),
+    ("ctx", lambda a: np.array([20.7, 9.0]), "ctx has dtype float64 (e.g. 20.7)"),
+    ("ctx", lambda a: a.astype(str), "ctx has dtype <U"),
+    ("k_pool", lambda a: a.astype(np.int32), "k_pool has dtype int32 (e.g. "),
+    ("k_pool", lambda a: a.astype(object), "k_pool has dtype object (e.g. "),
+    ("q", lambda a: a.astype(str), "q has dtype <U"),
+    ("v_pool", lambda a: a.tolist(), "v_pool must be a numpy array, got list"),
+])
+def test_arrays_of_the_wrong_kind_are_refused_not_coerced(key: str, value: Any,
+                                                          message: str) -> None:
+    case = BASE.with_(backend="native:cpu")
+    arrays = kv.materialize(case)
+    arrays[key] = value(arrays[key])
+    with pytest.raises(InvalidCase, match=re.escape(message)):
+        NativeCpuBackend().prepare(case, arrays)
+
+
+@pytest.mark.parametrize("bad", ["NSHD\x00junk", "NSHD\x00", "NS\x00D"])
+def test_a_layout_with_an_embedded_nul_is_refused(base: Any, bad: str) -> None:
+    case, _, args = base
+    shown = bad.replace("\x00", "\\x00")
+    with pytest.raises(InvalidCase, match=re.escape(f"layout '{shown}' is not a permutation")):
+        native_prepare(case, args, layout=bad)
+    with pytest.raises(InvalidCase, match=re.escape(f"layout '{shown}' is not a permutation")):
+        _native.pool_strides(bad, 2, 2, 2, 2)
+
+
+def test_pool_strides_that_would_overflow_int64_are_refused() -> None:
+    big = 2**31 - 1
+    with pytest.raises(InvalidCase, match="overflows the int64 offsets"):
+        _native.pool_strides("NSHD", big, big, big, 8)
+    assert _native.pool_strides("NSHD", big, 2, 2, 8)["N"] == 32  # large but representable
+
+
+def test_a_scale_past_float32_range_is_refused_naming_it(base: Any) -> None:
+    case, _, args = base
+    with pytest.raises(InvalidCase, match=re.escape("scale 1e+39 is outside the float32 range")):
+        native_prepare(case, args, scale=1e39)
+    with pytest.raises(InvalidCase, match=re.escape("[paged_sdpa] scale 1e+38 is too large for "
+                                                    "these inputs: scores may reach ")):
+        native_prepare(case, args, scale=1e38)
+
+
+@pytest.mark.parametrize("scale", [-3.0, 1e-30, 0.0, 1e3, -1e4])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_unusual_finite_scales_match_the_oracle(scale: float, dtype: str) -> None:
+    case = Case(op="paged_sdpa", backend="native:cpu", batch=2, q_heads=8, kv_heads=2,
+                head_dim=64, ctx=(70, 33), block_size=16, dtype=dtype, seed=3, scale=scale)
+    arrays = kv.materialize(case)
+    result = compare(case, arrays, kv.execute(case, arrays))
+    assert result.passed, result
+
+
+@pytest.mark.parametrize("simd", ["true", "false"])
+@pytest.mark.parametrize(("op", "head_dim"), [("paged_sdpa", 64), ("paged_sdpa", 80),
+                                              ("sdpa_contiguous", 128), ("paged_sdpa", 20)])
+def test_a_nan_in_one_key_row_poisons_exactly_the_heads_that_read_it(op: str, head_dim: int,
+                                                                     simd: str) -> None:
+    # The float64 oracle's answer: the q heads of the kv head whose row holds the NaN are NaN in
+    # that sequence, every other output is finite and matches.
+    case = Case(op=op, backend="native:cpu", batch=2, q_heads=4, kv_heads=2, head_dim=head_dim,
+                ctx=(40, 9), block_size=16, dtype="float32", seed=11,
+                options=(("simd", simd),))
+    arrays = kv.materialize(case)
+    b, h, t = 0, 1, 21
+    layout = Layout(case.layout)
+    if op == "sdpa_contiguous":
+        arrays["k_dense"] = arrays["k_dense"].copy()
+        arrays["k_dense"][b, h, t, 5] = np.nan
+    else:
+        logical = layout.to_logical(arrays["k_pool"]).copy()  # [N, S, H, D]
+        block = arrays["block_table"][b, t // case.block_size]
+        logical[block, t % case.block_size, h, 5] = np.nan
+        arrays["k_pool"] = np.ascontiguousarray(layout.from_logical(logical))
+    expected = kv.oracle.run(case, arrays)
+    out = kv.execute(case, arrays)
+    assert np.isnan(expected[b, 2:4]).all() and not np.isnan(np.delete(expected, 0, 0)).any()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    finite = ~np.isnan(expected)
+    np.testing.assert_allclose(out[finite], expected[finite], rtol=1e-4, atol=1e-5)
+
+
+def test_threads_the_system_cannot_start_are_refused_not_hung() -> None:
+    # Under an address-space limit thread stacks cannot be mapped: prepare must say so and
+    # return, never hang on the workers it did start. In a child process (the limit is global).
+    import os
+    import subprocess
+    import textwrap
+    if "asan" in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("AddressSanitizer reserves terabytes of address space: no RLIMIT_AS here")
+    code = textwrap.dedent("""
+        import resource, sys
+        import kvmicro as kv
+        from kvmicro.backends.native import NativeCpuBackend
+        from kvmicro.errors import Unsupported
+        case = kv.Case(op="paged_sdpa", backend="native:cpu", batch=1, q_heads=2, kv_heads=1,
+                       head_dim=16, ctx=20, block_size=16, dtype="float32")
+        arrays = kv.materialize(case)
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[0]) * resource.getpagesize()
+        limit = used + (512 << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        try:
+            NativeCpuBackend(threads=1024).prepare(case, arrays)
+        except Unsupported as err:
+            print("REFUSED", err)
+            sys.exit(0)
+        print("STARTED")
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if "STARTED" in done.stdout:
+        pytest.skip("this machine started 1024 threads within the limit")
+    assert "[native:cpu] could not start thread" in done.stdout
+    assert "of 1024" in done.stdout and "ask for fewer threads" in done.stdout

@@ -372,6 +372,33 @@ def test_a_graph_without_rotation_runs_on_the_current_copy_only() -> None:
 
 
 @needs_gpu
+@pytest.mark.parametrize("variant", ["auto", "simt", "mma", "async"])
+@pytest.mark.parametrize("op", ["paged_sdpa", "sdpa_contiguous"])
+def test_a_nan_in_one_key_row_poisons_exactly_the_heads_that_read_it(op: str, variant: str) -> None:
+    # As in the float64 oracle (docs/backends.md, the scale / NaN contract): the q heads of the kv
+    # head whose row holds the NaN are NaN in that sequence; every other output matches.
+    case = Case(op=op, backend="native:cuda", batch=2, q_heads=16, kv_heads=2, head_dim=128,
+                ctx=(700, 90), block_size=16, dtype="float16", seed=11)
+    case, _ = with_variant(case, variant, ("splits", "4"))
+    arrays = kv.materialize(case)
+    b, h, t = 0, 1, 333
+    if op == "sdpa_contiguous":
+        arrays["k_dense"] = arrays["k_dense"].copy()
+        arrays["k_dense"][b, h, t, 5] = np.nan
+    else:
+        layout = Layout(case.layout)
+        logical = layout.to_logical(arrays["k_pool"]).copy()
+        logical[arrays["block_table"][b, t // case.block_size], t % case.block_size, h, 5] = np.nan
+        arrays["k_pool"] = np.ascontiguousarray(layout.from_logical(logical))
+    expected = kv.oracle.run(case, arrays)
+    out = np.asarray(run_case(case, arrays), dtype=np.float64)
+    assert np.isnan(expected[b, 8:16]).all()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    finite = ~np.isnan(expected)
+    np.testing.assert_allclose(out[finite], expected[finite], rtol=2e-2, atol=2e-3)
+
+
+@needs_gpu
 def test_bad_kernel_options_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     case = Case(op="paged_sdpa", backend="native:cuda", batch=1, q_heads=8, kv_heads=1,
                 head_dim=64, ctx=100, dtype="float16")

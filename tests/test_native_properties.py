@@ -96,3 +96,71 @@ def test_relabelling_physical_blocks_changes_nothing(drawn: tuple[Case, int], rn
         before, after = (before,), (after,)
     for x, y in zip(before, after, strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+# ---- bad input: whatever is drawn, the native path refuses it by value or answers right --------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=6))
+def test_a_layout_string_is_accepted_exactly_when_it_is_a_permutation(text: str) -> None:
+    from kvmicro import _native
+    from kvmicro.errors import InvalidCase
+    if text in ALL_LAYOUTS:
+        assert _native.pool_strides(text, 2, 3, 4, 5) == Layout(text).strides(2, 3, 4, 5)
+        return
+    try:
+        _native.pool_strides(text, 2, 3, 4, 5)
+    except InvalidCase as err:
+        assert "is not a permutation of N, S, H, D" in str(err)
+    else:
+        raise AssertionError(f"layout {text!r} was accepted")
+
+
+NOT_INTEGERS = [np.float64, np.float32, np.float16, np.bool_, np.complex64, object, np.str_]
+
+
+@SETTINGS
+@given(st.sampled_from(["block_table", "ctx"]), st.sampled_from(NOT_INTEGERS),
+       st.floats(0, 0.99))
+def test_tables_and_contexts_must_be_integers(key: str, dtype: Any, frac: float) -> None:
+    from kvmicro.errors import InvalidCase
+    case = Case(op="paged_sdpa", backend="native:cpu", batch=2, q_heads=4, kv_heads=2,
+                head_dim=16, ctx=(40, 9), block_size=16, seed=1)
+    arrays = kv.materialize(case)
+    bad = arrays[key] + frac if np.dtype(dtype).kind in "fc" else arrays[key]
+    arrays[key] = np.asarray(bad).astype(dtype)
+    try:
+        NativeCpuBackend().prepare(case, arrays)
+    except InvalidCase as err:
+        assert f"{key} has dtype" in str(err) and "must be integers" in str(err)
+    else:
+        raise AssertionError(f"{key} of dtype {np.dtype(dtype)} was accepted")
+
+
+@SETTINGS
+@given(st.sampled_from(["q", "k_pool", "v_pool"]),
+       st.sampled_from([np.int8, np.int32, np.int64, np.uint16, np.bool_, object, np.str_]))
+def test_data_arrays_must_be_floating_point(key: str, dtype: Any) -> None:
+    from kvmicro.errors import InvalidCase
+    case = Case(op="paged_sdpa", backend="native:cpu", batch=2, q_heads=4, kv_heads=2,
+                head_dim=16, ctx=(40, 9), block_size=16, dtype="float32", seed=2)
+    arrays = kv.materialize(case)
+    arrays[key] = arrays[key].astype(dtype)
+    try:
+        NativeCpuBackend().prepare(case, arrays)
+    except InvalidCase as err:
+        assert f"{key} has dtype" in str(err) and "floating-point" in str(err)
+    else:
+        raise AssertionError(f"{key} of dtype {np.dtype(dtype)} was accepted")
+
+
+@SETTINGS
+@given(cases(ops=("paged_sdpa", "sdpa_contiguous", "gather_sdpa")),
+       st.floats(-64.0, 64.0, allow_nan=False).filter(lambda s: abs(s) > 1e-3))
+def test_any_moderate_scale_matches_the_oracle(drawn: tuple[Case, int], scale: float) -> None:
+    case, threads = drawn
+    case = case.with_(scale=scale)
+    arrays = kv.materialize(case)
+    result = compare(case, arrays, run(case, arrays, threads))
+    assert result.passed, result

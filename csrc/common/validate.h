@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <type_traits>
 #include <string>
 #include <utility>
@@ -100,20 +101,44 @@ template <class... Parts>
   throw InvalidArgument(op_message(op, parts...));
 }
 
+// A caller's string as a message quotes it: printable ASCII as is, anything else (an embedded
+// NUL, a control or non-ASCII byte) as \xNN, so the message shows exactly what was passed.
+inline std::string quoted(const std::string& text) {
+  std::string out = "'";
+  for (unsigned char c : text) {
+    if (c >= 0x20 && c < 0x7f && c != '\\' && c != '\'') {
+      out += (char)c;
+    } else {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    }
+  }
+  return out + "'";
+}
+
 inline OpKind parse_op(const std::string& name) {
   const OpKind all[] = {OpKind::kSdpaContiguous, OpKind::kGather, OpKind::kGatherSdpa,
                         OpKind::kPagedSdpa, OpKind::kAppend};
   for (OpKind op : all)
     if (name == op_name(op)) return op;
-  invalid("native", "unknown op '", name,
-          "'; expected one of sdpa_contiguous, gather, gather_sdpa, paged_sdpa, append");
+  invalid("native", "unknown op ", quoted(name),
+          "; expected one of sdpa_contiguous, gather, gather_sdpa, paged_sdpa, append");
 }
 
 inline DType parse_dtype(OpKind op, const std::string& name) {
   if (name == "float16") return DType::kFloat16;
   if (name == "bfloat16") return DType::kBFloat16;
   if (name == "float32") return DType::kFloat32;
-  invalid(op_name(op), "unknown dtype '", name, "'; expected one of float16, bfloat16, float32");
+  invalid(op_name(op), "unknown dtype ", quoted(name), "; expected one of float16, bfloat16, float32");
+}
+
+// A layout string: exactly four bytes, a permutation of N, S, H, D (no NUL or anything after).
+inline void check_layout(const char* op, const std::string& layout) {
+  PoolView probe;
+  if (layout.size() != 4 || layout.find('\0') != std::string::npos ||
+      !make_pool_view(layout.c_str(), 1, 1, 1, 1, &probe))
+    invalid(op, "layout ", quoted(layout), " is not a permutation of N, S, H, D");
 }
 
 inline std::string shape_string(const std::vector<int64_t>& dims) {
@@ -166,6 +191,8 @@ inline OpParams derive_params(OpKind op, const std::string& layout, DType dtype,
                 "; every dimension must be in [1, 2^31)");
   }
   if (!std::isfinite(scale)) invalid(name, "scale ", scale, " must be finite");
+  if (std::fabs(scale) > 3.4028234663852886e38)
+    invalid(name, "scale ", scale, " is outside the float32 range the kernels compute in");
   if (block_size <= 0) invalid(name, "block_size ", block_size, " must be positive");
 
   // Pool: its physical shape read through the layout gives N, S, H, D.
@@ -175,9 +202,7 @@ inline OpParams derive_params(OpKind op, const std::string& layout, DType dtype,
   if (in.v_pool.dims != in.k_pool.dims)
     invalid(name, "v_pool shape ", shape_string(in.v_pool.dims), " differs from k_pool shape ",
             shape_string(in.k_pool.dims));
-  PoolView probe;
-  if (!make_pool_view(layout.c_str(), 1, 1, 1, 1, &probe))
-    invalid(name, "layout '", layout, "' is not a permutation of N, S, H, D");
+  check_layout(name, layout);
   int64_t sizes[4] = {0, 0, 0, 0};  // by logical axis N, S, H, D
   const char letters[4] = {'N', 'S', 'H', 'D'};
   for (int i = 0; i < 4; ++i)
@@ -190,7 +215,7 @@ inline OpParams derive_params(OpKind op, const std::string& layout, DType dtype,
   OpParams p{};
   if (!make_pool_view(layout.c_str(), (int32_t)sizes[kAxisN], (int32_t)sizes[kAxisS],
                       (int32_t)sizes[kAxisH], (int32_t)sizes[kAxisD], &p.pool))
-    invalid(name, "layout '", layout, "' is not a permutation of N, S, H, D");
+    invalid(name, "layout ", quoted(layout), " is not a permutation of N, S, H, D");
   const int64_t Hkv = sizes[kAxisH], D = sizes[kAxisD];
 
   if (in.block_table.dims.size() != 2)
@@ -238,6 +263,82 @@ inline OpParams derive_params(OpKind op, const std::string& layout, DType dtype,
   p.scale = (float)scale;
   p.dtype = (int32_t)dtype;
   return p;
+}
+
+namespace detail {
+
+// Elements of `dtype` as float magnitudes. For IEEE formats the magnitude orders like the bit
+// pattern without its sign, so the largest |x| of an array is one integer max over its bits
+// (NaN patterns sort above infinity: a NaN anywhere makes the result NaN).
+inline float magnitude_of_bits(uint32_t bits, int32_t dtype) {
+  float f;
+  if (dtype == (int32_t)DType::kFloat32) {
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+  if (dtype == (int32_t)DType::kBFloat16) {
+    const uint32_t wide = bits << 16;
+    std::memcpy(&f, &wide, sizeof f);
+    return f;
+  }
+  const int e = (int)((bits >> 10) & 0x1f), m = (int)(bits & 0x3ff);
+  if (e == 31) return m ? NAN : INFINITY;
+  return e == 0 ? std::ldexp((float)m, -24) : std::ldexp((float)(m | 0x400), e - 25);
+}
+
+inline uint32_t magnitude_bits(const void* data, int64_t i, int32_t dtype) {
+  if (dtype == (int32_t)DType::kFloat32) {
+    uint32_t bits;
+    std::memcpy(&bits, static_cast<const char*>(data) + 4 * i, sizeof bits);
+    return bits & 0x7fffffffu;
+  }
+  return static_cast<const uint16_t*>(data)[i] & 0x7fffu;
+}
+
+inline float max_magnitude(const void* data, int64_t n, int32_t dtype) {
+  uint32_t best = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = magnitude_bits(data, i, dtype);
+    best = bits > best ? bits : best;
+  }
+  return magnitude_of_bits(best, dtype);
+}
+
+}  // namespace detail
+
+// The scale contract (docs/backends.md): kernels compute scores scale * q.k in float32, the oracle
+// in float64. With finite inputs, |scale * log2(e) * q.k| is at most c * max_row sum|q| *
+// max|k| (c = |scale| log2(e)); when twice that bound could leave the float32 range, a kernel
+// would produce inf - inf = NaN where the oracle is finite, so the case is refused naming the
+// scale and the largest one these inputs take. Non-finite inputs are not refused: they propagate
+// (a NaN in q or in a key row makes that head's output NaN, as in the oracle).
+inline void check_scale_range(const OpInputs& in) {
+  const OpParams& p = in.params;
+  const char* name = op_name(in.op);
+  const void* keys = in.op == OpKind::kSdpaContiguous ? in.k_dense : in.k_pool;
+  if (!is_attention(in.op) || in.q == nullptr || keys == nullptr) return;
+  const int64_t D = p.pool.head_dim;
+  const int64_t rows = (int64_t)p.batch * p.q_heads * p.q_len;
+  double q_sum = 0;  // largest sum_d |q[row][d]|
+  for (int64_t r = 0; r < rows; ++r) {
+    double sum = 0;
+    for (int64_t d = 0; d < D; ++d)
+      sum += detail::magnitude_of_bits(detail::magnitude_bits(in.q, r * D + d, p.dtype), p.dtype);
+    q_sum = sum > q_sum ? sum : q_sum;
+  }
+  const int64_t n_keys = buffer_elements(p, in.op == OpKind::kSdpaContiguous ? kBufKDense
+                                                                              : kBufKPool);
+  const double k_max = detail::max_magnitude(keys, n_keys, p.dtype);
+  const double log2e = 1.4426950408889634;
+  const double reach = std::fabs((double)p.scale) * log2e * q_sum * (k_max > 1 ? k_max : 1.0);
+  if (!std::isfinite(q_sum) || !std::isfinite(k_max)) return;  // non-finite data propagates
+  const double limit = 0.5 * 3.4028234663852886e38;  // FLT_MAX / 2: score differences fit
+  if (reach >= limit)
+    invalid(name, "scale ", (double)p.scale, " is too large for these inputs: scores may reach ",
+            reach, " (largest row sum |q| ", q_sum, ", largest |k| ", k_max,
+            "), past the float32 range the kernels compute in (the float64 oracle would not "
+            "overflow); these inputs take |scale| < ",
+            limit / (log2e * q_sum * (k_max > 1 ? k_max : 1.0)));
 }
 
 // Check the values kernels index with, and fill params.max_ctx. For each sequence b:
@@ -296,6 +397,7 @@ inline void validate_inputs(OpInputs& in) {
     }
   }
   p.max_ctx = max_ctx;
+  check_scale_range(in);
 }
 
 // ---- kernel variant options (variant.h) ------------------------------------------------------
@@ -316,7 +418,8 @@ inline int32_t parse_int_option(const char* op, const std::string& key, const st
       text.find_first_not_of("0123456789", text[0] == '-' ? 1 : 0) == std::string::npos &&
       text != "-";
   if (!digits)
-    invalid(op, "option ", key, "='", text, "' is not an integer (expected ", lo, "..", hi, ")");
+    invalid(op, "option ", key, "=", quoted(text), " is not an integer (expected ", lo, "..", hi,
+            ")");
   const long long value = std::strtoll(text.c_str(), nullptr, 10);
   if (value < lo || value > hi)
     invalid(op, "option ", key, "=", value, " is outside ", lo, "..", hi);
@@ -326,7 +429,7 @@ inline int32_t parse_int_option(const char* op, const std::string& key, const st
 inline bool parse_bool_option(const char* op, const std::string& key, const std::string& text) {
   if (text == "1" || text == "true" || text == "True") return true;
   if (text == "0" || text == "false" || text == "False") return false;
-  invalid(op, "option ", key, "='", text, "' is not a boolean (expected 1/0 or true/false)");
+  invalid(op, "option ", key, "=", quoted(text), " is not a boolean (expected 1/0 or true/false)");
 }
 
 }  // namespace detail
@@ -344,7 +447,7 @@ inline Variant parse_variant(const char* op, const std::string& device,
     bool known = false;
     for (const std::string& k : keys) known = known || k == key;
     if (!known)
-      invalid(op, "unknown option '", key, "' for device ", device, "; expected one of ",
+      invalid(op, "unknown option ", quoted(key), " for device ", device, "; expected one of ",
               detail::join(keys));
     for (const std::string& k : seen)
       if (k == key) invalid(op, "option ", key, " given twice");
@@ -359,7 +462,7 @@ inline Variant parse_variant(const char* op, const std::string& device,
           found = true;
         }
       if (!found)
-        invalid(op, "option kernel='", text, "' is not one of auto, simt, mma, async");
+        invalid(op, "option kernel=", quoted(text), " is not one of auto, simt, mma, async");
     } else if (key == "splits") {
       v.splits = detail::parse_int_option(op, key, text, 0, kVariantMaxSplits);
     } else if (key == "min_chunk") {

@@ -122,9 +122,11 @@ KV_TARGET_AVX2 inline float hsum(__m256 v) {
 }
 
 // 2^x for x <= 0: 2^round(x) times a degree-6 polynomial of 2^f on f in [-0.5, 0.5] (relative error
-// ~1e-7, far below float16/bfloat16 rounding). x <= -127 (and -inf) gives exactly 0.
+// ~1e-7, far below float16/bfloat16 rounding). x <= -127 (and -inf) gives exactly 0; NaN gives NaN.
 KV_TARGET_AVX2 inline __m256 exp2_nonpos(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));
+  // maxps returns its second operand when either is NaN: x second, so a NaN score stays NaN (and
+  // poisons the sums, as in the oracle) instead of becoming 2^-127 = 0 and silently dropping a key.
+  x = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);
   const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(x, n);
   // Taylor coefficients of e^(f ln 2): (ln 2)^k / k!

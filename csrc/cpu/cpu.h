@@ -78,7 +78,8 @@ class AlignedBuffer {
   size_t align_ = 64;
 };
 
-// A pool of `threads - 1` persistent workers plus the calling thread, created once at prepare.
+// A pool of `threads - 1` persistent workers plus the calling thread, created once at prepare
+// (UnsupportedError naming the thread when the system cannot start one).
 // run() hands out task indices [0, n) dynamically (an atomic counter) and returns when all are
 // done. Idle workers spin briefly before sleeping, so back-to-back runs (a decode loop, the
 // batched timer) do not pay a futex wake-up per op.
@@ -97,6 +98,7 @@ class ThreadPool {
  private:
   void worker_main(int id);
   void drain(int worker);
+  void stop_workers();  // ask every worker to return, and join them
 
   std::vector<std::thread> workers_;
   std::mutex mu_;

@@ -55,16 +55,29 @@ bool simd_available() {
 // ---- ThreadPool --------------------------------------------------------------------------------
 
 ThreadPool::ThreadPool(int threads) {
-  for (int id = 1; id < threads; ++id) workers_.emplace_back([this, id] { worker_main(id); });
+  try {
+    for (int id = 1; id < threads; ++id) workers_.emplace_back([this, id] { worker_main(id); });
+  } catch (const std::exception& err) {
+    // A constructor that throws runs no destructor: stop and join the workers already started
+    // here, or they would wait forever on a condition variable being destroyed under them.
+    const int started = (int)workers_.size() + 1;
+    stop_workers();
+    throw UnsupportedError("[native:cpu] could not start thread " + std::to_string(started) +
+                           " of " + std::to_string(threads) + " (" + err.what() +
+                           "); ask for fewer threads");
+  }
 }
 
-ThreadPool::~ThreadPool() {
+ThreadPool::~ThreadPool() { stop_workers(); }
+
+void ThreadPool::stop_workers() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_.store(true);
   }
   cv_.notify_all();
   for (auto& t : workers_) t.join();
+  workers_.clear();
 }
 
 void ThreadPool::drain(int worker) {

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "common/layout.h"
+#include "common/paged_kv.h"
 #include "cpu.h"
 
 namespace kvmicro {
@@ -34,19 +35,19 @@ void task(void* ctx, int64_t index, int) {
   const int64_t part = index % job.parts, bh = index / job.parts;
   const int b = (int)(bh / view.kv_heads), kvh = (int)(bh % view.kv_heads);
   const int64_t isz = dtype_size(p.dtype), D = view.head_dim, bs = view.block_size;
-  const int64_t blocks = (job.buf->ctx[b] + bs - 1) / bs;
+  const PagedKV kv = make_paged_kv(view, job.buf->table, job.buf->ctx, p.batch, p.max_blocks);
+  const int64_t blocks = (kv.seq_len(b) + bs - 1) / bs;
   const int64_t first = blocks * part / job.parts, last = blocks * (part + 1) / job.parts;
-  const int32_t* table_row = job.buf->table + (int64_t)b * p.max_blocks;
   const int64_t dense_head = (bh * p.max_ctx_pad) * D * isz;
   const char* k_pool = static_cast<const char*>(job.buf->k_pool);
   const char* v_pool = static_cast<const char*>(job.buf->v_pool);
   char* k_dense = static_cast<char*>(job.buf->k_dense) + dense_head;
   char* v_dense = static_cast<char*>(job.buf->v_dense) + dense_head;
   for (int64_t lb = first; lb < last; ++lb) {
-    const int32_t block = table_row[lb];  // validated: inside the pool
     for (int64_t s = 0; s < bs; ++s) {
-      const int64_t src = view.row_offset(block, s, kvh) * isz;
-      const int64_t dst = (lb * bs + s) * D * isz;
+      const int64_t t = lb * bs + s;  // whole blocks: table entries validated inside the pool
+      const int64_t src = kv.row_offset(b, t, kvh) * isz;
+      const int64_t dst = t * D * isz;
       if (view.d_contiguous()) {
         std::memcpy(k_dense + dst, k_pool + src, (size_t)(D * isz));
         std::memcpy(v_dense + dst, v_pool + src, (size_t)(D * isz));

@@ -1,7 +1,8 @@
 // append: write token ctx[b] of every sequence (k_new/v_new [B, Hkv, D]) into the pool at
 // physical block table[b][ctx[b] / block_size], slot ctx[b] % block_size. One thread per 16-byte
 // vector (D innermost) or per element (any other layout); K and V in one launch. The address goes
-// through checked_logical_to_physical: a write is the one place a bad id would corrupt memory.
+// through PagedKV::checked_row_offset (common/paged_kv.h): a write is the one place a bad id would
+// corrupt memory.
 // Instantiations: element size {2, 4} x {16-byte path, strided path}.
 #include <string>
 #include <type_traits>
@@ -19,8 +20,8 @@ template <int ESIZE, bool kFast>
 __global__ void __launch_bounds__(kAppendThreads) append_kernel(AppendArgs a) {
   using E = std::conditional_t<ESIZE == 2, uint16_t, uint32_t>;
   constexpr int VE = 16 / ESIZE;
-  const int kv_heads = a.pool.kv_heads;
-  const int64_t per_tensor = (int64_t)a.batch * kv_heads * a.row_units;
+  const int kv_heads = a.kv.pool.kv_heads;
+  const int64_t per_tensor = (int64_t)a.kv.batch * kv_heads * a.row_units;
   int64_t i = (int64_t)blockIdx.x * kAppendThreads + threadIdx.x;
   if (i >= 2 * per_tensor) return;
   const bool is_v = i >= per_tensor;
@@ -28,18 +29,17 @@ __global__ void __launch_bounds__(kAppendThreads) append_kernel(AppendArgs a) {
   const int unit = (int)(i % a.row_units);
   const int64_t bh = i / a.row_units;  // b * Hkv + h: the row of k_new / v_new
   const int b = (int)(bh / kv_heads), h = (int)(bh % kv_heads);
-  const TokenLocation loc =
-      checked_logical_to_physical(a.table + (int64_t)b * a.max_blocks, a.max_blocks,
-                                  a.pool.block_size, a.pool.num_blocks, a.ctx[b]);
-  if (loc.block < 0) return;
+  const int64_t t = a.kv.seq_len(b);  // the position append writes
+  const int64_t row = a.kv.checked_row_offset(b, t, h);
+  if (row < 0) return;
   E* pool = static_cast<E*>(is_v ? a.v_pool : a.k_pool);
   const E* src = static_cast<const E*>(is_v ? a.v_new : a.k_new);
-  const int64_t D = a.pool.head_dim;
+  const int64_t D = a.kv.pool.head_dim;
   if constexpr (kFast) {
     const uint4 val = load16(src + bh * D + (int64_t)unit * VE);
-    *reinterpret_cast<uint4*>(pool + a.pool.row_offset(loc.block, loc.slot, h) + (int64_t)unit * VE) = val;
+    *reinterpret_cast<uint4*>(pool + row + (int64_t)unit * VE) = val;
   } else {
-    pool[a.pool.elem_offset(loc.block, loc.slot, h, unit)] = src[bh * D + unit];
+    pool[a.kv.elem_offset(b, t, h, unit)] = src[bh * D + unit];
   }
 }
 

@@ -1,6 +1,8 @@
-// Converts only: the work is in cuda_device.cu (cuda_host.h).
+// Converts only: the work is in cuda_device.cu, cuda_bandwidth.cu and the attention pickers
+// (cuda_host.h).
 #include "cuda/cuda_bindings.h"
 
+#include "common/validate.h"
 #include "cuda/cuda_host.h"
 
 namespace py = pybind11;
@@ -35,6 +37,24 @@ void register_cuda(py::module_& m) {
         return d;
       },
       py::arg("index") = 0, "Properties of CUDA device `index` (raises for a bad index).");
+
+  m.def(
+      "cuda_instantiations",
+      [] {
+        py::dict out;
+        const std::pair<const char*, std::vector<cuda::AttnInstance> (*)()> ops[] = {
+            {"paged_sdpa", &cuda::paged_sdpa_instantiations},
+            {"sdpa_contiguous", &cuda::sdpa_contiguous_instantiations}};
+        for (const auto& op : ops) {
+          py::list items;
+          for (const cuda::AttnInstance& i : op.second())
+            items.append(py::make_tuple(i.kernel, dtype_name(i.dtype), i.head_dim, i.variant));
+          out[op.first] = items;
+        }
+        return out;
+      },
+      "The attention kernels instantiated, probed through the planners' pickers (no device "
+      "needed): {op: [(kernel, dtype, head_dim, variant), ...]}.");
 
   m.def(
       "cuda_bandwidth",

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace kvmicro {
 namespace cuda {
@@ -45,6 +46,17 @@ struct Bandwidth {
 };
 
 Bandwidth measure_bandwidth(int index);
+
+// One attention kernel instantiation (attention_instantiations in
+// attention_plan.cuh; paged_sdpa.cu and sdpa_contiguous.cu list theirs).
+struct AttnInstance {
+  std::string kernel;   // simt, mma, async
+  int32_t dtype;        // DType
+  int32_t head_dim;
+  std::string variant;  // gt<heads>/<16-byte|strided>, prefetch<bytes>, stages<n>
+};
+std::vector<AttnInstance> paged_sdpa_instantiations();
+std::vector<AttnInstance> sdpa_contiguous_instantiations();
 
 }  // namespace cuda
 }  // namespace kvmicro

@@ -3,7 +3,7 @@
 // engine without a paged kernel does before attention. Positions past the last block are left as
 // they are. One launch covers K and V (blockIdx.z). Each thread moves kUnroll units, issuing
 // every load before the first store; D-innermost layouts move 16-byte vectors, any other layout
-// moves single elements through PoolView::elem_offset.
+// moves single elements; every pool address comes from common/paged_kv.h (PagedKV).
 // Instantiations: element size {2, 4} x {16-byte path, strided path}.
 #include <string>
 #include <type_traits>
@@ -26,10 +26,9 @@ __global__ void __launch_bounds__(kGatherThreads) gather_kernel(GatherArgs a) {
   const int b = blockIdx.y / a.dense.kv_heads;
   const E* src = static_cast<const E*>(blockIdx.z ? a.v_pool : a.k_pool);
   E* dst = static_cast<E*>(blockIdx.z ? a.v_dense : a.k_dense);
-  const int32_t* table_row = a.table + (int64_t)b * a.max_blocks;
   const unsigned units = kFast ? (unsigned)a.row_vecs : (unsigned)a.dense.head_dim;
-  const int bs = a.pool.block_size;
-  const unsigned tokens = (unsigned)((a.ctx[b] + bs - 1) / bs) * (unsigned)bs;
+  const int bs = a.kv.pool.block_size;
+  const unsigned tokens = (unsigned)((a.kv.seq_len(b) + bs - 1) / bs) * (unsigned)bs;
   const unsigned total = tokens * units;
   const unsigned first = blockIdx.x * (kUnroll * kGatherThreads) + threadIdx.x;
   if (first >= total) return;
@@ -42,8 +41,7 @@ __global__ void __launch_bounds__(kGatherThreads) gather_kernel(GatherArgs a) {
       const unsigned i = first + u * kGatherThreads;
       if (i < total) {
         const unsigned t = i / units, v = i - t * units;
-        const TokenLocation loc = logical_to_physical(table_row, a.pool.block_size, t);
-        val[u] = load16(src + a.pool.row_offset(loc.block, loc.slot, h) + (int64_t)v * VE);
+        val[u] = load16(src + a.kv.row_offset(b, t, h) + (int64_t)v * VE);
         out[u] = a.dense.row_offset(b, h, t) + (int64_t)v * VE;
       }
     }
@@ -58,8 +56,7 @@ __global__ void __launch_bounds__(kGatherThreads) gather_kernel(GatherArgs a) {
       const unsigned i = first + u * kGatherThreads;
       if (i < total) {
         const unsigned t = i / units, d = i - t * units;
-        const TokenLocation loc = logical_to_physical(table_row, a.pool.block_size, t);
-        val[u] = __ldg(src + a.pool.elem_offset(loc.block, loc.slot, h, d));
+        val[u] = __ldg(src + a.kv.elem_offset(b, t, h, d));
         out[u] = a.dense.row_offset(b, h, t) + d;
       }
     }

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "common/layout.h"
+#include "common/paged_kv.h"
 #include "common/params.h"
 #include "common/variant.h"
 
@@ -61,14 +62,9 @@ struct PagedSrc {
   static constexpr bool kStrided = true;  // any layout; D-innermost ones take the 16-byte path
   const void* k;
   const void* v;
-  PoolView pool;
-  const int32_t* table;  // [B, max_blocks], validated before prepare: ids inside the pool
-  int32_t max_blocks;
-  KV_DEV int64_t row_offset(int b, int h, int t) const {
-    TokenLocation loc = logical_to_physical(table + (int64_t)b * max_blocks, pool.block_size, t);
-    return pool.row_offset(loc.block, loc.slot, h);
-  }
-  KV_DEV int64_t stride_d() const { return pool.stride_d; }
+  PagedKV kv;  // pool + block table + ctx (common/paged_kv.h); ids validated before prepare
+  KV_DEV int64_t row_offset(int b, int h, int t) const { return kv.row_offset(b, t, h); }
+  KV_DEV int64_t stride_d() const { return kv.pool.stride_d; }
 };
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -125,11 +121,8 @@ struct GatherArgs {
   const void* v_pool;
   void* k_dense;
   void* v_dense;
-  const int32_t* table;
-  const int32_t* ctx;
-  PoolView pool;
+  PagedKV kv;  // pool + block table + ctx (common/paged_kv.h); ids validated before prepare
   DenseView dense;
-  int32_t max_blocks;
   int32_t row_vecs;  // 16-byte vectors per row (fast path)
 };
 
@@ -151,11 +144,7 @@ struct AppendArgs {
   void* v_pool;
   const void* k_new;  // [B, Hkv, D]
   const void* v_new;
-  const int32_t* table;
-  const int32_t* ctx;
-  PoolView pool;
-  int32_t max_blocks;
-  int32_t batch;
+  PagedKV kv;  // pool + block table + ctx (common/paged_kv.h); writes use its checked offsets
   int32_t row_units;  // copy units per row: 16-byte vectors (fast) or elements (strided)
 };
 

@@ -1,11 +1,11 @@
 // paged_sdpa: fused decode attention that reads K/V straight from the pool through the block
 // table (PagedSrc in kernels.h: logical_to_physical + PoolView, no copy). Kernels are the shared
-// templates of attention.cuh; this file is their paged instantiation list:
+// templates of attention_*.cuh; this file is their paged instantiation list:
 //   dtype {float16, bfloat16, float32} x head_dim {64, 80, 96, 128, 256}
 //   x query heads per block {1, 4, 8} x {16-byte path (D innermost), strided path (any layout)}
 //   (SIMT), and float16/bfloat16 x head_dim {64, 96, 128} on tensor cores: register loads (L2
 //   prefetch hint 0 / 128 B) and cp.async (2 / 3 stages)
-#include "cuda/attention.cuh"
+#include "cuda/attention_plan.cuh"
 
 namespace kvmicro {
 namespace cuda {
@@ -21,6 +21,10 @@ AttnPlan plan_paged_sdpa(const char* op, const OpParams& p, const DeviceProps& d
 void launch_paged_sdpa(const AttnPlan& plan, const AttnArgs& args, const PagedSrc& src,
                        cudaStream_t stream) {
   launch_attention<PagedSrc>(plan, args, src, stream);
+}
+
+std::vector<AttnInstance> paged_sdpa_instantiations() {
+  return attention_instantiations<PagedSrc>();
 }
 
 }  // namespace cuda

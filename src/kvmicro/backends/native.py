@@ -20,7 +20,7 @@ import numpy as np
 
 from ..dtypes import from_bits16, to_bits16
 from ..errors import InvalidCase, Unsupported
-from ..workload import OPS, Case
+from ..workload import OPS, Case, Layout
 from .base import PRIORITY_OPTION, Availability, Backend, DeviceInfo, Option, Prepared
 from .common import require
 from .nvml import sm_clock, sm_clock_status
@@ -90,6 +90,22 @@ def _first(array: np.ndarray) -> str:
 def from_native(array: np.ndarray, dtype: str) -> np.ndarray:
     """An extension result back in the carrier type of ``dtype``."""
     return array if dtype == "float32" else from_bits16(array, dtype)
+
+
+def capabilities() -> dict[str, Any]:
+    """The native kernels' support matrix: ``{device: {op: {"dtypes", "head_dims" (None: any),
+    "variants"[, "kernels"]}}}`` as the extension declares it (common/capabilities.h)."""
+    return dict(load_native().capabilities())
+
+
+def _check_capability(backend: str, case: Case, table: dict[str, Any]) -> None:
+    if case.dtype not in table["dtypes"]:
+        raise Unsupported(f"[{case.op}] {backend} does not support dtype {case.dtype} "
+                          f"(supported: {', '.join(table['dtypes'])})")
+    dims = table["head_dims"]
+    if dims is not None and case.head_dim not in dims:
+        raise Unsupported(f"[{case.op}] head_dim {case.head_dim} is not supported by "
+                          f"{backend} (supported: {', '.join(map(str, dims))})")
 
 
 class NativePrepared(Prepared):
@@ -168,6 +184,30 @@ class _NativeBackend(Backend):
             return {}
         info = load_native().build_info()
         return {"kvmicro._native": str(info["version"]), "compiler": str(info["compiler"])}
+
+    def supports(self, case: Case) -> None:
+        """The base checks, then the extension's capability table (common/capabilities.h):
+        dtype and head_dim of the op, and of the kernel a ``kernel`` option asks for."""
+        super().supports(case)
+        native = None if _import_problem() else load_native()
+        if native is None or not hasattr(native, "capabilities"):
+            return  # availability() says why; the extension's planners still refuse
+        table = native.capabilities()[self.device].get(case.op)
+        if table is None:
+            raise Unsupported(f"{self.name} does not implement {case.op}")
+        _check_capability(self.name, case, table)
+        kernel = self.parse_options(case.options).get("kernel", "auto")
+        if kernel not in ("auto", "simt") and "kernels" in table:
+            # The same refusal as the planner's: a tensor-core kernel is never silently replaced.
+            need = table["kernels"][kernel]
+            d_inner = case.op != "paged_sdpa" or Layout(case.layout).d_innermost
+            if case.dtype not in need["dtypes"] or case.head_dim not in need["head_dims"] or \
+                    not d_inner:
+                raise Unsupported(
+                    f"[{case.op}] option kernel={kernel} needs tensor cores: "
+                    f"{'/'.join(need['dtypes'])}, D innermost, head_dim "
+                    f"{', '.join(map(str, need['head_dims']))}; this case is {case.dtype}, "
+                    f"{'D innermost' if d_inner else 'D not innermost'}, head_dim {case.head_dim}")
 
     def prepare(self, case: Case, arrays: dict[str, np.ndarray], copies: int = 1) -> Prepared:
         require(self, case)
@@ -380,5 +420,13 @@ def last_level_cache_bytes() -> int:
     return 0
 
 
-__all__ = ["NativeCpuBackend", "NativeCudaBackend", "NativeMetalBackend", "NativePrepared",
-           "cpu_name", "last_level_cache_bytes", "load_native"]
+__all__ = [
+    "NativeCpuBackend",
+    "NativeCudaBackend",
+    "NativeMetalBackend",
+    "NativePrepared",
+    "capabilities",
+    "cpu_name",
+    "last_level_cache_bytes",
+    "load_native",
+]

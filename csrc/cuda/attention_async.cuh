@@ -1,0 +1,138 @@
+// The tensor-core split kernel that streams K/V through a cp.async pipeline in shared memory
+// (attention_split_async_kernel): the math of attention_mma.cuh, for long splits.
+#pragma once
+
+#include "cuda/attention_mma.cuh"
+
+namespace kvmicro {
+namespace cuda {
+
+// ---- cp.async pipeline ---------------------------------------------------------------------
+
+// 16 bytes global -> shared, bypassing L1, asking L2 to fetch the 128 bytes around them (measured
+// the same as 256 on the H100, docs/cuda.md).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(dst), "l"(gmem)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ uint4 lds16(const void* p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+
+// Dynamic shared memory of attention_split_async_kernel: S stages of one 16-key K and V tile per
+// warp; the block merge (s_acc) reuses it after the main loop.
+__host__ __device__ constexpr int async_smem_bytes(int d, int stages, int esize) {
+  return kAttnWarps * stages * 2 * kMmaTileKeys * d * esize > kAttnWarps * kMmaHeads * d * 4
+             ? kAttnWarps * stages * 2 * kMmaTileKeys * d * esize
+             : kAttnWarps * kMmaHeads * d * 4;
+}
+
+// Tensor-core split kernel, cp.async pipeline: each warp streams its tiles through S stages of
+// shared memory (cp.async, 16 bytes per copy, no registers held), S-1 tiles in flight while it
+// computes on one, then reads the fragments of MmaRows from shared memory. Copies are issued as
+// 128-byte row pieces (8 lanes per row, 4 rows per instruction; row offsets looked up once per
+// tile by lanes 0-15 and shuffled), independent of the fragment layout. Where a row is a multiple
+// of 128 bytes, odd rows store their 16-byte chunks XOR 4, so the fragment reads (rows gr and
+// gr+1 in one phase) hit distinct banks. Every warp syncs only itself (__syncwarp): a stage is
+// private to its warp.
+template <typename T, int D, int S, class Src>
+__global__ void __launch_bounds__(kAttnThreads)
+    attention_split_async_kernel(AttnArgs a, Src src) {
+  static_assert(D % 32 == 0, "16-byte fragment loads cover 32 elements of d per lane quad");
+  static_assert(S >= 2, "a pipeline needs two stages");
+  constexpr int NB = D / 32;
+  constexpr int NW = kAttnWarps;
+  constexpr int TK = kMmaTileKeys;
+  constexpr int CH = D / 8;  // 16-byte chunks per row
+  constexpr int kHalves = (CH + 7) / 8;
+  constexpr int kSwz = CH % 8 == 0 ? 4 : 0;
+  constexpr int kTileElems = TK * D;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto& s_acc = *reinterpret_cast<float (*)[NW][kMmaHeads][D]>(smem_raw);
+  __shared__ float s_m[NW][kMmaHeads];
+  __shared__ float s_l[NW][kMmaHeads];
+
+  SplitSlice slice;
+  if (!split_slice<kMmaHeads>(a, slice)) return;
+  const int split = slice.split, hk = slice.hk, g0 = slice.g0, b = slice.b;
+  const int gcount = slice.gcount, start = slice.start, end = slice.end;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gr = lane >> 2, tq = lane & 3;
+  const T* kp = static_cast<const T*>(src.k);
+  const T* vp = static_cast<const T*>(src.v);
+  T* stages = reinterpret_cast<T*>(smem_raw) + warp * S * 2 * kTileElems;  // [S][K, V][TK][D]
+
+  const int last = end - 1;
+  constexpr int kStep = NW * TK;
+  const int t_first = start + warp * TK;
+  const int tiles = t_first < end ? (end - t_first + kStep - 1) / kStep : 0;  // warp-uniform
+
+  auto issue = [&](int tile) {
+    const int t = t_first + tile * kStep;
+    const int64_t mine = src.row_offset(b, hk, min(t + (lane & 15), last));  // key t + lane%16
+    T* sk = stages + (tile % S) * 2 * kTileElems;
+    T* sv = sk + kTileElems;
+#pragma unroll
+    for (int i = 0; i < TK / 4; ++i) {
+      const int r = (lane >> 3) + 4 * i;
+      const int64_t row = __shfl_sync(0xffffffffu, mine, r);
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h) {
+        const int c = (lane & 7) + 8 * h;
+        if (CH % 8 == 0 || c < CH) {
+          const int sc = c ^ (kSwz * (r & 1));
+          cp_async16(sk + r * D + sc * 8, kp + row + c * 8);
+          cp_async16(sv + r * D + sc * 8, vp + row + c * 8);
+        }
+      }
+    }
+  };
+
+  MmaWarpState<T, D> st;
+  st.init(a, b, hk, g0, gcount, gr, tq);
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < tiles) issue(s);
+    cp_async_commit();  // empty groups too: the wait count below stays S - 2
+  }
+  const int swz = kSwz * (gr & 1);  // rows gr and gr + 8 share their parity
+  for (int tile = 0; tile < tiles; ++tile) {
+    cp_async_wait<S - 2>();  // this lane's copies of `tile` have landed
+    __syncwarp();            // ... every lane's, and the stage refilled next was read by all
+    if (tile + S - 1 < tiles) issue(tile + S - 1);
+    cp_async_commit();
+    const T* sk = stages + (tile % S) * 2 * kTileElems;
+    const T* sv = sk + kTileElems;
+    MmaRows<D> x;
+#pragma unroll
+    for (int j = 0; j < NB; ++j) {
+      const int off = ((4 * j + tq) ^ swz) * 8;
+      x.ka[j] = lds16(sk + gr * D + off);
+      x.kb[j] = lds16(sk + (gr + 8) * D + off);
+      x.va[j] = lds16(sv + gr * D + off);
+      x.vb[j] = lds16(sv + (gr + 8) * D + off);
+    }
+    const int t0 = t_first + tile * kStep;
+    st.consume(x, t0 + gr < end, t0 + gr + 8 < end, a.scale_log2);
+  }
+  cp_async_wait<0>();
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+  __syncthreads();  // s_acc aliases every warp's stages
+  st.store(s_acc, s_m, s_l, warp, gr, tq);
+  __syncthreads();
+  write_block_result<T, D, kMmaHeads, NW>(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);
+}
+
+}  // namespace cuda
+}  // namespace kvmicro

@@ -1,0 +1,325 @@
+// Host side of decode attention: kernel selection and split planning (plan_attention) and the
+// launch of both passes (launch_attention). Instantiated per source in paged_sdpa.cu and
+// sdpa_contiguous.cu through the pickers below (pick_split_*, pick_mma*, pick_async*): they are
+// the support matrix (dtype x head_dim x heads per block x 16-byte/strided, and the tensor-core
+// variants), checked against the capability table (common/capabilities.h) by
+// tests/test_capabilities.py through cuda_instantiations().
+#pragma once
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common/capabilities.h"
+#include "common/validate.h"
+#include "cuda/attention_async.cuh"
+#include "cuda/attention_combine.cuh"
+#include "cuda/attention_mma.cuh"
+#include "cuda/attention_simt.cuh"
+#include "cuda/cuda_host.h"
+
+namespace kvmicro {
+namespace cuda {
+
+// ---- host side: kernel selection and split planning ------------------------------------------
+
+template <class Src>
+using SplitFn = void (*)(AttnArgs, Src);
+using CombineFn = void (*)(AttnArgs, int);
+
+template <class Src, typename T, int D, int GT>
+SplitFn<Src> pick_split_fast(bool strided) {
+  if constexpr (Src::kStrided) {
+    if (strided) return &attention_split_kernel<T, D, GT, false, Src>;
+  }
+  return &attention_split_kernel<T, D, GT, true, Src>;
+}
+
+template <class Src, typename T, int D>
+SplitFn<Src> pick_split_gt(int gt, bool strided) {
+  switch (gt) {
+    case 1: return pick_split_fast<Src, T, D, 1>(strided);
+    case 4: return pick_split_fast<Src, T, D, 4>(strided);
+    default: return pick_split_fast<Src, T, D, 8>(strided);
+  }
+}
+
+template <class Src, typename T>
+SplitFn<Src> pick_split_d(int d, int gt, bool strided) {
+  switch (d) {
+    case 64: return pick_split_gt<Src, T, 64>(gt, strided);
+    case 80: return pick_split_gt<Src, T, 80>(gt, strided);
+    case 96: return pick_split_gt<Src, T, 96>(gt, strided);
+    case 128: return pick_split_gt<Src, T, 128>(gt, strided);
+    case 256: return pick_split_gt<Src, T, 256>(gt, strided);
+    default: return nullptr;
+  }
+}
+
+// Split count for the SIMT kernel: the fewest splits that minimise (waves of thread blocks) x
+// (tokens per split), plus a charge for the combine pass, so a lone long sequence spreads over
+// every SM while a big batch stays at one split per block slot. That kernel is latency-bound per
+// block and wants every slot filled.
+inline int choose_splits(int max_ctx, int64_t blocks_per_split, int64_t slots, int tile,
+                         int min_chunk) {
+  const int64_t combine_cost = tile;  // the combine launch, in tokens of one split's work
+  const int s_max = std::max(1, std::min(kMaxSplits, ceil_div(max_ctx, std::max(tile, min_chunk))));
+  int best = 1;
+  int64_t best_cost = INT64_MAX;
+  for (int s = 1; s <= s_max; ++s) {
+    const int64_t chunk = (int64_t)ceil_div(ceil_div(max_ctx, s), tile) * tile;
+    const int s_eff = ceil_div(max_ctx, chunk);
+    const int64_t waves = ceil_div(blocks_per_split * s_eff, std::max<int64_t>(slots, 1));
+    const int64_t cost = waves * chunk + (s_eff > 1 ? combine_cost : 0);
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = s_eff;
+    }
+  }
+  return best;
+}
+
+// Split count for the tensor-core kernels: about `per_sm` thread blocks per SM, in one wave, and
+// no split shorter than min_chunk. Measured on the H100 (docs/cuda.md): 2 blocks/SM beat both
+// fuller grids (2.6-3 waves of 3 blocks/SM cost 5-10% more at 4096/4, 32768/1 and 32768/4) and
+// emptier ones; the per-block start (q, the first table lookups and loads with nothing in flight
+// yet) and the merge at its end are what more, shorter splits pay for.
+constexpr int kMmaBlocksPerSm = 2;
+static_assert(Variant{}.blocks_per_sm == kMmaBlocksPerSm, "the option's default is the rule");
+// L2 prefetch hint of the register-load kernel's K/V loads (load16_prefetch).
+constexpr int kMmaPrefetch = 128;
+static_assert(Variant{}.l2_prefetch == kMmaPrefetch, "the option's default is the measured best");
+inline int splits_for_blocks(int max_ctx, int64_t blocks_per_split, int64_t target_blocks,
+                             int tile, int min_chunk) {
+  const int s_max = std::max(1, std::min(kMaxSplits, ceil_div(max_ctx, std::max(tile, min_chunk))));
+  const int64_t s = target_blocks / std::max<int64_t>(blocks_per_split, 1);
+  return (int)std::max<int64_t>(1, std::min<int64_t>(s, s_max));
+}
+
+template <class Src, typename T, int P>
+SplitFn<Src> pick_mma_d(int d) {
+  switch (d) {
+    case 64: return &attention_split_mma_kernel<T, 64, P, Src>;
+    case 96: return &attention_split_mma_kernel<T, 96, P, Src>;
+    case 128: return &attention_split_mma_kernel<T, 128, P, Src>;
+    default: return nullptr;
+  }
+}
+
+template <class Src, typename T>
+SplitFn<Src> pick_mma(int d, int prefetch) {
+  return prefetch == 0 ? pick_mma_d<Src, T, 0>(d) : pick_mma_d<Src, T, 128>(d);
+}
+
+template <class Src, typename T, int S>
+SplitFn<Src> pick_async_d(int d) {
+  switch (d) {
+    case 64: return &attention_split_async_kernel<T, 64, S, Src>;
+    case 96: return &attention_split_async_kernel<T, 96, S, Src>;
+    case 128: return &attention_split_async_kernel<T, 128, S, Src>;
+    default: return nullptr;
+  }
+}
+
+template <class Src, typename T>
+SplitFn<Src> pick_async(int d, int stages) {
+  return stages == 2 ? pick_async_d<Src, T, 2>(d) : pick_async_d<Src, T, 3>(d);
+}
+
+// Tensor-core kernel choice (docs/cuda.md): the cp.async pipeline pays off once every warp has
+// tiles to overlap, from kAsyncMinTiles tiles per warp per split; below that the register-load
+// kernel starts sooner. Two stages beat three (more blocks per SM fit).
+constexpr int kAsyncMinTiles = 4;
+constexpr int kAsyncStages = 2;
+static_assert(Variant{}.stages == kAsyncStages, "the option's default is the measured best");
+
+template <class Src>
+AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& dev,
+                        const Variant& var, bool strided) {
+  const int D = p.pool.head_dim;
+  if (!caps::cuda_attention_head_dim(D))
+    throw UnsupportedError(op_message(op, "head_dim ", D, " is not supported by native:cuda "
+                                      "(supported: ", caps::list_string(caps::kCudaAttentionHeadDims),
+                                      ")"));
+  if (p.q_len != 1)
+    throw UnsupportedError(std::string("[") + op + "] native:cuda implements decode only (q_len 1, got " +
+                           std::to_string(p.q_len) + ")");
+  if (p.batch > 65535)
+    throw UnsupportedError(std::string("[") + op + "] batch " + std::to_string(p.batch) +
+                           " exceeds the 65535 a grid dimension holds");
+  AttnPlan plan;
+  plan.head_dim = D;
+  plan.strided = strided;
+  const int group = p.group;
+  const DType dt = (DType)p.dtype;
+  SplitFn<Src> split = nullptr;
+  CombineFn combine = nullptr;
+  int esize = 2;
+  // Tensor cores where the 16-byte fragment loads apply: 16-bit dtypes, D-innermost rows, head_dim
+  // a multiple of 32 up to 128 (256 would need more registers than it saves); the SIMT kernel
+  // serves the rest. Option kernel=simt forces the SIMT kernel (for comparison); kernel=mma or
+  // async on a case they cannot run is refused, never silently replaced.
+  const bool mma_fits = caps::tensor_core_dtype(p.dtype) && !strided &&
+                        caps::cuda_tensor_core_head_dim(D) && dev.cc_major >= 8;
+  const AttnKernel kernel = var.kernel;
+  if (!mma_fits && (kernel == AttnKernel::kMma || kernel == AttnKernel::kAsync))
+    throw UnsupportedError(op_message(
+        op, "option kernel=", attn_kernel_name(kernel), " needs tensor cores: float16/bfloat16, ",
+        "D innermost, head_dim ", caps::list_string(caps::kCudaTensorCoreHeadDims),
+        " and compute capability 8.0+; this case is ",
+        dtype_name(p.dtype), ", ", strided ? "D not innermost" : "D innermost", ", head_dim ", D,
+        ", sm_", dev.cc_major, dev.cc_minor));
+  plan.tensor_cores = mma_fits && kernel != AttnKernel::kSimt;
+  if (plan.tensor_cores) {
+    combine = dt == DType::kFloat16 ? &attention_combine_kernel<__half>
+                                    : &attention_combine_kernel<__nv_bfloat16>;
+    plan.tile = kAttnWarps * kMmaTileKeys;
+  }
+  plan.heads_per_block = plan.tensor_cores ? kMmaHeads : group == 1 ? 1 : group <= 4 ? 4 : 8;
+  plan.head_tiles = ceil_div(group, plan.heads_per_block);
+  if (!plan.tensor_cores) switch (dt) {
+    case DType::kFloat16:
+      split = pick_split_d<Src, __half>(D, plan.heads_per_block, strided);
+      combine = &attention_combine_kernel<__half>;
+      break;
+    case DType::kBFloat16:
+      split = pick_split_d<Src, __nv_bfloat16>(D, plan.heads_per_block, strided);
+      combine = &attention_combine_kernel<__nv_bfloat16>;
+      break;
+    case DType::kFloat32:
+      split = pick_split_d<Src, float>(D, plan.heads_per_block, strided);
+      combine = &attention_combine_kernel<float>;
+      esize = 4;
+      break;
+    default:
+      throw UnsupportedError(std::string("[") + op + "] dtype id " + std::to_string(p.dtype) +
+                             " is not supported by native:cuda");
+  }
+  if (!plan.tensor_cores && !split)
+    throw UnsupportedError(std::string("[") + op + "] no kernel for head_dim " + std::to_string(D));
+  if (!plan.tensor_cores) plan.tile = row_shape(esize, D, plan.heads_per_block).tile;
+
+  const int64_t per_split = (int64_t)p.batch * p.pool.kv_heads * plan.head_tiles;
+  const int forced = var.splits;
+  const int min_chunk = var.min_chunk;
+  auto chunk_for = [&](int splits) {
+    return ceil_div(ceil_div(p.max_ctx, splits), plan.tile) * plan.tile;
+  };
+  auto occupancy = [&](SplitFn<Src> fn) {
+    if (plan.smem_bytes > 0)  // static + dynamic past 48 KB needs the opt-in
+      KV_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(fn),
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         plan.smem_bytes));
+    KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&plan.blocks_per_sm, fn,
+                                                                kAttnThreads, plan.smem_bytes));
+  };
+  int splits = 1;
+  if (plan.tensor_cores) {
+    // Both tensor-core kernels fit at least kMmaBlocksPerSm blocks per SM at their defaults, so
+    // the split count comes first and the kernel is chosen from the tokens it leaves each warp.
+    const int per_sm = var.blocks_per_sm;
+    auto splits_at = [&](int blocks_per_sm) {
+      return forced > 0 ? std::min(forced, kMaxSplits)
+                        : splits_for_blocks(p.max_ctx, per_split,
+                                            (int64_t)blocks_per_sm * dev.sm_count, plan.tile,
+                                            min_chunk);
+    };
+    splits = splits_at(per_sm);
+    const bool half = dt == DType::kFloat16;
+    const bool async = kernel == AttnKernel::kAsync ||
+                       (kernel == AttnKernel::kAuto &&
+                        chunk_for(splits) >= kAsyncMinTiles * plan.tile);
+    if (async) {
+      plan.stages = var.stages;  // 2 or 3 (parse_variant)
+      plan.prefetch = 128;  // cp_async16's hint
+      split = half ? pick_async<Src, __half>(D, plan.stages)
+                   : pick_async<Src, __nv_bfloat16>(D, plan.stages);
+      plan.smem_bytes = async_smem_bytes(D, plan.stages, 2);
+    } else {
+      plan.prefetch = var.l2_prefetch;  // 0 or 128 (parse_variant)
+      split = half ? pick_mma<Src, __half>(D, plan.prefetch)
+                   : pick_mma<Src, __nv_bfloat16>(D, plan.prefetch);
+    }
+    occupancy(split);
+    if (plan.blocks_per_sm < per_sm) splits = splits_at(std::max(plan.blocks_per_sm, 1));
+  } else {
+    occupancy(split);
+    const int64_t slots = (int64_t)dev.sm_count * std::max(plan.blocks_per_sm, 1);
+    splits = forced > 0 ? std::min(forced, kMaxSplits)
+                        : choose_splits(p.max_ctx, per_split, slots, plan.tile, min_chunk);
+  }
+  plan.split = reinterpret_cast<const void*>(split);
+  plan.combine = reinterpret_cast<const void*>(combine);
+  const int64_t chunk = chunk_for(splits);
+  splits = ceil_div(p.max_ctx, chunk);
+  plan.splits = splits;
+  plan.chunk = (int)chunk;
+  plan.grid = dim3((unsigned)splits, (unsigned)(p.pool.kv_heads * plan.head_tiles), (unsigned)p.batch);
+  plan.combine_blocks = p.batch * p.q_heads;
+  plan.pdl = dev.cc_major >= 9 && var.pdl;
+  return plan;
+}
+
+// The instantiations the pickers above hold, probed over head_dim 1..512 (no device needed: a
+// pick returns a kernel's host-side address or null). One entry per (kernel family, dtype,
+// head_dim, variant): simt "gt<heads per block>/<16-byte|strided>", mma "prefetch<bytes>",
+// async "stages<n>". tests/test_native_capabilities.py compares them with common/capabilities.h.
+template <class Src, typename T>
+void probe_dtype(int32_t dtype, std::vector<AttnInstance>& out) {
+  for (int d = 1; d <= 512; ++d) {
+    for (int gt : caps::kCudaSimtHeadsPerBlock)
+      for (int strided = 0; strided <= (Src::kStrided ? 1 : 0); ++strided)
+        if (pick_split_d<Src, T>(d, gt, strided != 0))
+          out.push_back({"simt", dtype, d, "gt" + std::to_string(gt) +
+                                               (strided ? "/strided" : "/16-byte")});
+    if constexpr (!std::is_same_v<T, float>) {
+      for (int prefetch : caps::kCudaMmaPrefetch)
+        if (pick_mma<Src, T>(d, prefetch))
+          out.push_back({"mma", dtype, d, "prefetch" + std::to_string(prefetch)});
+      for (int stages : caps::kCudaAsyncStages)
+        if (pick_async<Src, T>(d, stages))
+          out.push_back({"async", dtype, d, "stages" + std::to_string(stages)});
+    }
+  }
+}
+
+template <class Src>
+std::vector<AttnInstance> attention_instantiations() {
+  std::vector<AttnInstance> out;
+  probe_dtype<Src, __half>((int32_t)DType::kFloat16, out);
+  probe_dtype<Src, __nv_bfloat16>((int32_t)DType::kBFloat16, out);
+  probe_dtype<Src, float>((int32_t)DType::kFloat32, out);
+  return out;
+}
+
+template <class Src>
+void launch_attention(const AttnPlan& plan, const AttnArgs& args, const Src& src,
+                      cudaStream_t stream) {
+  auto split = reinterpret_cast<SplitFn<Src>>(plan.split);
+  split<<<plan.grid, kAttnThreads, plan.smem_bytes, stream>>>(args, src);
+  KV_CUDA_CHECK_LAUNCH("attention split");
+  if (plan.splits == 1) return;
+  auto combine = reinterpret_cast<CombineFn>(plan.combine);
+  if (plan.pdl) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)plan.combine_blocks);
+    cfg.blockDim = dim3(kCombineThreads);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    KV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, combine, args, plan.head_dim));
+  } else {
+    combine<<<plan.combine_blocks, kCombineThreads, 0, stream>>>(args, plan.head_dim);
+    KV_CUDA_CHECK_LAUNCH("attention combine");
+  }
+}
+
+}  // namespace cuda
+}  // namespace kvmicro
