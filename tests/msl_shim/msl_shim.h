@@ -23,6 +23,7 @@
 // ---- (1) std headers ---------------------------------------------------------------------------
 #include <algorithm>
 #include <array>
+#include <barrier>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -502,21 +503,34 @@ inline void launch(const Launch& L, const std::vector<unsigned char*>& buffers, 
     tg.emplace_back(new unsigned char[bytes]);
     state.tg_memory.push_back(tg.back().get());
   }
-  for (const uint3& pos : order) {
+  // One set of n threads runs every threadgroup of the launch in turn (creating threads per
+  // group would dominate the run time); between groups they meet at a launch-internal barrier
+  // whose completion step refills threadgroup memory and resets the group's state.
+  Group g;
+  g.threads = n;
+  g.barrier.expected = n;
+  const int simdgroups = n / kSimdWidth;
+  for (int s = 0; s < simdgroups; ++s) {
+    g.simd.emplace_back(new Rendezvous);
+    g.simd.back()->expected = kSimdWidth;
+  }
+  g.slots.resize(simdgroups);
+  auto prepare_group = [&]() noexcept {
     for (size_t i = 0; i < L.tg_bytes.size(); ++i) std::memset(tg[i].get(), 0xFF, L.tg_bytes[i]);
-    Group g;
-    g.threads = n;
-    g.barrier.expected = n;
-    const int simdgroups = n / kSimdWidth;
-    for (int s = 0; s < simdgroups; ++s) {
-      g.simd.emplace_back(new Rendezvous);
-      g.simd.back()->expected = kSimdWidth;
+    g.barrier.arrived = 0;
+    g.barrier.exited = 0;
+    for (auto& r : g.simd) {
+      r->arrived = 0;
+      r->exited = 0;
     }
-    g.slots.resize(simdgroups);
-    std::vector<std::thread> threads;
-    threads.reserve(n);
-    for (int i = 0; i < n; ++i) {
-      threads.emplace_back([&, i] {
+  };
+  prepare_group();
+  std::barrier<decltype(prepare_group)> between_groups(n, prepare_group);
+  std::vector<std::thread> threads;
+  threads.reserve(n);
+  for (int i = 0; i < n; ++i) {
+    threads.emplace_back([&, i] {
+      for (const uint3& pos : order) {
         ThreadCtx c;
         c.group = &g;
         c.thread_index = (uint)i;
@@ -532,10 +546,11 @@ inline void launch(const Launch& L, const std::vector<unsigned char*>& buffers, 
         k.invoke(bound->second, state);
         thread_exit();
         tls = nullptr;
-      });
-    }
-    for (auto& t : threads) t.join();
+        between_groups.arrive_and_wait();
+      }
+    });
   }
+  for (auto& t : threads) t.join();
 }
 
 // ---- the job runner: what the Python tests drive ---------------------------------------------
