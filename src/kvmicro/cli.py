@@ -9,6 +9,8 @@
     kvmicro compare FILE... --new-backend native:cuda --base-backend cudnn:cuda,flashinfer:cuda
                                      the same, a backend against the fastest of its peers
     kvmicro merge FILE... --out F    join shards into one file
+    kvmicro agree FILE...            cross-device agreement of a sweep --agreement file; exit 1
+                                     when a device differs beyond noise
     kvmicro adr fill ADR.md [--check] / adr new --title T --results FILE...
                                      decision records filled from results files
     kvmicro regimes --model gpt2     decode latency over decoding budgets, cliffs detected
@@ -253,10 +255,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .harness.measure import MeasureConfig
 
     MeasureConfig(**measure).make_criterion()   # bad sampling settings fail here, not per case
+    lanes = None
+    devices = None
+    if args.devices:
+        from .devices import check_backends, deal, parse_devices
+
+        devices = parse_devices(args.devices)
+        check_backends(points, devices)
+        lanes = deal(points, devices)
+    elif args.agreement:
+        raise InvalidCase("--agreement needs --devices (it compares the devices)")
     if args.dry_run:
         _print(sweep.plan_summary(points))
-        for p in points:
-            _print(p.label)
+        if lanes is None:
+            for p in points:
+                _print(p.label)
+        for device, lane in (lanes or {}).items():
+            weight = sum(sweep.point_weight(p) for p in lane)
+            _print(f"{device}: {len(lane)} measurements, weight {weight:.2f}")
+            for p in lane:
+                _print(f"  {p.label}")
         return EXIT_OK
     if args.resume and not args.out:
         raise InvalidCase("--resume needs --out FILE: the results file to continue")
@@ -272,11 +290,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     announce_if_busy(load) or announce_guard_off(load.get("why_off", ""))
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
+        if args.agreement:
+            status = _sweep_agreement(args, points, devices or [], measure)
+            if status is not None:
+                return status
         outcome = sweep.run_sweep(points, out, argv=["kvmicro", *args.argv],
                                   resume=args.resume, measure=measure,
                                   progress=False if args.quiet else None,
                                   rotate_budget_bytes=int(args.rotate_budget * 1024 ** 3),
-                                  case_timeout_s=args.case_timeout)
+                                  case_timeout_s=args.case_timeout, lanes=lanes)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not args.quiet:
@@ -291,6 +313,51 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         _err("kvmicro sweep: no record is ok (see the reasons above): nothing was measured")
         return EXIT_FAIL
     return EXIT_FAIL if outcome.counts.get("error") else EXIT_OK
+
+
+def _sweep_agreement(args: argparse.Namespace, points: list[Any], devices: list[Any],
+                     measure: dict[str, Any]) -> int | None:
+    """``sweep --agreement FILE``: the agreement cases on every device first; an exit status
+    when the sweep must not go on (a device disagrees, or Ctrl-C), else None."""
+    from . import sweep
+    from .agreement import agreement_lanes, check_agreement
+    from .results import read_results
+
+    if len(devices) < 2:
+        raise InvalidCase("--agreement compares devices: give --devices two or more")
+    path = Path(args.agreement)
+    if path.exists() and not args.resume:
+        raise InvalidCase(f"{path} exists; add --resume to continue it, or choose another "
+                          "--agreement file")
+    lanes = agreement_lanes(points, devices)
+    _err(f"kvmicro sweep: agreement: {len(next(iter(lanes.values())))} measurements on each of "
+         f"{', '.join(map(str, devices))} -> {path}")
+    outcome = sweep.run_sweep([], path, argv=["kvmicro", *args.argv], resume=args.resume,
+                              measure=measure, progress=False if args.quiet else None,
+                              rotate_budget_bytes=int(args.rotate_budget * 1024 ** 3),
+                              case_timeout_s=args.case_timeout, lanes=lanes)
+    if outcome.interrupted:
+        _err("kvmicro sweep: interrupted during the agreement check")
+        return EXIT_INTERRUPTED
+    report = check_agreement(read_results(path)[1], threshold=args.agreement_threshold / 100)
+    _print(report.render())
+    if report.exit_code:
+        _err("kvmicro sweep: the devices do not agree (see above); not sweeping" if
+             report.exit_code == 1 else "kvmicro sweep: the agreement check compared nothing")
+        return EXIT_FAIL
+    return None
+
+
+def cmd_agree(args: argparse.Namespace) -> int:
+    from .agreement import check_agreement
+    from .results import read_results
+
+    if not 0 <= args.threshold < 100:
+        raise InvalidCase(f"--threshold {args.threshold} must be >= 0 and < 100 (percent)")
+    records = [r for path in args.files for r in read_results(path)[1]]
+    report = check_agreement(records, threshold=args.threshold / 100)
+    _print(report.render())
+    return report.exit_code
 
 
 # ------------------------------------------------------------------------------- report, etc.
@@ -414,6 +481,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--priority", default="normal",
                     help="stream / queue priority class for backends that have one (native:cuda): "
                     "low, normal (default) or high; other backends skip non-normal priorities")
+    sw.add_argument("--devices", metavar="DEVICES",
+                    help="all (every GPU here) or a list (cuda:0,cuda:1; cpu:0,cpu:1 for CPU "
+                    "cores): one pinned worker per device, devices measuring at once, each given "
+                    "whole shape groups (docs/multi-gpu.md)")
+    sw.add_argument("--agreement", metavar="FILE",
+                    help="with --devices: first measure a few identical cases on every device "
+                    "into FILE; stop with exit 1 when a device differs beyond noise")
+    sw.add_argument("--agreement-threshold", dest="agreement_threshold", type=float,
+                    default=5.0, metavar="PCT",
+                    help="percent difference below which devices agree (default 5)")
     sw.add_argument("--dry-run", action="store_true", help="list the measurements and exit")
     sw.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
     sw.set_defaults(func=cmd_sweep)
@@ -444,6 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("files", nargs="+", metavar="FILE")
     mg.add_argument("--out", "-o", required=True, help="the merged file (must not exist)")
     mg.set_defaults(func=cmd_merge)
+
+    ag = sub.add_parser("agree", help="cross-device agreement of a sweep --agreement file: "
+                        "exit 1 when a device differs beyond noise")
+    ag.add_argument("files", nargs="+", metavar="FILE")
+    ag.add_argument("--threshold", type=float, default=5.0,
+                    help="percent difference below which devices agree (default 5)")
+    ag.set_defaults(func=cmd_agree)
 
     from .adr import add_parser as add_adr_parser
 

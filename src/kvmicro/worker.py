@@ -46,6 +46,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from .devices import Device, off_device
 from .points import Point
 
 #: seconds a worker may go without sending a record before it is presumed hung (``--case-timeout``)
@@ -212,14 +213,20 @@ class Worker:
     """One worker process, seen from the parent: send a command, receive its answers."""
 
     def __init__(self, setup: dict[str, Any], *, stderr: IO[Any] | None = None,
-                 python: str | None = None, warned: set[str] | None = None) -> None:
-        self.setup = setup
+                 python: str | None = None, warned: set[str] | None = None,
+                 device: Device | None = None) -> None:
+        self.setup = {**setup, "device": device.to_json() if device is not None else None}
+        #: the device this worker is pinned to (``--devices``), None when it sees them all
+        self.device = device
         #: kinds of warning already shown (shared by the workers of one sweep)
         self.warned = warned if warned is not None else set()
-        self.proc = spawn([python or sys.executable, "-m", "kvmicro.worker"],
-                          env=_child_env(setup.get("sys_path", [])), stderr=stderr)
+        env = _child_env(setup.get("sys_path", []))
+        if device is not None:
+            env.update(device.environment(env))
+        self.proc = spawn([python or sys.executable, "-m", "kvmicro.worker"], env=env,
+                          stderr=stderr)
         self._buffer = b""
-        self.send(setup)
+        self.send(self.setup)
         answer = self.receive(STARTUP_TIMEOUT_S, doing="starting")
         if answer.get("type") != "ready":
             raise WorkerLost(f"worker did not start: {answer.get('reason', answer)}")
@@ -333,6 +340,7 @@ def _serve(commands: IO[str], answers: IO[str]) -> int:
     from .results import dumps
 
     runner = None
+    pin: Pin | None = None
 
     def answer(message: dict[str, Any]) -> None:
         answers.write(dumps(message) + "\n")
@@ -351,15 +359,22 @@ def _serve(commands: IO[str], answers: IO[str]) -> int:
         try:
             if cmd == "setup":
                 runner = _setup(message)
-                answer({"type": "ready", "pid": os.getpid()})
+                pin = Pin.start(message.get("device"))
+                answer({"type": "ready", "pid": os.getpid(),
+                        "cores": sorted(os.sched_getaffinity(0))
+                        if hasattr(os, "sched_getaffinity") else None})
             elif cmd == "describe":
-                answer({"type": "described", **_describe(runner, message["backends"])})
+                answer({"type": "described", **_describe(runner, message["backends"], pin)})
             elif cmd == "points":
-                points = decode_points(message["points"])
+                asked = decode_points(message["points"])
+                points = [off_device(p) for p in asked] if pin is not None else asked
                 for point, median in zip(points, message.get("baselines", []), strict=False):
                     if median is not None:
                         runner.set_baseline(point, median)
-                for record in runner.run_group(points, bool(message.get("interleave", True))):
+                for point, record in zip(asked, runner.run_group(
+                        points, bool(message.get("interleave", True))), strict=False):
+                    if pin is not None:
+                        record = pin.stamp(record, point, runner)
                     answer({"type": "record", "record": record})
             elif cmd == "exit":
                 return 0
@@ -384,13 +399,72 @@ def _setup(message: dict[str, Any]) -> Any:
                   bandwidth=message.get("bandwidth"))
 
 
-def _describe(runner: Any, backends: list[str]) -> dict[str, Any]:
+def _describe(runner: Any, backends: list[str], pin: Pin | None = None) -> dict[str, Any]:
+    """The devices of ``backends`` (provenance entries) and their measured bandwidth. A pinned
+    worker describes its one device under the names it was asked (``native:cuda`` or
+    ``native:cuda:1``), each entry naming the device's index and bus id."""
     from .results import provenance
 
-    devices = provenance([], backends, {})["devices"]
-    bandwidth = {name: runner.bandwidth(name) for name in backends
-                 if not runner.availability_reason(name)}
+    local = {name: _local_name(name) if pin is not None else name for name in backends}
+    entries = provenance([], list(dict.fromkeys(local.values())), {})["devices"]
+    devices = {name: dict(entries[local[name]]) for name in backends}
+    bandwidth = {name: runner.bandwidth(local[name]) for name in backends
+                 if not runner.availability_reason(local[name])}
+    if pin is not None:
+        for name, entry in devices.items():
+            entry.update(pin.fields(runner, local[name]))
     return {"devices": devices, "bandwidth": bandwidth}
+
+
+def _local_name(backend: str) -> str:
+    from .backends.registry import split_name
+
+    return split_name(backend)[0]
+
+
+@dataclass
+class Pin:
+    """A worker's device under ``--devices``: the process is confined to it (CUDA_VISIBLE_DEVICES
+    was set by the parent; CPU cores are set here) and every record names it."""
+
+    device: Device
+    bus_ids: dict[str, str | None] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, spec: dict[str, Any] | None) -> Pin | None:
+        if not spec:
+            return None
+        device = Device.from_json(spec)
+        if device.cores is not None:
+            if not hasattr(os, "sched_setaffinity"):
+                raise OSError("this platform cannot pin a process to a core "
+                              "(no os.sched_setaffinity)")
+            os.sched_setaffinity(0, device.cores)
+        return cls(device)
+
+    def bus_id(self, runner: Any, backend: str) -> str | None:
+        """The PCI bus id of the GPU ``backend`` sees (None on a CPU)."""
+        if backend not in self.bus_ids:
+            bus = None
+            if self.device.kind == "cuda" and not runner.availability_reason(backend):
+                from .backends.registry import get_backend
+
+                try:
+                    bus = get_backend(backend).device_info().extra.get("pci_bus_id") or None
+                except Exception:   # a device that cannot describe itself has no bus id here
+                    bus = None
+            self.bus_ids[backend] = bus
+        return self.bus_ids[backend]
+
+    def fields(self, runner: Any, backend: str) -> dict[str, Any]:
+        return {"device_index": self.device.index, "device_kind": self.device.kind,
+                "pci_bus_id": self.bus_id(runner, backend)}
+
+    def stamp(self, record: dict[str, Any], asked: Point, runner: Any) -> dict[str, Any]:
+        """``record`` as the parent asked for it: the backend name it gave (with its device
+        index, for an agreement case), and the device's index and bus id."""
+        local = record.get("backend", asked.case.backend)
+        return {**record, "backend": asked.case.backend, **self.fields(runner, local)}
 
 
 def main() -> int:
@@ -403,9 +477,9 @@ def main() -> int:
     return _serve(sys.stdin, answers)
 
 
-__all__ = ["DEFAULT_CASE_TIMEOUT_S", "Job", "Worker", "WorkerKey", "WorkerLost", "describe_exit",
-           "device_key", "process_group", "setup_message", "spawn", "stop", "worker_jobs",
-           "worker_key"]
+__all__ = ["DEFAULT_CASE_TIMEOUT_S", "Job", "Pin", "Worker", "WorkerKey", "WorkerLost",
+           "describe_exit", "device_key", "process_group", "setup_message", "spawn", "stop",
+           "worker_jobs", "worker_key"]
 
 if __name__ == "__main__":
     raise SystemExit(main())
