@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -114,9 +115,14 @@ def test_ctrl_c_stops_the_command_and_its_processes(tmp_path):
            "--warmup", "0", "--priorities", "normal", "--out", str(tmp_path / "c.jsonl")]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": SRC})
     try:
-        for line in proc.stderr:
-            if b"repeat 1/500" in line:
-                break
+        seen, deadline = b"", time.monotonic() + 120
+        while b"repeat 1/500" not in seen:
+            assert time.monotonic() < deadline, seen.decode(errors="replace")
+            ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+            if ready:
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                assert chunk, f"the command ended early: {seen.decode(errors='replace')}"
+                seen += chunk
         children = _with_token("--load-worker") + _with_token("--serve")
         children = [p for p in children if _parent(p) == proc.pid]
         assert len(children) == 2        # one load process, one measuring process

@@ -69,19 +69,19 @@ RESUME_SETTLE_S = 0.3
 # ------------------------------------------------------------------------------------ children
 
 
-def _env(cpu_threads: bool) -> dict[str, str]:
+def _env(cpu_threads: bool | int) -> dict[str, str]:
     env = dict(os.environ)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
         [here, *[p for p in sys.path if p], *([env["PYTHONPATH"]] if env.get("PYTHONPATH")
                                               else [])]))
-    if cpu_threads:   # one thread per load process: K processes load K cores, no spinning pools
+    if cpu_threads:   # e.g. one thread per load process: K processes load K cores, no spinning
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[var] = "1"
+            env[var] = str(int(cpu_threads))
     return env
 
 
-def _spawn(args: Sequence[str], cpu_threads: bool) -> subprocess.Popen[bytes]:
+def _spawn(args: Sequence[str], cpu_threads: bool | int) -> subprocess.Popen[bytes]:
     from .worker import spawn
 
     return spawn([sys.executable, "-m", "kvmicro.contention", *args], env=_env(cpu_threads))
@@ -335,6 +335,7 @@ class Target:
     dtype: str | None = None
     samples: int = 20                  # samples per repeat (op); decode: steps per repeat
     timer: str | None = None
+    threads: int | None = None         # CPU threads of the measuring process (OMP_NUM_THREADS)
 
     @property
     def device_kind(self) -> str:
@@ -410,9 +411,16 @@ class _Measurer:
         info = get_backend(name).device_info()
         self.timer = timer
         self.cache = make_cache_policy("hot", info, timer)
+        # one repeat is exactly `samples` samples taken now: no rounds spread over time and no
+        # waiting for a quiet host (the load is the point), where the harness has those knobs
+        from dataclasses import fields as dc_fields
+
+        knobs = {f.name for f in dc_fields(MeasureConfig)}
+        extra = {k: v for k, v in (("rounds", 1), ("host_guard", False)) if k in knobs}
         self.config = MeasureConfig(timer=timer, cache="hot", criterion="sample-count",
                                     criterion_params={"count": t.samples},
-                                    min_samples=t.samples, max_time_s=60.0, warmup_count=2)
+                                    min_samples=t.samples, max_time_s=60.0, warmup_count=2,
+                                    **extra)
 
     # -- the decoder's decode step ---------------------------------------------------------
     def _prepare_decode(self) -> None:
@@ -538,7 +546,7 @@ def run_contention(target: Target, *, loads: int, load_kind: str, load_mb: int,
                          load_streams)
     try:
         for p in priorities:        # start them all; each prepares and checks in parallel
-            measurers[p] = _spawn(["--serve"], cpu_threads=False)
+            measurers[p] = _spawn(["--serve"], cpu_threads=target.threads or False)
             _send(measurers[p], {"cmd": "setup", "target": target.__dict__, "priority": p})
         for p in list(measurers):
             msg = _receive(measurers[p], STARTUP_TIMEOUT_S, f"measuring process ({p})")
@@ -672,6 +680,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "it, else host)")
     p.add_argument("--samples", type=int, default=20,
                    help="samples per repeat (op) or decode steps per repeat (decode); default 20")
+    p.add_argument("--threads", type=int, help="CPU threads of each measuring process "
+                   "(OMP_NUM_THREADS; 1 avoids spinning thread pools on a shared machine)")
     p.add_argument("--model", default="gpt2", help="decode target: gpt2, opt-125m, bloom-560m")
     p.add_argument("--prompt", type=int, default=128, help="decode target: prompt tokens")
     p.add_argument("--layers", type=int, help="decode target: override the layer count")
@@ -706,9 +716,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def target_from_args(a: argparse.Namespace) -> Target:
     if a.samples < 1:
         raise InvalidCase(f"--samples {a.samples} must be >= 1")
+    if a.threads is not None and a.threads < 1:
+        raise InvalidCase(f"--threads {a.threads} must be >= 1")
     if a.target == "decode":
         return Target("decode", a.backend, model=a.model, prompt=a.prompt, steps=a.samples,
-                      layers=a.layers, vocab=a.vocab, dtype=a.dtype, samples=a.samples)
+                      layers=a.layers, vocab=a.vocab, dtype=a.dtype, samples=a.samples,
+                      threads=a.threads)
     try:
         q, kv = (int(v) for v in a.heads.split(":"))
     except ValueError:
@@ -719,7 +732,8 @@ def target_from_args(a: argparse.Namespace) -> Target:
     from .workload import Case
 
     Case(**case)      # a bad shape fails here, before any process starts
-    return Target("op", a.backend, case=case, samples=a.samples, timer=a.timer)
+    return Target("op", a.backend, case=case, samples=a.samples, timer=a.timer,
+                  threads=a.threads)
 
 
 def cmd_contention(args: argparse.Namespace) -> int:
