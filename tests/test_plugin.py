@@ -218,3 +218,66 @@ def test_benchmark_compare_sets_two_saved_runs_side_by_side(bench_dir: pytest.Py
     compared = run(bench_dir, "--benchmark-compare=0002", "-k", "test_op", storage,
                    "--benchmark-compare-fail=median:1000%")
     assert compared.ret == 0
+
+
+PIN_BACKEND = '''
+import os
+from fakebk import EchoBackend
+from kvmicro.backends.base import DeviceInfo
+
+
+class PinBackend(EchoBackend):
+    name = "pin:cpu"
+
+    def device_info(self):
+        return DeviceInfo(f"cores {sorted(os.sched_getaffinity(0))}", "cpu", cache_bytes=1 << 16,
+                          memory_bytes=1 << 28)
+'''
+
+
+def _two_cores() -> list[int]:
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < 2:
+        pytest.skip("needs two CPU cores to pin two xdist workers to")
+    return cores[:2]
+
+
+def test_xdist_workers_are_pinned_one_device_each_and_their_json_is_joined(
+        bench_dir: pytest.Pytester, tmp_path: Path) -> None:
+    pytest.importorskip("xdist", reason="pytest-xdist is not installed (pip install pytest-xdist)")
+    cores = _two_cores()
+    bench_dir.makepyfile(pinbk=PIN_BACKEND, conftest=CONFTEST + '''
+registry._FACTORIES["pin:cpu"] = ("pinbk", "PinBackend")
+''')
+    out = tmp_path / "bench.json"
+    result = bench_dir.runpytest_subprocess(
+        *plugin_args(), "-p", "no:cacheprovider", "--kv-backend", "pin:cpu", "--kv-preset",
+        "smoke", "--kv-budget", "0.005", "-n", "2", "--benchmark-only",
+        "--kv-devices", ",".join(f"cpu:{c}" for c in cores), f"--benchmark-json={out}", "-v")
+    # pytest-benchmark alone turns benchmarks off under xdist and refuses --benchmark-only;
+    # with a device per worker they run: sdpa_contiguous + 3 ops x 2 layouts; paged_sdpa (x2,
+    # refused by the backend) and test_plain (not a benchmark) skipped
+    result.assert_outcomes(passed=7, skipped=3)
+    doc = json.loads(out.read_text())
+    benches = doc["benchmarks"]
+    assert len(benches) == 7 and not list(tmp_path.glob("bench-gw*.json"))
+    for b in benches:
+        extra = b["extra_info"]
+        assert extra["device_index"] in cores and extra["device_kind"] == "cpu"
+        assert extra["device"] == f"cores [{extra['device_index']}]"   # pinned to its core
+    # one shape in smoke: its benches stay on one worker, so every overhead has its baseline
+    assert len({b["extra_info"]["device_index"] for b in benches}) == 1
+    assert all(b["extra_info"]["derived"]["overhead_pct"] is not None for b in benches
+               if b["extra_info"]["case"]["op"] == "gather_sdpa")
+    assert len(read_results(out)[1]) == 7
+
+
+def test_more_xdist_workers_than_devices_is_a_usage_error(bench_dir: pytest.Pytester) -> None:
+    pytest.importorskip("xdist", reason="pytest-xdist is not installed (pip install pytest-xdist)")
+    cores = _two_cores()
+    result = bench_dir.runpytest_subprocess(
+        *plugin_args(), "-p", "no:cacheprovider", "--kv-backend", "fake:cpu", "--kv-preset",
+        "smoke", "-n", "3", "--benchmark-only", "--kv-devices",
+        ",".join(f"cpu:{c}" for c in cores))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*-n 3 workers but 2 device(s)*share a device*"])

@@ -8,6 +8,16 @@ the test; ``Unsupported`` skips it), and fills ``benchmark.group`` and ``benchma
 that ``kvmicro report`` can read the pytest-benchmark JSON like a results file.
 
 Nothing here runs unless a test asks for these fixtures, so the plugin is inert in other suites.
+
+Several devices (pytest-xdist, ``pytest benches/ --benchmark-only -n 2``): each xdist worker
+``gwN`` is pinned to device N of ``--kv-devices`` (default: every GPU here; ``cpu:0,cpu:1`` pins
+CPU cores) before any backend starts: ``CUDA_VISIBLE_DEVICES`` for a GPU, the process's CPU
+affinity for a core. pytest-benchmark turns itself off under xdist (parallel timings could
+perturb each other); with every worker on a device of its own that reason is gone, so the plugin
+turns it back on. More workers than devices is a usage error. Each worker's
+``--benchmark-json`` goes to ``PATH`` with ``-gwN`` added, and the controller joins them into
+``PATH``; every bench's extra_info names its ``device_index`` and ``pci_bus_id``. Without -n the
+plugin pins nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +45,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          f"{DEFAULT_PRESET})")
     group.addoption("--kv-budget", default=0.25, type=float, metavar="SECONDS",
                     help="timed seconds per benchmark, which sets its rounds (default 0.25)")
+    group.addoption("--kv-devices", default=None, metavar="DEVICES",
+                    help="with pytest-xdist (-n N): the devices worker gw0, gw1, ... are pinned "
+                         "to, one each: all (every GPU; the default) or a list such as "
+                         "cuda:0,cuda:1 or cpu:0,cpu:1")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,6 +56,7 @@ def pytest_configure(config: pytest.Config) -> None:
     from .errors import KvmicroError
 
     config.addinivalue_line("markers", "kvmicro: a benchmark over kvmicro's sweep cases")
+    _pin_xdist_worker(config)
     # names are checked now (cheap); `auto` and `all` are resolved only if a bench is collected,
     # since resolving them imports frameworks
     for name in str(config.getoption("kv_backend", "auto") or "").split(","):
@@ -50,6 +65,147 @@ def pytest_configure(config: pytest.Config) -> None:
                 split_name(name)
             except KvmicroError as exc:
                 raise pytest.UsageError(f"kvmicro: --kv-backend: {exc}") from None
+
+
+_PIN_KEY = "_kvmicro_pinned_device"
+_ONLY_KEY = "_kvmicro_benchmark_only"
+
+
+def _xdist_worker_number() -> int | None:
+    """N of this xdist worker ``gwN``; None outside an xdist worker."""
+    import os
+
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else None
+
+
+def _xdist_controller(config: pytest.Config) -> bool:
+    return _xdist_worker_number() is None and str(config.getoption("dist", "no") or "no") != "no"
+
+
+def _pinning_devices(config: pytest.Config) -> list[Any] | None:
+    """The ``--kv-devices`` devices, or every GPU here by default; None when the default finds
+    no GPU (nothing to pin: pytest-benchmark then stays off under xdist, as it decides)."""
+    from .devices import gpu_count, parse_devices
+    from .errors import KvmicroError
+
+    spec = config.getoption("kv_devices", None)
+    if spec is None and not gpu_count():
+        return None
+    try:
+        return parse_devices(spec or "all")
+    except KvmicroError as exc:
+        raise pytest.UsageError(f"kvmicro: --kv-devices: {exc}") from None
+
+
+def _pin_xdist_worker(config: pytest.Config) -> None:
+    """Under xdist: pin this worker to its device, and keep pytest-benchmark on (it turns itself
+    off under xdist, and refuses --benchmark-only with it, because parallel timings could
+    perturb each other; one device per worker removes that reason)."""
+    import os
+
+    worker = _xdist_worker_number()
+    if worker is None and not _xdist_controller(config):
+        return
+    devices = _pinning_devices(config)
+    if devices is None:
+        return
+    workers = config.getoption("numprocesses", None)
+    if isinstance(workers, int) and workers > len(devices):
+        raise pytest.UsageError(f"kvmicro: -n {workers} workers but {len(devices)} device(s) "
+                                f"({', '.join(map(str, devices))}): two workers would share a "
+                                "device and perturb each other's timings")
+    if worker is not None:
+        if worker >= len(devices):
+            raise pytest.UsageError(f"kvmicro: xdist worker gw{worker} has no device of its "
+                                    f"own ({len(devices)} device(s): "
+                                    f"{', '.join(map(str, devices))})")
+        device = devices[worker]
+        if device.cores is not None:
+            os.sched_setaffinity(0, device.cores)
+        os.environ.update(device.environment())
+        setattr(config, _PIN_KEY, device)
+        if _asked_dist(config) in (None, "load", "loadgroup"):
+            # the controller schedules by group (below); the worker names each bench's group in
+            # its node id, which xdist does only when the command line says --dist loadgroup
+            config.option.loadgroup = True
+    if worker is None and str(config.getoption("dist", "no")) == "load":
+        # a shape's benches on one worker (their xdist_group): the overheads are against the
+        # sdpa_contiguous bench of the same shape, measured on the same device
+        config.option.dist = "loadgroup"
+    # pytest-benchmark's session (made in its trylast pytest_configure) refuses --benchmark-only
+    # under xdist; it gets the option back in pytest_sessionstart
+    if getattr(config.option, "benchmark_only", False):
+        setattr(config, _ONLY_KEY, True)
+        config.option.benchmark_only = False
+
+
+def _asked_dist(config: pytest.Config) -> str | None:
+    """The ``--dist`` mode the command line names, None when it names none."""
+    args = list(config.invocation_params.args)
+    for i, arg in enumerate(args):
+        if arg == "--dist" and i + 1 < len(args):
+            return str(args[i + 1])
+        if str(arg).startswith("--dist="):
+            return str(arg).split("=", 1)[1]
+    return None
+
+
+def pinned_device(config: pytest.Config) -> Any:
+    """The device this xdist worker is pinned to (a :class:`kvmicro.devices.Device`), or None."""
+    return getattr(config, _PIN_KEY, None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    config = session.config
+    bench = getattr(config, "_benchmarksession", None)
+    if bench is None:
+        return
+    if getattr(config, _ONLY_KEY, False):
+        config.option.benchmark_only = True
+        bench.only = True
+        bench.skip = False
+    if pinned_device(config) is not None:
+        bench.disabled = False
+        json_file = getattr(bench, "json", None)
+        if json_file is not None:   # each worker writes PATH-gwN; the controller joins them
+            name = getattr(json_file, "name", None)
+            json_file.close()
+            bench.json = open(_worker_json(str(name), _xdist_worker_number() or 0), "wb")
+
+
+def _worker_json(path: str, worker: int) -> str:
+    from pathlib import Path
+
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-gw{worker}{p.suffix}"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In the xdist controller: join the workers' pytest-benchmark JSON files into the
+    ``--benchmark-json`` file (the controller measured nothing itself)."""
+    import json
+    from pathlib import Path
+
+    config = session.config
+    bench = getattr(config, "_benchmarksession", None)
+    if bench is None or not _xdist_controller(config) or getattr(bench, "json", None) is None:
+        return
+    if not getattr(config, _ONLY_KEY, False) and not _pinning_devices(config):
+        return
+    path = str(getattr(bench.json, "name", ""))
+    parts = sorted(Path(path).parent.glob(f"{Path(path).stem}-gw*{Path(path).suffix}"))
+    docs = [json.loads(p.read_text()) for p in parts if p.stat().st_size]
+    if not docs:
+        return
+    joined = {**docs[0], "benchmarks": [b for d in docs for b in d.get("benchmarks", [])]}
+    bench.json.write(json.dumps(joined, indent=4).encode())
+    bench.json.close()
+    bench.json = None   # written: pytest-benchmark must not write its empty report over it
+    for p in parts:
+        p.unlink()
 
 
 def bench_cases(config: pytest.Config) -> list[Case]:
@@ -105,6 +261,13 @@ def group_key(case: Case) -> str:
             f"{case.kv_heads} D{case.head_dim} {case.dtype} {case.placement} slack{case.slack:g}")
 
 
+def shape_group_name(case: Case) -> str:
+    """The shape a bench belongs to (every op, layout and backend of it): its xdist group."""
+    ctx = case.ctx if isinstance(case.ctx, int) else "+".join(map(str, case.ctx_list))
+    return (f"ctx{ctx}-b{case.batch}-bs{case.block_size}-Hq{case.q_heads}:Hkv{case.kv_heads}-"
+            f"D{case.head_dim}-{case.dtype}-slack{case.slack:g}-q{case.q_len}-seed{case.seed}")
+
+
 #: the columns a kvmicro bench table shows unless --benchmark-columns says otherwise (the
 #: median first: it is the figure kvmicro reports; the IQR and outliers say how far to trust it)
 BENCH_COLUMNS: list[str] = ["median", "iqr", "min", "outliers", "rounds"]
@@ -130,12 +293,19 @@ def pytest_benchmark_scale_unit(config: pytest.Config, unit: str, benchmarks: li
     return None
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
     """When kvmicro benches are collected and ``--benchmark-columns`` is left at its default,
-    their tables show :data:`BENCH_COLUMNS`."""
+    their tables show :data:`BENCH_COLUMNS`. Each bench of a case is in the ``xdist_group`` of
+    its shape, so that ``--dist loadgroup`` (what ``-n`` becomes here) keeps a shape's benches,
+    sdpa_contiguous included, on one worker and so on one device."""
     if not any("kv_bench" in getattr(item, "fixturenames", ()) for item in items):
         return
+    for item in items:
+        case = getattr(getattr(item, "callspec", None), "params", {}).get("kv_case")
+        if isinstance(case, Case):
+            item.add_marker(pytest.mark.xdist_group(shape_group_name(case)))
     bench_session = getattr(config, "_benchmarksession", None)
     if bench_session is not None and list(getattr(bench_session, "columns", [])) == \
             _DEFAULT_COLUMNS:
@@ -159,10 +329,11 @@ class BenchSession:
     measurement path: arrays, oracle results, bandwidth, and the sdpa_contiguous baselines of
     the overheads, kept per timer)."""
 
-    def __init__(self, preset: str, budget_s: float) -> None:
+    def __init__(self, preset: str, budget_s: float, config: Any = None) -> None:
         from .runner import Runner
         from .sweep import get_preset
 
+        self.config = config
         self.preset = get_preset(preset)
         self.budget_s = budget_s
         self.runner = Runner(self.preset.measure)
@@ -231,7 +402,7 @@ class BenchSession:
 @pytest.fixture(scope="session")
 def kv_session(request: pytest.FixtureRequest) -> Iterator[BenchSession]:
     session = BenchSession(request.config.getoption("kv_preset"),
-                           request.config.getoption("kv_budget"))
+                           request.config.getoption("kv_budget"), request.config)
     yield session
     session.runner.cache.clear()
 
@@ -253,6 +424,10 @@ def kv_bench(kv_session: BenchSession, benchmark: Any) -> Any:
         benchmark.group = group_key(case)
         extra: dict[str, Any] = {"case": case.flat(), "device": device, "kernel": prepared.kernel,
                                  "timer": "host", "cache": "hot", "check": check.to_dict()}
+        pin = pinned_device(kv_session.config)
+        if pin is not None:
+            extra.update(device_index=pin.index, device_kind=pin.kind,
+                         pci_bus_id=_bus_id(case.backend) if pin.kind == "cuda" else None)
         device_stats = kv_session.device_stats(case, prepared, check)
         if device_stats is not None:
             extra["device_timer"] = device_stats
@@ -272,4 +447,14 @@ def kv_bench(kv_session: BenchSession, benchmark: Any) -> Any:
         prepared.release()
 
 
-__all__ = ["BENCH_COLUMNS", "BenchSession", "bench_cases", "case_id", "case_ids", "group_key"]
+def _bus_id(backend: str) -> str | None:
+    from .backends.registry import get_backend
+
+    try:
+        return get_backend(backend).device_info().extra.get("pci_bus_id") or None
+    except Exception:   # a device that cannot describe itself has no bus id here
+        return None
+
+
+__all__ = ["BENCH_COLUMNS", "BenchSession", "bench_cases", "case_id", "case_ids", "group_key",
+           "pinned_device"]
