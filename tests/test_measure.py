@@ -511,11 +511,27 @@ def test_rounds_that_disagree_are_not_converged_and_say_so():
     for speed in (10.0, 13.0, 10.0):   # a neighbour slowed the second round by 30%
         p.per_op_us = speed
         s.round()
-    assert s.done()
+    # the pooled CI is met, but the rounds do not pin the median: the sampler wants more rounds
+    assert s.criterion.done() and not s.done()
     m = s.result()
     assert not m.converged and "rounds-disagree" in m.flags
     assert m.rounds["agree"] is False and m.rounds["spread_pct"] == pytest.approx(30.0)
+    # t(2) 4.303 x sd 1.732 / sqrt(3) = 4.3 µs: +-43% of the 10 µs median
+    assert m.rounds["between_rounds_halfwidth_pct"] == pytest.approx(43.03, abs=0.01)
     assert "rounds disagree: round medians 10, 13, 10 µs" in m.criterion["why_not"]
+
+
+def test_more_rounds_narrow_a_drifting_median_until_the_rounds_agree():
+    p = FakeDevice(per_op_us=10.0)
+    s = Sampler(p, quick(timer="device", min_samples=30, noise=0.05), HotCache())
+    speeds = iter([10.0, 10.4] * 50)   # the host alternates between two states, 4% apart
+    while not s.done():
+        p.per_op_us = next(speeds)
+        s.round()
+    m = s.result()
+    # three rounds give +-6.7% (> 5%); the sampler went on until the t-interval fitted
+    assert m.rounds["count"] > 3 and m.rounds["agree"] and m.converged
+    assert m.rounds["between_rounds_halfwidth_pct"] <= 5.0
 
 
 def test_rounds_within_their_noise_agree():

@@ -175,10 +175,14 @@ def test_flags():
     assert quiet["flags"] == []
     noisy_values = np.random.default_rng(1).lognormal(3.0, 1.0, 10_000)
     noisy = ok_record(measurement=measured(values=noisy_values, max_samples=100))
-    assert {"noisy", "not-converged"} <= set(noisy["flags"])
+    # 100 lognormal samples: the median's CI is wider than the 2% noise target, and the samples
+    # spread over more than 10% of it
+    assert {"noisy", "wide-spread", "not-converged"} <= set(noisy["flags"])
     assert noisy["stats"]["spread_pct"] > 10
-    assert "noisy" not in ok_record(measurement=measured(values=noisy_values, max_samples=100),
-                                    spread_threshold_pct=1e9)["flags"]
+    # the spread threshold moves wide-spread only; noisy is about the median's CI
+    relaxed = ok_record(measurement=measured(values=noisy_values, max_samples=100),
+                        spread_threshold_pct=1e9)["flags"]
+    assert "wide-spread" not in relaxed and "noisy" in relaxed
     few = ok_record(measurement=measured(criterion="sample-count", min_samples=3))
     assert "few-samples" in few["flags"]
 

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from kvmicro.errors import InvalidCase
+from kvmicro.harness.stats import Stats
+from kvmicro.results import flags_for, median_halfwidth
 from kvmicro.verdict import (
     VERDICTS,
     compare_records,
@@ -127,6 +129,42 @@ def test_an_untrusted_record_never_yields_faster_or_slower(kw):
         v = compare_records(new, base)
         assert v.verdict == "unsure"
         assert ("record" in v.reason)
+
+
+def measured_record(samples, noise: float = 0.02) -> dict:
+    """A record as the sweep flags it: stats from the samples, a converged ci-median criterion
+    with the run's ``noise`` target, and the flags :func:`kvmicro.results.flags_for` gives."""
+    stats = Stats.from_samples(samples).to_dict()
+    criterion = {"name": "ci-median", "params": {"noise": noise}, "converged": True}
+    return {"status": "ok", "samples_us": list(map(float, samples)),
+            "stats": {**stats, "converged": True}, "flags": flags_for(stats, criterion, 0, None)}
+
+
+def test_a_wide_spread_around_a_well_known_median_still_decides():
+    rng = np.random.default_rng(21)
+    # sigma 0.3: the middle 90% of the samples spans ~100% of the median, yet 2,000 of them pin
+    # the median within ~1.6%
+    base = measured_record(timings(rng, 2000, sigma=0.3))
+    assert "wide-spread" in base["flags"] and "noisy" not in base["flags"]
+    slower = compare_records(measured_record(timings(rng, 2000, sigma=0.3) * 1.3), base)
+    assert slower.verdict == "slower" and slower.ratio == pytest.approx(1.3, rel=0.03)
+    for _ in range(30):
+        twin = measured_record(timings(rng, 2000, sigma=0.3))
+        assert compare_records(twin, base).verdict in ("same", "unsure")
+
+
+def test_noisy_means_the_median_is_not_known_to_the_runs_noise_target():
+    rng = np.random.default_rng(22)
+    samples = timings(rng, 40, sigma=0.05)   # the median's CI is about ±3%
+    assert 0.02 < median_halfwidth(Stats.from_samples(samples).to_dict()) < 0.05
+    at_2pct, at_5pct = measured_record(samples, noise=0.02), measured_record(samples, noise=0.05)
+    assert "noisy" in at_2pct["flags"] and "noisy" not in at_5pct["flags"]
+    # a noisy record is unsure even against a 1.5x difference
+    other = measured_record(timings(rng, 40, 150.0, sigma=0.05), noise=0.02)
+    v = compare_records(other, at_2pct)
+    assert v.verdict == "unsure" and "flagged noisy" in v.reason
+    assert compare_records(measured_record(timings(rng, 40, 150.0, sigma=0.05), noise=0.05),
+                           at_5pct).verdict == "slower"
 
 
 def test_clean_records_are_compared_on_their_samples_and_rounds():

@@ -55,6 +55,13 @@ def _timers_for(grid: Grid, backend: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def _caches_for(grid: Grid, backend: str) -> tuple[str, ...]:
+    """The preset's CPU policies for a CPU backend where it names some, else the caches axis."""
+    if grid.cpu_caches and device_kind(backend) == "cpu":
+        return grid.cpu_caches
+    return grid.caches
+
+
 def _cache_name(cache: str, timer: str) -> str:
     """``cold`` names a different policy per timer (flush for one-op samples, rotation for
     many-op samples); points and records carry the concrete name."""
@@ -107,7 +114,8 @@ def shape_groups(grid: Grid) -> list[list[Point]]:
         case = Case(op=op, backend=backend, layout=layout, placement=placement, seed=grid.seed,
                     **shape)
         return list(dict.fromkeys(Point(case, t, _cache_name(c, t))
-                                  for t in _timers_for(grid, backend) for c in grid.caches))
+                                  for t in _timers_for(grid, backend)
+                                  for c in _caches_for(grid, backend)))
 
     groups = []
     for shape in shapes:

@@ -25,8 +25,8 @@ from typing import Any
 from .errors import InvalidCase
 from .workload import PRESET_LAYOUTS
 
-#: a cell whose spread% is above this is marked ``(! XX%)`` (the record's ``noisy`` flag uses the
-#: same threshold, results.SPREAD_FLAG_PCT)
+#: a cell whose spread% is above this is marked ``(! XX%)`` (the record's ``wide-spread`` flag uses
+#: the same threshold, results.SPREAD_FLAG_PCT)
 NOISY_PCT = 10.0
 #: derived figures a column may name, besides every statistic
 DERIVED_FIELDS: tuple[str, ...] = ("bytes", "gbps", "pct_of_peak", "overhead_pct")
@@ -113,11 +113,14 @@ def converged(rec: dict[str, Any]) -> bool | None:
 
 
 def is_noisy(rec: dict[str, Any]) -> bool:
-    """The record's ``noisy`` flag; for records without flags, its spread against NOISY_PCT."""
+    """Whether the cell gets the spread mark ``(! XX%)``: the record's ``wide-spread`` flag (files
+    written before that flag existed called it ``noisy``); for records without flags, its spread
+    against NOISY_PCT."""
+    spread = stat(rec, "spread_pct")
     flags = rec.get("flags")
     if isinstance(flags, list):
-        return "noisy" in flags
-    spread = stat(rec, "spread_pct")
+        return "wide-spread" in flags or ("noisy" in flags and spread is not None
+                                          and spread > NOISY_PCT)
     return spread is not None and spread > NOISY_PCT
 
 
@@ -512,9 +515,9 @@ def legend(tables: Sequence[Table], columns: Sequence[str] = DEFAULT_COLUMNS) ->
         lines.append(
             f"(! XX%) {noisy} cells: the middle 90% of their samples spans XX% of the median "
             f"(over {NOISY_PCT:g}%): jitter from other work on the host or from the op itself. "
-            "Their ± says how well the median is known, but comparisons with them are unsure. "
-            "To fix: stop other work (the sweep says when the host was busy), time ops under "
-            "~10 µs with --timer batched, or sample longer (--max-time).")
+            "Their ± says how well the median is known; a wide spread alone does not make a "
+            "comparison unsure. To narrow it: stop other work (the sweep says when the host was "
+            "busy), time ops under ~10 µs with --timer batched, or sample longer (--max-time).")
     if unconverged:
         lines.append(f"? {unconverged} cells: the stopping rule did not converge (the record's "
                      "criterion.why_not says why): raise --max-time or loosen --noise.")

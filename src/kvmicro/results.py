@@ -48,12 +48,16 @@ try:  # POSIX: an exclusive lock per results file; elsewhere writers are not loc
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-#: a record whose spread_pct exceeds this is flagged ``noisy``
+#: a record whose spread_pct exceeds this is flagged ``wide-spread`` (informational: a wide
+#: distribution of single samples says nothing against a well-known median)
 SPREAD_FLAG_PCT = 10.0
+#: the noise target assumed for ``noisy`` when a record's criterion names none (MeasureConfig's
+#: default, --noise 0.02)
+DEFAULT_NOISE = 0.02
 #: the flags a case record may carry (docs/schema.md says what each means)
-FLAGS: tuple[str, ...] = ("noisy", "not-converged", "dropped", "few-samples", "cache-not-cold",
-                          "cache-size-assumed", "cache-hit-suspected", "host-busy",
-                          "rounds-disagree")
+FLAGS: tuple[str, ...] = ("noisy", "wide-spread", "not-converged", "dropped", "few-samples",
+                          "cache-not-cold", "cache-size-assumed", "cache-hit-suspected",
+                          "host-busy", "rounds-disagree")
 #: fields a case record always has (case_record refuses to let ``extra`` replace them)
 _CORE_FIELDS: tuple[str, ...] = (
     "type", "schema_version", "device", "timer", "cache", "cache_bytes", "cache_pools",
@@ -183,17 +187,50 @@ def provenance_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[s
 
 # --------------------------------------------------------------------------------- records
 
+def median_halfwidth(stats: Mapping[str, Any]) -> float | None:
+    """Half the width of the median's 95% CI over the median (a fraction), None when the stats
+    lack it."""
+    try:
+        lo, hi = float(stats["ci95_lo_us"]), float(stats["ci95_hi_us"])
+        median = float(stats["median_us"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(median)):
+        return None
+    half = (hi - lo) / 2.0
+    if median > 0:
+        return half / median
+    return 0.0 if half == 0 else math.inf
+
+
+def _noise_target(criterion: Mapping[str, Any] | None) -> float:
+    params = criterion.get("params") if isinstance(criterion, Mapping) else None
+    noise = params.get("noise") if isinstance(params, Mapping) else None
+    if isinstance(noise, (int, float)) and not isinstance(noise, bool) and 0 < noise < 1:
+        return float(noise)
+    return DEFAULT_NOISE
+
+
 def flags_for(stats: Mapping[str, Any] | None, criterion: Mapping[str, Any] | None,
               dropped: int, cache_policy: Mapping[str, Any] | None,
               spread_threshold_pct: float = SPREAD_FLAG_PCT,
               derived: Mapping[str, Any] | None = None) -> list[str]:
-    """The flags of a measured record (see :data:`FLAGS`). ``cache-hit-suspected``: a cold
-    policy, yet the derived GB/s is above the device's measured copy ceiling."""
+    """The flags of a measured record (see :data:`FLAGS`).
+
+    ``noisy``: the median is not known well enough - the half-width of its 95% CI exceeds the
+    run's noise target (the criterion's ``noise`` parameter; :data:`DEFAULT_NOISE` when it names
+    none) times the median. It gates verdicts. ``wide-spread``: ``spread_pct`` (p95 - p05 over
+    the median) above ``spread_threshold_pct``; it describes the samples and gates nothing.
+    ``cache-hit-suspected``: a cold policy, yet the derived GB/s is above the device's measured
+    copy ceiling."""
     flags: list[str] = []
     if stats:
+        half = median_halfwidth(stats)
+        if half is not None and half > _noise_target(criterion):
+            flags.append("noisy")
         spread = stats.get("spread_pct")
         if spread is not None and spread > spread_threshold_pct:
-            flags.append("noisy")
+            flags.append("wide-spread")
     if criterion is not None and not criterion.get("converged", False):
         flags.append("not-converged")
     if dropped:
@@ -639,7 +676,7 @@ def merge(paths: Sequence[str | Path], out: str | Path) -> int:
     return sum(keys.values())
 
 
-__all__ = ["FLAGS", "KEY_FIELDS", "READABLE_VERSIONS", "SCHEMA_VERSION", "SPREAD_FLAG_PCT",
-           "STATUSES", "Record", "ResultsWriter", "case_key", "case_record", "dumps", "flags_for",
-           "iter_results", "merge", "provenance", "provenance_differences", "read_results",
-           "record_key"]
+__all__ = ["DEFAULT_NOISE", "FLAGS", "KEY_FIELDS", "READABLE_VERSIONS", "SCHEMA_VERSION",
+           "SPREAD_FLAG_PCT", "STATUSES", "Record", "ResultsWriter", "case_key", "case_record",
+           "dumps", "flags_for", "iter_results", "median_halfwidth", "merge", "provenance",
+           "provenance_differences", "read_results", "record_key"]

@@ -6,16 +6,20 @@ rules) goes through this module, so one rule decides everywhere:
 - ``ratio`` is ``median(new) / median(base)``; ``ratio_ci`` its 95% confidence interval from a
   percentile bootstrap (:data:`BOOTSTRAP_RESAMPLES` resamples, a fixed seed, so a verdict is
   reproducible). When a side's samples were taken in rounds (interleaved with other cases) the
-  bootstrap resamples rounds first and samples within them, so drift between rounds widens the
-  interval instead of hiding in it.
+  interval is widened to cover the drift between rounds too (:func:`drift_halfwidth`: the
+  round medians' 95% t-interval), so drift widens the interval instead of hiding in it.
 - the test is the two-sided Mann-Whitney U test on the samples (normal approximation with tie and
   continuity corrections), at level ``alpha`` (default 0.01).
 - **same**: the ratio CI lies inside ``[1 - threshold, 1 + threshold]``;
-- **faster** / **slower**: the test rejects at ``alpha``, the ratio CI lies entirely beyond the
-  threshold, and so does every pairing of one side's round medians with the other's;
+- **faster** / **slower**: the test rejects at ``alpha``, the ratio CI (drift included) lies
+  entirely beyond the threshold, and so does every pairing of one side's round medians with the
+  other's (drift between the times the two records were sampled shows there);
 - **unsure**: anything else - in particular whenever either record is not ok, did not converge,
-  or is flagged ``noisy``, ``not-converged``, ``few-samples``, ``host-busy`` or
-  ``rounds-disagree``: such a record never yields faster or slower, whatever its numbers.
+  or is flagged ``noisy`` (its median's 95% CI is wider than the run's noise target),
+  ``not-converged``, ``few-samples``, ``host-busy`` or ``rounds-disagree``: such a record never
+  yields faster or slower, whatever its numbers. ``wide-spread`` (single samples spread widely
+  around a median that is nevertheless well known) does not gate: what a verdict needs is the
+  median, and the test and the ratio CI already account for the spread.
 
 ``threshold`` is the smallest change worth naming (pyperf's ``--min-speed``), a fraction: 0.05
 means 5%. docs/methodology.md reports this rule's false-verdict and detection rates measured on
@@ -32,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidCase
+from .harness.measure import between_rounds_halfwidth
 
 VERDICTS: tuple[str, ...] = ("faster", "slower", "same", "unsure")
 #: the smallest change named faster or slower, as a fraction
@@ -45,7 +50,8 @@ BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0x6B766D
 #: fewest samples per side for any verdict but unsure
 MIN_SAMPLES = 5
-#: record flags that make a record unusable for faster/slower
+#: record flags that make a record unusable for faster/slower (``wide-spread`` is not one: it
+#: describes single samples, not how well the median is known)
 UNTRUSTED_FLAGS: tuple[str, ...] = ("noisy", "not-converged", "few-samples", "host-busy",
                                     "rounds-disagree")
 
@@ -122,11 +128,6 @@ def _split(samples: np.ndarray, rounds: Sequence[int] | None) -> list[np.ndarray
     return np.split(samples, np.cumsum(sizes)[:-1])
 
 
-#: in the two-stage bootstrap, draws per round slot at most (more only sharpens a within-round
-#: spread that the between-round spread dwarfs; fewer keeps a 10,000-sample record fast)
-MAX_DRAWS_PER_ROUND = 256
-
-
 def _bootstrap_one(x: np.ndarray, rng: np.random.Generator, resamples: int) -> np.ndarray:
     """Medians of ``resamples`` ordinary bootstrap resamples of ``x``, drawn in O(resamples):
     a resample is ``sorted(x)[floor(n U)]`` for n uniforms U, a monotone map, so its k-th order
@@ -143,30 +144,16 @@ def _bootstrap_one(x: np.ndarray, rng: np.random.Generator, resamples: int) -> n
     return 0.5 * (low + xs[np.minimum((u_next * n).astype(np.int64), n - 1)])
 
 
-def _bootstrap_medians(groups: list[np.ndarray], rng: np.random.Generator,
-                       resamples: int) -> np.ndarray:
-    """Medians of ``resamples`` bootstrap resamples. One group: the ordinary bootstrap. Several
-    rounds: each round's slot is filled by a round drawn with replacement, and as many samples as
-    that slot holds (at most :data:`MAX_DRAWS_PER_ROUND`) are drawn with replacement from the
-    drawn round: a two-stage bootstrap, so that rounds that disagree widen the interval."""
-    if len(groups) == 1:
-        return _bootstrap_one(groups[0], rng, resamples)
-    sizes = np.array([g.size for g in groups])
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    flat = np.concatenate(groups)
-    draws = np.minimum(sizes, MAX_DRAWS_PER_ROUND)
-    out = np.empty(resamples)
-    chunk = max(1, 2_000_000 // max(1, int(draws.sum())))
-    for start in range(0, resamples, chunk):
-        rows = min(resamples, start + chunk) - start
-        picks = rng.integers(0, len(groups), size=(rows, len(groups)))
-        parts = []
-        for slot, size in enumerate(draws):
-            chosen = picks[:, slot][:, None]
-            u = rng.random((rows, int(size)))
-            parts.append(offsets[chosen] + (u * sizes[chosen]).astype(np.int64))
-        out[start:start + rows] = np.median(flat[np.concatenate(parts, axis=1)], axis=1)
-    return out
+def drift_halfwidth(samples: np.ndarray, rounds: Sequence[int] | None) -> float:
+    """How well the rounds alone pin the median, relative to it: half the 95% t-interval of the
+    round medians' mean over the median (0 for one round). It is what drift of the host between
+    rounds adds to the uncertainty of a median that pooled samples would hide."""
+    groups = _split(samples, rounds)
+    if len(groups) < 2:
+        return 0.0
+    overall = float(np.median(samples))
+    half = between_rounds_halfwidth([float(np.median(g)) for g in groups])
+    return half / overall if overall > 0 else 0.0
 
 
 def ratio_interval(new_us: Sequence[float], base_us: Sequence[float], *,
@@ -174,15 +161,25 @@ def ratio_interval(new_us: Sequence[float], base_us: Sequence[float], *,
                    base_rounds: Sequence[int] | None = None,
                    level: float = RATIO_CI_LEVEL,
                    resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
-    """Percentile-bootstrap ``level`` CI of ``median(new) / median(base)``."""
+    """The ``level`` CI of ``median(new) / median(base)``: the percentile bootstrap of the
+    pooled samples, widened where the rounds say the medians drifted: it also covers
+    ``ratio x (1 -/+ sqrt(d_new^2 + d_base^2))`` with ``d`` each side's
+    :func:`drift_halfwidth` (95% intervals; for other levels the bootstrap alone)."""
+    new_x, base_x = np.asarray(new_us, float), np.asarray(base_us, float)
     rng = np.random.default_rng(BOOTSTRAP_SEED)
-    new = _bootstrap_medians(_split(np.asarray(new_us, float), new_rounds), rng, resamples)
-    base = _bootstrap_medians(_split(np.asarray(base_us, float), base_rounds), rng, resamples)
+    new = _bootstrap_one(new_x, rng, resamples)
+    base = _bootstrap_one(base_x, rng, resamples)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = new / base
     tail = (1.0 - level) / 2.0 * 100.0
-    lo, hi = np.percentile(ratios, [tail, 100.0 - tail])
-    return float(lo), float(hi)
+    lo, hi = (float(v) for v in np.percentile(ratios, [tail, 100.0 - tail]))
+    if level == RATIO_CI_LEVEL:
+        drift = math.hypot(drift_halfwidth(new_x, new_rounds),
+                           drift_halfwidth(base_x, base_rounds))
+        if drift > 0:
+            ratio = float(np.median(new_x) / np.median(base_x))
+            lo, hi = min(lo, ratio * (1.0 - drift)), max(hi, ratio * (1.0 + drift))
+    return lo, hi
 
 
 # ---------------------------------------------------------------------------- the verdict
@@ -236,6 +233,9 @@ def compare_samples(new_us: Sequence[float], base_us: Sequence[float], *,
     if p >= alpha:
         return Verdict("unsure", ratio, (lo, hi), p,
                        f"{ci} beyond {band} but Mann-Whitney p {p:.3g} >= alpha {alpha:g}")
+    # drift the rounds do not show within a record (one record sampled while the host was fast,
+    # the other later, while it was slow) still shows between them: every round of one must be
+    # beyond the threshold of every round of the other
     new_meds, base_meds = _round_medians(new, new_rounds), _round_medians(base, base_rounds)
     if new_meds or base_meds:
         new_meds = new_meds or [float(np.median(new))]
@@ -333,4 +333,5 @@ def compare_records(new: Mapping[str, Any], base: Mapping[str, Any], *,
 
 __all__ = ["BOOTSTRAP_RESAMPLES", "DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "MIN_SAMPLES",
            "UNTRUSTED_FLAGS", "VERDICTS", "Verdict", "compare_records", "compare_samples",
-           "mann_whitney_u", "ratio_interval", "record_rounds", "untrusted_reason"]
+           "drift_halfwidth", "mann_whitney_u", "ratio_interval", "record_rounds",
+           "untrusted_reason"]

@@ -31,6 +31,9 @@ class Criterion(ABC):
     name: ClassVar[str] = ""
     #: every parameter this criterion takes, with its default
     PARAMS: ClassVar[dict[str, Any]] = {}
+    #: whether it aims at a precision of the median: the measure loop then also keeps taking
+    #: rounds while they disagree; a fixed budget (sample-count) stops at its count
+    targets_precision: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.PARAMS))
@@ -235,6 +238,7 @@ class SampleCountCriterion(Criterion):
 
     name = "sample-count"
     PARAMS: ClassVar[dict[str, Any]] = {"count": None, "min_samples": 10}
+    targets_precision: ClassVar[bool] = False
 
     def _validate(self) -> None:
         super()._validate()

@@ -38,7 +38,7 @@ from .cache import CACHE_POLICIES, CachePolicy
 from .criteria import CRITERIA, Criterion, make_criterion
 from .noise import BUSY_DROP_FRACTION, HostGuard
 from .noise import REASONS as HOST_REASONS
-from .stats import Stats, median_ci_ranks
+from .stats import Stats
 from .timers import make_timer
 
 
@@ -169,12 +169,13 @@ class Sampler:
     ``round()`` takes one round: the first warms up and calibrates k, later ones re-warm with
     ``warmup_count`` discarded samples (other cases ran in between). Each round aims at
     1/``rounds`` of the samples the criterion expects (:meth:`Criterion.expected_n`) within
-    1/``rounds`` of ``max_time_s``; from round ``rounds`` on, a round also ends as soon as the
-    criterion is done. ``done()`` is
+    1/``rounds`` of ``max_time_s``; round ``rounds`` also ends as soon as the criterion is done
+    (later rounds take their whole share). ``done()`` is
     true once ``rounds`` rounds were taken and the criterion is done, or a budget (``max_samples``,
-    ``max_time_s`` of sampling, rounds' re-warm and other cases excluded) ran out. ``result()``
-    summarises; a case whose round medians disagree (their 95% CIs share no value and they span
-    more than ``noise``) is not converged.
+    ``max_time_s`` of sampling, rounds' re-warm and other cases excluded) ran out; while the
+    rounds disagree it takes more rounds. ``result()`` summarises; a case whose round medians
+    disagree (their 95% t-interval, ``t sd / sqrt(R)``, is wider than ``noise`` either side of
+    the median) is not converged.
     """
 
     def __init__(self, prepared: Prepared, config: MeasureConfig, cache: CachePolicy, *,
@@ -213,8 +214,34 @@ class Sampler:
         elif self.sampling_s >= self.config.max_time_s:
             self._stop = (f"stopped at max_time {self.config.max_time_s:g} s after "
                           f"{self.n} samples")
+        # rounds that disagree mean the median is not known yet: more rounds, while the budget
+        # lasts, narrow the between-round interval (see _rounds_summary)
         return bool(self._stop) or (self.rounds_taken >= self.config.rounds
-                                    and self.criterion.done())
+                                    and self.criterion.done()
+                                    and not (self.criterion.targets_precision
+                                             and self._rounds_disagree()))
+
+    def _round_medians(self) -> list[float]:
+        medians, start = [], 0
+        for size in self.round_sizes:
+            medians.append(median(self.samples[start:start + size]))
+            start += size
+        return medians
+
+    def _rounds_disagree(self) -> str:
+        """Why the rounds disagree ("" when they agree): the 95% interval of the median from the
+        round medians alone, ``t(R-1) sd(medians) / sqrt(R)``, is wider than ``noise`` on either
+        side of the median. Drift between rounds makes it wide; more rounds narrow it."""
+        medians = self._round_medians()
+        if len(medians) < 2:
+            return ""
+        overall = median(self.samples)
+        half = between_rounds_halfwidth(medians) / overall if overall > 0 else 0.0
+        if half <= self.config.noise:
+            return ""
+        return (f"rounds disagree: round medians {', '.join(f'{m:.4g}' for m in medians)} µs "
+                f"give the median a between-round 95% interval of ±{half * 100:.1f}% > noise "
+                f"{self.config.noise * 100:.2f}%")
 
     def _sample(self) -> None:
         """Take one sample through the guards; keep it or count why not."""
@@ -263,7 +290,9 @@ class Sampler:
         if self.guard is not None and self.guard.on:
             self.guard.refresh_threads()
             self.timer.guard = self.guard
-        last_minimum = self.rounds_taken + 1 >= config.rounds
+        # the last of the minimum rounds may end once the criterion is done; a round beyond the
+        # minimum runs only because the rounds disagreed, so it takes its whole quota
+        last_minimum = self.rounds_taken + 1 == config.rounds
         quota = max(1, math.ceil(min(self.criterion.expected_n(), config.max_samples)
                                  / config.rounds))
         slice_s = config.max_time_s / config.rounds
@@ -288,25 +317,14 @@ class Sampler:
         if len(sizes) < 2:
             out.update(medians_us=[median(self.samples)], spread_pct=0.0, agree=True)
             return out, ""
-        groups, start = [], 0
-        for size in sizes:
-            groups.append(sorted(self.samples[start:start + size]))
-            start += size
-        medians = [median(g) for g in groups]
-        cis = []
-        for g in groups:
-            ranks = median_ci_ranks(len(g))
-            cis.append((g[ranks[0] - 1], g[ranks[1] - 1]) if ranks else (g[0], g[-1]))
+        medians = self._round_medians()
         overall = median(self.samples)
         spread = (max(medians) - min(medians)) / overall if overall > 0 else 0.0
-        disjoint = max(lo for lo, _ in cis) > min(hi for _, hi in cis)
-        why = ""
-        if disjoint and spread > self.config.noise:
-            why = (f"rounds disagree: round medians {', '.join(f'{m:.4g}' for m in medians)} µs "
-                   f"span {spread * 100:.1f}% > noise {self.config.noise * 100:.2f}% and their "
-                   "95% CIs share no value")
+        half = between_rounds_halfwidth(medians) / overall if overall > 0 else 0.0
+        why = self._rounds_disagree()
         out.update(medians_us=[round(m, 6) for m in medians],
-                   spread_pct=round(spread * 100.0, 3), agree=not why)
+                   spread_pct=round(spread * 100.0, 3),
+                   between_rounds_halfwidth_pct=round(half * 100.0, 3), agree=not why)
         return out, why
 
     def result(self) -> Measurement:
@@ -371,6 +389,25 @@ def measure(prepared: Prepared, config: MeasureConfig, cache: CachePolicy) -> Me
     return sampler.result()
 
 
+#: two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (beyond: 1.96)
+_T975: tuple[float, ...] = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+    2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+    2.052, 2.048, 2.045, 2.042)
+
+
+def between_rounds_halfwidth(medians: list[float]) -> float:
+    """Half the width of the 95% t-interval of the mean of the round medians (µs): how well the
+    rounds alone pin the case's time when the host drifts between them."""
+    r = len(medians)
+    if r < 2:
+        return 0.0
+    mean = sum(medians) / r
+    sd = math.sqrt(sum((m - mean) ** 2 for m in medians) / (r - 1))
+    t = _T975[r - 2] if r - 1 <= len(_T975) else 1.96
+    return t * sd / math.sqrt(r)
+
+
 def _clock_summary(fractions: list[float], threshold: float) -> dict[str, Any]:
     if not fractions:
         return {}
@@ -378,5 +415,5 @@ def _clock_summary(fractions: list[float], threshold: float) -> dict[str, Any]:
             "median_fraction": round(median(fractions), 4)}
 
 
-__all__ = ["MeasureConfig", "Measurement", "Sampler", "footprint_bytes", "measure",
-           "working_set_bytes"]
+__all__ = ["MeasureConfig", "Measurement", "Sampler", "between_rounds_halfwidth",
+           "footprint_bytes", "measure", "working_set_bytes"]
