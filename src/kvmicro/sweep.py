@@ -7,7 +7,9 @@ loop that joins them, and re-exports their names so ``from kvmicro.sweep import 
 working.
 
 :func:`run_sweep` plans the workers (one per device and process group, run one after another),
-has each measure its device's bandwidth for the run line, then sends it the points case by case
+or, with ``lanes`` (``--devices``, :mod:`kvmicro.devices`), one set of pinned workers per device,
+the devices measuring at once, each in a thread of its own; has each measure its device's
+bandwidth for the run line, then sends it the points case by case
 and writes each record as it arrives: append-only, flushed per record, so a killed sweep leaves a
 valid file and ``--resume`` picks up where it stopped. A worker that crashes or hangs costs the
 case in flight (an error record naming the signal or the timeout) and is replaced.
@@ -188,7 +190,7 @@ def run_sweep(points: list[Point], out: str | Path, *, argv: list[str] | None = 
         if progress is not False:
             print("kvmicro sweep: measuring each device's memory bandwidth", file=stream,
                   flush=True)
-        _in_lanes(list(plan), start_lane, stopping)
+        _in_lanes(list(plan), start_lane, stopping, lock)
         run = provenance(argv or sys.argv, [], bandwidth.get(None) or next(
             iter(bandwidth.values()), {}))
         if lanes:
@@ -230,7 +232,7 @@ def run_sweep(points: list[Point], out: str | Path, *, argv: list[str] | None = 
                                  case_timeout_s, devices, bar, lock, stopping)
 
             try:
-                _in_lanes(list(plan), measure_lane, stopping)
+                _in_lanes(list(plan), measure_lane, stopping, lock)
             finally:
                 bar.close()
     except KeyboardInterrupt:
@@ -269,7 +271,7 @@ def _pinned_entry(device: Device, described: Mapping[str, Any],
 
 
 def _in_lanes(lanes: list[Device | None], work: Callable[[Device | None], None],
-              stopping: threading.Event) -> None:
+              stopping: threading.Event, lock: threading.Lock | None = None) -> None:
     """``work(lane)`` for every lane: inline for one lane, else one thread per lane, all at once.
     The main thread keeps Ctrl-C: it sets ``stopping`` (the lanes then stop writing) and the
     caller stops the workers, which ends the lanes' waits."""
@@ -301,6 +303,9 @@ def _in_lanes(lanes: list[Device | None], work: Callable[[Device | None], None],
                 t.join(0.2)
     except KeyboardInterrupt:
         stopping.set()
+        if lock is not None:
+            with lock:   # a record being written is finished before the file closes
+                pass
         raise
     if errors:
         raise errors[0]

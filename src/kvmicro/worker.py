@@ -5,8 +5,12 @@ The parent (:func:`kvmicro.sweep.run_sweep`) plans; :func:`worker_jobs` splits t
 :func:`worker_key` — the backend's device and its ``process_group`` (a class attribute of the
 backend: MLX's CUDA build and torch load incompatible cuDNN libraries, so MLX backends declare a
 group of their own). Jobs run one after another, so a device is never measured by two processes
-at once. Each job gets a :class:`Worker`: ``python -m kvmicro.worker``, which reads commands on
-stdin and answers on its stdout, one JSON object per line:
+at once. Under ``--devices`` (:mod:`kvmicro.devices`) each device has its own jobs, and its
+workers are pinned to it (:class:`Pin`: ``CUDA_VISIBLE_DEVICES`` set by the parent, a CPU core's
+affinity set in the worker); their records are stamped with the device's index and PCI bus id,
+and a backend name carrying the device's index (an agreement case, ``native:cuda:1``) is run as
+the one device the worker sees. Each job gets a :class:`Worker`: ``python -m kvmicro.worker``,
+which reads commands on stdin and answers on its stdout, one JSON object per line:
 
     parent -> worker   {"cmd": "setup", ...}        sys.path, backend factories, sampling settings
                        {"cmd": "describe", "backends": [...]}   -> {"type": "described", ...}
