@@ -473,3 +473,20 @@ def test_ctrl_c_stops_every_devices_workers_and_keeps_the_finished_records(
             "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], f"worker {pid} survived"
     records = read_results(out)[1]
     assert 2 <= len(records) < 12 and all(r["status"] == "ok" for r in records)
+
+
+def test_a_devices_sweep_file_fits_the_results_schema(fake_devices: Any, tmp_path: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from importlib.resources import files
+
+    schema = json.loads(files("kvmicro").joinpath("schema/results-v2.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    out = tmp_path / "r.jsonl"
+    run_sweep([], out, argv=["test"], measure=FAST, progress=False,
+              lanes=deal(expand(grid("fakegpu:cuda", ctxs=(40, 70))),
+                         [Device("cuda", 0), Device("cuda", 1)]))
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "pinned_devices" in lines[0] and "pci_bus_id" in lines[1]
+    for line in lines:
+        assert not list(validator.iter_errors(line)), line
+    assert list(validator.iter_errors({**lines[1], "device_index": -1}))
