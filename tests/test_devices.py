@@ -192,6 +192,27 @@ def test_a_gpu_worker_sees_only_its_gpu_and_the_parents_numbering_is_kept() -> N
     assert Device("cpu", 3).cores == [3] and Device("cuda", 3).cores is None
 
 
+def test_gpus_are_counted_without_starting_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys as _sys
+
+    from kvmicro.devices import gpu_count
+    from kvmicro.errors import Unsupported
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert gpu_count() == 2
+    assert parse_devices("all") == [Device("cuda", 0), Device("cuda", 1)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_count() == 0
+    with pytest.raises(Unsupported, match="no CUDA GPU is visible"):
+        parse_devices("all")
+    # counting never imports a framework that would start CUDA in this process (a process whose
+    # CUDA started ignores the CUDA_VISIBLE_DEVICES that pinning sets afterwards)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setitem(_sys.modules, "torch", None)
+    monkeypatch.setitem(_sys.modules, "kvmicro._native", None)
+    assert gpu_count() >= 0
+
+
 def test_backends_must_match_the_devices_kind_and_name_no_index(fake_devices: Any) -> None:
     cpu = two_cores()
     check_backends(expand(grid("core:cpu")), cpu)

@@ -74,38 +74,37 @@ class Device:
 
 
 def gpu_count() -> int:
-    """CUDA GPUs this process can see, without creating a CUDA context: the entries of
-    ``CUDA_VISIBLE_DEVICES`` when set, else the native extension's count, else torch's, else 0."""
+    """CUDA GPUs this process can see, found without initialising CUDA (a process whose CUDA is
+    initialised no longer honours a CUDA_VISIBLE_DEVICES set later, and pinning sets it): the
+    entries of ``CUDA_VISIBLE_DEVICES`` when set, else the driver's ``/proc/driver/nvidia/gpus``
+    entries (Linux), else NVML's count (nvidia-ml-py), else 0."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return len([v for v in visible.split(",") if v.strip() and v.strip() != "-1"])
-    for probe in (_native_count, _torch_count):
+    for probe in (_proc_count, _nvml_count):
         count = probe()
         if count:
             return count
     return 0
 
 
-def _native_count() -> int:
+def _proc_count() -> int:
     try:
-        from .backends.native import _import_problem, load_native
-
-        if _import_problem():
-            return 0
-        native = load_native()
-        if not native.build_info()["cuda"] or not hasattr(native, "cuda_device_count"):
-            return 0
-        return int(native.cuda_device_count())
-    except Exception:   # no extension, no driver: no GPU to count
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:   # not Linux, or no NVIDIA driver
         return 0
 
 
-def _torch_count() -> int:
+def _nvml_count() -> int:
     try:
-        import torch
+        import pynvml
 
-        return int(torch.cuda.device_count())
-    except Exception:   # no torch, or a CPU build
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:   # no nvidia-ml-py, or no driver: no GPU to count
         return 0
 
 

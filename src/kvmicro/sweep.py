@@ -151,6 +151,7 @@ def run_sweep(points: list[Point], out: str | Path, *, argv: list[str] | None = 
     workers: dict[tuple[Device | None, Any], Worker | None] = {}
     devices: dict[str, Any] = {}
     pinned: list[dict[str, Any]] = []
+    described_on: dict[Device | None, dict[str, Any]] = {}
     bandwidth: dict[Device | None, dict[str, Any]] = {device: {} for device in plan}
     lost_at_start: dict[tuple[Device | None, Any], str] = {}
     warned: set[str] = set()   # kinds of worker warning already shown
@@ -181,8 +182,7 @@ def run_sweep(points: list[Point], out: str | Path, *, argv: list[str] | None = 
                 described.update({b: {"available": False, "error": lost.reason}
                                   for b in job.backends})
         with lock:
-            for name, entry in described.items():
-                devices.setdefault(name, entry)   # one device per backend name: the first
+            described_on[device] = described
             if device is not None:
                 pinned.append(_pinned_entry(device, described, bandwidth[device]))
 
@@ -191,6 +191,9 @@ def run_sweep(points: list[Point], out: str | Path, *, argv: list[str] | None = 
             print("kvmicro sweep: measuring each device's memory bandwidth", file=stream,
                   flush=True)
         _in_lanes(list(plan), start_lane, stopping, lock)
+        for device in plan:   # one device per backend name: the first in the plan's order
+            for name, entry in described_on.get(device, {}).items():
+                devices.setdefault(name, entry)
         run = provenance(argv or sys.argv, [], bandwidth.get(None) or next(
             iter(bandwidth.values()), {}))
         if lanes:
