@@ -16,7 +16,8 @@ planted slowdown.
 
     python scripts/calibrate_verdicts.py --repeats 4 --out results/calibration
     python scripts/calibrate_verdicts.py --repeats 4 --busy --out results/calibration
-    python scripts/calibrate_verdicts.py --from results/calibration/quiet-*.jsonl
+    python scripts/calibrate_verdicts.py --from results/calibration/quiet-*.jsonl \
+        [--summary docs/calibration/here-quiet-native-cpu.json]
 
 Every matched case counts, including those whose records did not converge or errored (those
 are unsure or n/a: never false, never found). The summary goes to stdout and, as JSON, to
@@ -258,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/calibration", help="directory for the files")
     parser.add_argument("--from", dest="files", nargs="+", metavar="FILE",
                         help="analyse these results files instead of sweeping")
+    parser.add_argument("--summary", metavar="JSON",
+                        help="with --from: write the summary here too (re-analysing files with "
+                        "the current verdict rule)")
     parser.add_argument("--threshold", type=float, default=5.0, help="percent (default 5)")
     parser.add_argument("--factor", type=float, default=1.3, help="planted slowdown (1.3)")
     args = parser.parse_args(argv)
@@ -277,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                       {"backend": args.backend, "threads": args.threads,
                        "timer": args.timer or "default", "max_time_s": args.max_time}))
     print(describe(label, summary))
+    if args.files and args.summary:
+        Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {args.summary}", file=sys.stderr)
     if not args.files:
         tag = args.engine if args.engine == "cli" else args.backend.replace(":", "-") + (
             f"-{args.timer}" if args.timer else "")
