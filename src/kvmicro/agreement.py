@@ -38,13 +38,15 @@ def agreement_points(points: Sequence[Point]) -> list[Point]:
         return []
     group = groups_of(points)[-1]
     chosen = [p for p in group if p.case.op in AGREEMENT_OPS]
-    if chosen:
-        first = next(p.case for p in chosen if p.case.op != "sdpa_contiguous") \
-            if any(p.case.op != "sdpa_contiguous" for p in chosen) else chosen[0].case
-        return [p for p in chosen if p.case.op == "sdpa_contiguous" or
-                (p.case.layout, p.case.placement) == (first.layout, first.placement)]
-    cases = list(dict.fromkeys(p.case for p in group))[:2]
-    return [p for p in group if p.case in cases]
+    if not chosen:
+        cases = list(dict.fromkeys(p.case for p in group))[:2]
+        return [p for p in group if p.case in cases]
+    paged = [p for p in chosen if p.case.op != "sdpa_contiguous"]
+    if paged:   # paged_sdpa of the first layout and placement only
+        where = (paged[0].case.layout, paged[0].case.placement)
+        chosen = [p for p in chosen if p.case.op == "sdpa_contiguous" or
+                  (p.case.layout, p.case.placement) == where]
+    return chosen
 
 
 def agreement_lanes(points: Sequence[Point], devices: Sequence[Device]
