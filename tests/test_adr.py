@@ -171,6 +171,26 @@ def test_results_given_on_the_command_line_match_by_file_name(adr: Path, tmp_pat
     assert "by 3.00x" in adr.read_text() and "cpu-9.jsonl" in adr.read_text()
 
 
+def test_results_may_lie_anywhere_in_the_repository_relative_to_the_adr(tmp_path: Path):
+    # docs/adr/0001.md reading docs/results/: a results= glob that climbs out of the ADR's folder
+    write_results(tmp_path / "results" / "gpu-1.jsonl", grid(NSHD=100.0, HNSD=210.0))
+    write_results(tmp_path / "results" / "gpu-2.txt", [])     # not matched by the glob
+    adr = tmp_path / "adr" / "0001-test.md"
+    adr.parent.mkdir()
+    adr.write_text(ADR.replace("evidence/cpu-*.jsonl", "../results/gpu-*.jsonl"))
+    code, messages = fill(adr)
+    assert code == 0, messages
+    assert "gpu-1.jsonl" in adr.read_text() and "by 2.10x" in adr.read_text()
+    assert fill(adr, check=True)[0] == 0
+    # a glob-free path names one file; a missing one is refused, the file unchanged
+    adr.write_text(ADR.replace("evidence/cpu-*.jsonl", "../results/gpu-1.jsonl"))
+    assert fill(adr)[0] == 0 and "by 2.10x" in adr.read_text()
+    adr.write_text(ADR.replace("evidence/cpu-*.jsonl", "../results/gpu-9.jsonl"))
+    before = adr.read_bytes()
+    code, messages = fill(adr)
+    assert code == 1 and adr.read_bytes() == before
+
+
 def test_gzipped_results_are_read(adr: Path):
     plain = adr.parent / "evidence" / "cpu-1.jsonl"
     packed = plain.with_suffix(".jsonl.gz")

@@ -230,6 +230,42 @@ def test_crossover_refuses_a_shape_without_contiguous_sdpa():
         run_rule("crossover", records)
 
 
+def test_crossover_of_the_fused_kernel_over_the_contiguous_lower_bound():
+    fused = grid(op="paged_sdpa", layouts=("NSHD",),
+                 NSHD=_overheads({256: 1.01, 1024: 1.30, 4096: 1.30}))
+    gathered = grid(layouts=("NSHD",), NSHD=104.0)
+    text = run_rule("crossover", fused + gathered + contiguous(), op="paged_sdpa")
+    assert text.startswith("Overhead of paged_sdpa over sdpa_contiguous")
+    assert text.count("ctx 1024 (under at 256)") == 2 and "+30%" in text
+    # the default op is still gather-then-SDPA, whose +4% is under +15% everywhere
+    assert text != run_rule("crossover", fused + gathered + contiguous())
+    assert "none up to ctx 4096 (all under)" in run_rule("crossover",
+                                                         fused + gathered + contiguous())
+
+
+def test_crossover_against_the_fastest_contiguous_sdpa_of_any_backend():
+    # flashinfer has no sdpa_contiguous of its own; its fused kernel is measured against the
+    # device's lower bound: here cudnn's contiguous SDPA (80) beats native's (100)
+    fused = grid(op="paged_sdpa", layouts=("NSHD",), backend="flashinfer:cuda", NSHD=120.0)
+    bases = contiguous("native:cuda", 100.0) + contiguous("cudnn:cuda", 80.0)
+    with pytest.raises(MissingEvidence, match="no ok sdpa_contiguous on flashinfer:cuda"):
+        run_rule("crossover", fused + bases, op="paged_sdpa")
+    text = run_rule("crossover", fused + bases, op="paged_sdpa", base="fastest",
+                    backend="flashinfer:cuda")
+    assert "the fastest sdpa_contiguous of any backend on the same shape (cudnn:cuda on 6 " \
+        "comparisons)" in text
+    assert "+50%" in text and "ctx <= 256 (over at the smallest ctx measured)" in text
+    with pytest.raises(MissingEvidence, match="base=best is neither own nor fastest"):
+        run_rule("crossover", fused + bases, op="paged_sdpa", base="best")
+
+
+def test_crossover_refuses_an_op_that_is_not_a_paged_attention_path():
+    with pytest.raises(MissingEvidence, match="op=append is not a paged attention op"):
+        run_rule("crossover", grid(op="append") + contiguous(), op="append")
+    with pytest.raises(MissingEvidence, match="no ok paged_sdpa"):
+        run_rule("crossover", grid() + contiguous(), op="paged_sdpa")
+
+
 # ------------------------------------------------------------------------------- fused vs gather
 
 def test_fused_vs_gather_by_ctx_and_batch_and_a_backend_without_fused():
@@ -272,6 +308,21 @@ def test_block_size_refuses_a_single_block_size_and_missing_shapes():
                if not (r["block_size"] == 64 and r["batch"] == 4)]
     with pytest.raises(MissingEvidence, match="different shape sets"):
         run_rule("block-size", records)
+
+
+def test_two_variants_of_one_backend_are_two_arms_and_a_plain_filter_keeps_both():
+    plain = grid(op="paged_sdpa", layouts=("NSHD",), blocks=(16, 64), backend="flashinfer:cuda",
+                 NSHD=100.0)
+    variant = grid(op="paged_sdpa", layouts=("NSHD",), blocks=(16, 64),
+                   backend="flashinfer:cuda",
+                   NSHD=lambda block, batch, ctx: 100.0 if block == 16 else 130.0)
+    for r in variant:
+        r["options"] = {"tensor_cores": "true"}
+    text = run_rule("block-size", plain + variant, backend="flashinfer:cuda")
+    assert "flashinfer:cuda paged_sdpa: the larger block is same" in text
+    assert "flashinfer:cuda[tensor_cores=true] paged_sdpa: the larger block is slower" in text
+    only = run_rule("block-size", plain + variant, backend="flashinfer:cuda[tensor_cores=true]")
+    assert "flashinfer:cuda paged_sdpa:" not in only and "1.30x" in only
 
 
 # ------------------------------------------------------------------------------- append cost

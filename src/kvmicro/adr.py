@@ -9,9 +9,10 @@ An ADR is Markdown with fill regions::
 The key names an evidence rule (:data:`kvmicro.adr_rules.RULES`); the ``key=value`` words after
 it are the rule's parameters (no spaces inside a value; commas separate alternatives).
 ``results=GLOB`` says which results files the region reads: a glob relative to the ADR's
-folder, matched against the files given with ``--results`` by file name, or, when no
-``--results`` are given, expanded on disk (so ``kvmicro adr fill --check ADR.md`` finds its own
-evidence). A region without ``results=`` reads every file.
+folder (any repository path, ``../results/*.jsonl.gz`` included), matched against the files
+given with ``--results`` by file name, or, when no ``--results`` are given, expanded on disk
+(so ``kvmicro adr fill --check ADR.md`` finds its own evidence). A region without
+``results=`` reads every file.
 
 Filling is all or nothing: if any region's evidence is missing, mismatched (records of several
 devices or hosts in one region, arms measured on different shape sets) or ambiguous, nothing is
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import glob
 import os
 import re
 import sys
@@ -138,13 +140,29 @@ def _matches(path: Path, pattern: str) -> bool:
     return fnmatch.fnmatch(path.name, Path(pattern).name)
 
 
+def expand_results(folder: Path, pattern: str) -> list[Path]:
+    """The files a ``results=`` glob names, relative to ``folder`` (the ADR's): any repository
+    path, e.g. ``../results/h200-*.jsonl.gz``. The glob-free leading folders (``..`` included)
+    are joined as a path and only the rest is globbed, because ``Path.glob`` does not treat
+    ``..`` alike on every Python version."""
+    parts = Path(pattern).parts
+    literal = 0
+    while literal < len(parts) - 1 and not glob.has_magic(parts[literal]):
+        literal += 1
+    base = folder.joinpath(*parts[:literal])
+    rest = Path(*parts[literal:]).as_posix()
+    if not glob.has_magic(rest):
+        return [base / rest] if (base / rest).is_file() else []
+    return sorted(p for p in base.glob(rest) if p.is_file())
+
+
 def discover(adr: Path, regions: Sequence[Region]) -> list[Path]:
     """The results files named by the regions' ``results=`` globs, relative to the ADR."""
     found: set[Path] = set()
     for region in regions:
         pattern = region.params.get("results")
         if pattern:
-            found.update(p for p in adr.parent.glob(pattern) if p.is_file())
+            found.update(expand_results(adr.parent, pattern))
     return sorted(found)
 
 

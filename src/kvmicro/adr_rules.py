@@ -68,6 +68,23 @@ FILTERS: dict[str, str] = {
 }
 
 
+def backend_of(rec: Record) -> str:
+    """The backend a rule groups by, options included (``flashinfer:cuda[tensor_cores=true]``):
+    two variants of one backend are two arms, never one arm with two records per shape."""
+    from .record import backend_label
+
+    try:
+        return backend_label(rec)
+    except KvmicroError:   # a synthetic or damaged record still has its backend field
+        return str(rec.get("backend"))
+
+
+def _backend_matches(rec: Record, wanted: set[str]) -> bool:
+    """``backend=`` filter: a plain name matches every variant, a spec with options only
+    itself."""
+    return str(rec.get("backend")) in wanted or backend_of(rec) in wanted
+
+
 def _field_text(rec: Record, name: str) -> str:
     if name == "heads":
         return f"{rec.get('q_heads')}:{rec.get('kv_heads')}"
@@ -85,7 +102,10 @@ def select(records: Iterable[Record], params: Params) -> list[Record]:
     for param, name in FILTERS.items():
         if param in params:
             wanted = {v.strip() for v in params[param].split(",") if v.strip()}
-            out = [r for r in out if _field_text(r, name) in wanted]
+            if param == "backend":
+                out = [r for r in out if _backend_matches(r, wanted)]
+            else:
+                out = [r for r in out if _field_text(r, name) in wanted]
     return out
 
 
@@ -180,13 +200,13 @@ def _need(records: Sequence[Record], what: str) -> None:
 def _by_backend(records: Iterable[Record]) -> dict[str, list[Record]]:
     out: dict[str, list[Record]] = defaultdict(list)
     for r in records:
-        out[str(r.get("backend"))].append(r)
+        out[backend_of(r)].append(r)
     return dict(sorted(out.items()))
 
 
 def _skip_reasons(records: Iterable[Record], backend: str, op: str) -> str:
     reasons = sorted({str(r.get("reason") or r.get("status")) for r in records
-                      if r.get("backend") == backend and r.get("op") == op
+                      if backend_of(r) == backend and r.get("op") == op
                       and r.get("status") != "ok"})
     return "; ".join(reasons)
 
@@ -504,39 +524,62 @@ def _contiguous_for(records: Sequence[Record]) -> dict[tuple[Any, ...], Record]:
     layout or block, so the first one in a stable order stands for its problem."""
     out: dict[tuple[Any, ...], Record] = {}
     for r in sorted(records, key=lambda r: (str(r.get("layout")), r.get("block_size") or 0)):
-        out.setdefault((r.get("backend"), problem_key(r)), r)
+        out.setdefault((backend_of(r), problem_key(r)), r)
     return out
 
 
+#: the ops whose overhead over sdpa_contiguous the crossover rule measures
+_CROSSOVER_OPS: tuple[str, ...] = ("gather_sdpa", "paged_sdpa")
+
+
 def crossover(ev: Evidence, params: Params) -> Finding:
-    """Gather-then-SDPA's overhead over contiguous SDPA by ctx, per backend, layout, block and
+    """A paged path's overhead over contiguous SDPA by ctx, per backend, layout, block and
     batch, and the crossover: the smallest ctx whose overhead exceeds ``threshold`` (percent)
     with a verdict of slower (the ratio's CI wholly beyond it). Shapes whose verdict is unsure
-    are said to be, and bound the crossover instead of moving it."""
-    selected = select(ev.records, {k: v for k, v in params.items() if k not in ("layout",
-                                                                                "block")})
+    are said to be, and bound the crossover instead of moving it. The paged path is ``op``:
+    gather-then-SDPA by default, or ``paged_sdpa`` for what a fused kernel pays over the
+    contiguous lower bound. The base is the backend's own sdpa_contiguous (``base=own``) or,
+    with ``base=fastest``, the fastest ok sdpa_contiguous of any backend on the same problem
+    (for a backend without a contiguous op of its own, and for the device's lower bound)."""
+    op = _param(params, "op", "gather_sdpa")
+    if op not in _CROSSOVER_OPS:
+        raise MissingEvidence(f"crossover: op={op} is not a paged attention op "
+                              f"({', '.join(_CROSSOVER_OPS)})")
+    base_mode = _param(params, "base", "own")
+    if base_mode not in ("own", "fastest"):
+        raise MissingEvidence(f"crossover: base={base_mode} is neither own nor fastest")
+    ignored = ("layout", "block") + (("backend",) if base_mode == "fastest" else ())
+    selected = select(ev.records, {k: v for k, v in params.items() if k not in ignored})
     contiguous = _contiguous_for(_ok(selected, ["sdpa_contiguous"]))
-    gathered = _ok(select(ev.records, params), ["gather_sdpa"])
-    _need(gathered, "gather_sdpa")
+    fastest: dict[tuple[Any, ...], Record] = {}
+    for (_, problem), r in sorted(contiguous.items(), key=lambda kv: str(kv[0][0])):
+        if problem not in fastest or _median(r) < _median(fastest[problem]):
+            fastest[problem] = r
+    gathered = _ok(select(ev.records, params), [op])
+    _need(gathered, op)
     _need(list(contiguous.values()), "sdpa_contiguous")
     _single(gathered, "timer")
     _single(gathered, "cache")
     threshold = _threshold(params, "15")
     groups: dict[tuple[Any, ...], list[Record]] = defaultdict(list)
     for r in gathered:
-        groups[(r.get("backend"), r.get("layout"), r.get("block_size"),
+        groups[(backend_of(r), r.get("layout"), r.get("block_size"),
                 int(r.get("batch", 1)))].append(r)
     ctxs = sorted({ctx_text(r) for r in gathered}, key=lambda c: [int(x) for x in c.split("+")])
     rows, used = [], list(gathered)
+    bases: dict[str, int] = {}
     for (backend, layout, block, batch), recs in sorted(groups.items(), key=str):
         cells = dict.fromkeys(ctxs, "")
         verdicts: list[tuple[str, Verdict]] = []
         for r in sorted(recs, key=lambda r: sum(_ctx(r))):
-            base = contiguous.get((backend, problem_key(r)))
+            base = fastest.get(problem_key(r)) if base_mode == "fastest" else \
+                contiguous.get((backend, problem_key(r)))
             if base is None:
-                raise MissingEvidence(f"crossover: no ok sdpa_contiguous on {backend} for "
-                                      f"{_shape_label(r)} (gather_sdpa has one)")
+                where = "any backend" if base_mode == "fastest" else backend
+                raise MissingEvidence(f"crossover: no ok sdpa_contiguous on {where} for "
+                                      f"{_shape_label(r)} ({op} has one)")
             used.append(base)
+            bases[backend_of(base)] = bases.get(backend_of(base), 0) + 1
             v = compare_records(r, base, threshold=threshold)
             mark = {"slower": "over", "same": "under", "faster": "below contiguous"}.get(
                 v.verdict, "unsure")
@@ -546,8 +589,11 @@ def crossover(ev: Evidence, params: Params) -> Finding:
                      _crossover_text(verdicts, threshold)])
     table = _table(["backend", "layout", "block", "batch", *(f"ctx {c}" for c in ctxs),
                     f"crossover (> +{threshold * 100:g}%)"], rows, "lrrr" + "r" * len(ctxs) + "l")
-    head = (f"Overhead of gather_sdpa over sdpa_contiguous of the same shape (ratio of medians "
-            f"- 1, 95% CI); over/under: the CI lies wholly beyond/inside ±{threshold * 100:g}%.")
+    base_text = "sdpa_contiguous of the same shape" if base_mode == "own" else (
+        "the fastest sdpa_contiguous of any backend on the same shape ("
+        + ", ".join(f"{b} on {n}" for b, n in sorted(bases.items())) + " comparisons)")
+    head = (f"Overhead of {op} over {base_text} (ratio of medians - 1, 95% CI); over/under: "
+            f"the CI lies wholly beyond/inside ±{threshold * 100:g}%.")
     return Finding(head + "\n\n" + table, used)
 
 
@@ -630,7 +676,7 @@ def block_size(ev: Evidence, params: Params) -> Finding:
     threshold = _threshold(params, "5")
     groups: dict[tuple[Any, ...], list[Record]] = defaultdict(list)
     for r in records:
-        groups[(str(r.get("backend")), str(r.get("op")), str(r.get("layout")))].append(r)
+        groups[(backend_of(r), str(r.get("op")), str(r.get("layout")))].append(r)
     rows, decisions = [], []
     for (backend, op, layout), recs in sorted(groups.items()):
         arms = _arms(recs, lambda r: int(r.get("block_size")),
@@ -677,7 +723,7 @@ def append_cost(ev: Evidence, params: Params) -> Finding:
     cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     columns = sorted({(int(r.get("batch", 1)), int(r.get("block_size") or 0)) for r in records})
     for r in records:
-        cells[(str(r.get("backend")), str(r.get("layout")))][
+        cells[(backend_of(r), str(r.get("layout")))][
             f"b{r.get('batch')} bs{r.get('block_size')}"].append(_median(r))
     names = [f"b{b} bs{s}" for b, s in columns]
     rows = [[backend, layout, *(fmt_us(geomean(per[n])) if per.get(n) else "" for n in names)]
@@ -696,7 +742,7 @@ def native_vs_peer(ev: Evidence, params: Params) -> Finding:
     selected = select(ev.records, params)
     op = _param(params, "op", "paged_sdpa")
     peer_op = _param(params, "peer_op", op)
-    backends = sorted({str(r.get("backend")) for r in selected})
+    backends = sorted({backend_of(r) for r in selected})
     natives = [b.strip() for b in _param(params, "native", ",".join(
         b for b in backends if b.startswith("native:"))).split(",") if b.strip()]
     peers = [b.strip() for b in _param(params, "peers", ",".join(
@@ -704,8 +750,8 @@ def native_vs_peer(ev: Evidence, params: Params) -> Finding:
     if not natives:
         raise MissingEvidence("native-vs-peer: no native backend in the selected evidence")
     threshold = _threshold(params, "5")
-    native_recs = [r for r in _ok(selected, [op]) if r.get("backend") in natives]
-    peer_recs = [r for r in _ok(selected, [peer_op]) if r.get("backend") in peers]
+    native_recs = [r for r in _ok(selected, [op]) if backend_of(r) in natives]
+    peer_recs = [r for r in _ok(selected, [peer_op]) if backend_of(r) in peers]
     _need(native_recs, f"{op} of {', '.join(natives)}")
     if not peer_recs:
         why = "; ".join(f"{p}: {_skip_reasons(selected, p, peer_op)}" for p in peers
@@ -715,7 +761,7 @@ def native_vs_peer(ev: Evidence, params: Params) -> Finding:
     _single([*native_recs, *peer_recs], "timer")
     _single([*native_recs, *peer_recs], "cache")
     fastest: dict[tuple[Any, ...], Record] = {}
-    for r in sorted(peer_recs, key=lambda r: str(r.get("backend"))):
+    for r in sorted(peer_recs, key=backend_of):
         k = pool_key(r)
         if k not in fastest or _median(r) < _median(fastest[k]):
             fastest[k] = r
@@ -723,7 +769,7 @@ def native_vs_peer(ev: Evidence, params: Params) -> Finding:
              f"and problem (ratio native / peer; verdict at ±{threshold * 100:g}%).", ""]
     rows, used = [], []
     for native in natives:
-        mine = {pool_key(r): r for r in native_recs if r.get("backend") == native}
+        mine = {pool_key(r): r for r in native_recs if backend_of(r) == native}
         missing = sorted(set(mine) - set(fastest), key=str)
         if missing:
             example = mine[missing[0]]
@@ -736,7 +782,7 @@ def native_vs_peer(ev: Evidence, params: Params) -> Finding:
         tally = Tally(tuple(verdicts))
         wins: dict[str, int] = defaultdict(int)
         for k in keys:
-            wins[str(fastest[k].get("backend"))] += 1
+            wins[backend_of(fastest[k])] += 1
         lo, hi = tally.ratio_range
         lines.append(f"- **{native}** is {tally.overall} ({tally.counts_text()}): "
                      f"{fmt_ratio(tally.ratio)} of the fastest peer (geometric mean; per-case "
@@ -745,7 +791,7 @@ def native_vs_peer(ev: Evidence, params: Params) -> Finding:
         for k, v in zip(keys, verdicts, strict=True):
             r, p = mine[k], fastest[k]
             rows.append([native, str(r.get("layout")), str(r.get("block_size")),
-                         _shape_label(r), fmt_us(_median(r)), str(p.get("backend")),
+                         _shape_label(r), fmt_us(_median(r)), backend_of(p),
                          fmt_us(_median(p)), f"{fmt_ratio(v.ratio)} {fmt_ci(v.ratio_ci)}",
                          v.verdict])
     lines += ["", "<details><summary>per case</summary>", "",
@@ -760,8 +806,8 @@ RULES: dict[str, Rule] = {rule.key: rule for rule in (
          {"op": "all", "columns": "median_us,overhead_pct"}),
     Rule("layout-choice", layout_choice, "fastest pool layout per backend",
          {"op": "gather_sdpa", "threshold": "5"}),
-    Rule("crossover", crossover, "gather overhead by ctx and the crossover ctx per batch",
-         {"threshold": "15"}),
+    Rule("crossover", crossover, "paged overhead over contiguous SDPA by ctx, and the "
+         "crossover ctx per batch", {"op": "gather_sdpa", "base": "own", "threshold": "15"}),
     Rule("fused-vs-gather", fused_vs_gather, "paged_sdpa / gather_sdpa by ctx and batch",
          {"threshold": "5"}),
     Rule("block-size", block_size, "each block size against the smallest",
@@ -780,5 +826,5 @@ def get_rule(key: str) -> Rule:
 
 
 __all__ = ["FILTERS", "RULES", "Evidence", "Finding", "MissingEvidence", "Rule", "Tally",
-           "check_params", "geomean", "get_rule", "policy_name", "pool_key", "problem_key",
-           "select"]
+           "backend_of", "check_params", "geomean", "get_rule", "policy_name", "pool_key",
+           "problem_key", "select"]
