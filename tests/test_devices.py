@@ -438,6 +438,9 @@ def test_the_command_line_refuses_agreement_without_devices(tmp_path: Path) -> N
                  "--out", str(tmp_path / "x.jsonl")]) == 2
     assert main(["sweep", "--preset", "smoke", "--backend", "native:cpu", "--devices",
                  "cuda:0,cpu:1", "--dry-run"]) == 2
+    assert main(["sweep", "--preset", "smoke", "--backend", "native:cpu", "--devices",
+                 "cpu:0,cpu:1", "--agreement-threshold", "-1", "--dry-run"]) == 2
+    assert main(["agree", str(tmp_path / "missing.jsonl")]) == 2
 
 
 def test_without_devices_records_name_no_device(tmp_path: Path) -> None:

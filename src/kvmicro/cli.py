@@ -257,6 +257,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     MeasureConfig(**measure).make_criterion()   # bad sampling settings fail here, not per case
     lanes = None
     devices = None
+    if not 0 <= args.agreement_threshold < 100:
+        raise InvalidCase(f"--agreement-threshold {args.agreement_threshold} must be >= 0 and "
+                          "< 100 (percent)")
     if args.devices:
         from .devices import check_backends, deal, parse_devices
 
