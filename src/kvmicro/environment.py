@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .backends.common import usable_cores
+
 #: vector features that decide which kernel paths a CPU can take
 VECTOR_FLAGS: tuple[str, ...] = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16",
                                  "avx512_fp16", "amx_tile", "neon", "sve", "sve2")
@@ -125,14 +127,6 @@ def memory_bytes() -> dict[str, int]:
         except (ValueError, OSError, AttributeError):
             total = 0
     return {"total": total, "available": available}
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask), else the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))  # type: ignore[attr-defined]
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def framework_versions() -> dict[str, str | None]:

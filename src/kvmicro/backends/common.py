@@ -14,6 +14,15 @@ from ..workload import Case, Layout
 from .base import Backend, DeviceInfo
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which a pinned sweep worker narrows),
+    else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def require(backend: Backend, case: Case) -> None:
     """What every ``prepare`` checks first: ``backend`` can run here (else :class:`Unsupported`
     with the reason) and supports ``case``."""
@@ -112,7 +121,7 @@ def host_device_info(threads: int | None = None) -> DeviceInfo:
                     break
     except OSError:
         pass
-    threads = threads or os.cpu_count() or 1
+    threads = threads or usable_cores()
 
     def sysconf(key: str) -> int:
         try:

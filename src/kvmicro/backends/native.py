@@ -22,7 +22,7 @@ from ..dtypes import from_bits16, to_bits16
 from ..errors import InvalidCase, Unsupported
 from ..workload import OPS, Case, Layout
 from .base import PRIORITY_OPTION, Availability, Backend, DeviceInfo, Option, Prepared
-from .common import require
+from .common import require, usable_cores
 from .nvml import sm_clock, sm_clock_status
 
 _ARRAY_ARGS = ("q", "k_pool", "v_pool", "block_table", "ctx", "k_dense", "v_dense", "k_new",
@@ -218,9 +218,11 @@ class _NativeBackend(Backend):
         variant = {key: self.OPTIONS[key].canonical(value) for key, value in options.items()}
         reads = _READS[case.op]
         args = [to_native(arrays[k], case.dtype, k) if k in reads else None for k in _ARRAY_ARGS]
+        # a CPU pool gets one thread per core this process may use (a pinned worker has one)
+        threads = self.threads or (usable_cores() if self.device == "cpu" else 0)
         op = load_native().prepare(
             self.device, case.op, case.layout, case.dtype, case.block_size, case.softmax_scale,
-            *args, copies=copies, threads=self.threads, index=self.index, priority=priority,
+            *args, copies=copies, threads=threads, index=self.index, priority=priority,
             options=variant)
         prepared = NativePrepared(case, op, self.timers)
         prepared.sm_clock = self._sm_clock()
@@ -248,7 +250,7 @@ class NativeCpuBackend(_NativeBackend):
         return Availability(True, f"{features['simd']} kernels, {features['threads']} threads")
 
     def device_info(self) -> DeviceInfo:
-        threads = self.threads or os.cpu_count() or 1
+        threads = self.threads or usable_cores()
         extra: dict[str, Any] = {"machine": platform.machine()}
         if not _import_problem():
             extra["cpu_features"] = dict(load_native().cpu_features())
