@@ -140,6 +140,34 @@ def _pin_xdist_worker(config: pytest.Config) -> None:
         config.option.benchmark_only = False
 
 
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under ``-n`` with devices pinned, schedule by group whatever ``--dist load`` became by
+    now (pytest 9.2 lets xdist settle the mode after this plugin's pytest_configure ran), so a
+    shape's benches share one worker and one device."""
+    if not _pinning_devices(config) or str(config.getvalue("dist")) not in ("load", "loadgroup"):
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    if not _nodeid_settable():
+        import warnings
+
+        warnings.warn("kvmicro: this pytest no longer lets pytest-xdist name a bench's group "
+                      "in its node id, so a shape's benches may run on different devices and "
+                      "their overheads against sdpa_contiguous go missing; use pytest < 9.2",
+                      stacklevel=1)
+
+    return LoadGroupScheduling(config, log)
+
+
+def _nodeid_settable() -> bool:
+    """Whether assigning ``item._nodeid`` (how pytest-xdist's loadgroup names groups) still
+    changes ``item.nodeid``: true before pytest 9.2, which derives the node id from ``_id``."""
+    from _pytest.nodes import Node
+
+    return "_nodeid" in getattr(Node.nodeid, "fget", lambda self: None).__code__.co_names
+
+
 def _asked_dist(config: pytest.Config) -> str | None:
     """The ``--dist`` mode the command line names, None when it names none."""
     args = list(config.invocation_params.args)
@@ -170,9 +198,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         bench.disabled = False
         json_file = getattr(bench, "json", None)
         if json_file is not None:   # each worker writes PATH-gwN; the controller joins them
-            name = getattr(json_file, "name", None)
-            json_file.close()
-            bench.json = open(_worker_json(str(name), _xdist_worker_number() or 0), "wb")
+            worker = _xdist_worker_number() or 0
+            if hasattr(json_file, "close"):   # pytest-benchmark < 5.3 opens the file itself
+                name = getattr(json_file, "name", None)
+                json_file.close()
+                bench.json = open(_worker_json(str(name), worker), "wb")
+            else:                             # 5.3 and later keep the path and open it at save
+                from pathlib import Path
+
+                bench.json = Path(_worker_json(str(json_file), worker))
 
 
 def _worker_json(path: str, worker: int) -> str:
@@ -195,14 +229,19 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     if not getattr(config, _ONLY_KEY, False) and not _pinning_devices(config):
         return
-    path = str(getattr(bench.json, "name", ""))
+    # pytest-benchmark < 5.3 holds an open file, 5.3 and later its path
+    path = str(bench.json if isinstance(bench.json, Path) else bench.json.name)
     parts = sorted(Path(path).parent.glob(f"{Path(path).stem}-gw*{Path(path).suffix}"))
     docs = [json.loads(p.read_text()) for p in parts if p.stat().st_size]
     if not docs:
         return
     joined = {**docs[0], "benchmarks": [b for d in docs for b in d.get("benchmarks", [])]}
-    bench.json.write(json.dumps(joined, indent=4).encode())
-    bench.json.close()
+    data = json.dumps(joined, indent=4).encode()
+    if hasattr(bench.json, "write"):
+        bench.json.write(data)
+        bench.json.close()
+    else:
+        Path(path).write_bytes(data)
     bench.json = None   # written: pytest-benchmark must not write its empty report over it
     for p in parts:
         p.unlink()
