@@ -49,8 +49,11 @@ MLX_OPS: tuple[str, ...] = ("sdpa_contiguous", "gather", "gather_sdpa", "paged_s
 #: the append routes (case option ``append``): both return a new pool, neither is in place
 APPEND_ROUTES: tuple[str, ...] = ("indexed", "slice_update")
 
-#: the checkout's metal/ directory, whose kernel source mlx:gpu's paged_sdpa runs
-METAL_DIR = Path(__file__).resolve().parents[3] / "metal"
+#: where the kernel source mlx:gpu's paged_sdpa runs lies: the copy an installed wheel carries
+#: (kvmicro/kernels/metal, see CMakeLists.txt), else the checkout's metal/ directory
+_INSTALLED_METAL = Path(__file__).resolve().parents[1] / "kernels" / "metal"
+METAL_DIR = _INSTALLED_METAL if _INSTALLED_METAL.is_dir() else \
+    Path(__file__).resolve().parents[3] / "metal"
 
 
 def import_mlx() -> Any:
@@ -100,7 +103,8 @@ def metal_kernel_header() -> str:
     source = METAL_DIR / "decode_attention.h"
     if not source.exists():
         raise Unsupported(f"[paged_sdpa] mlx:gpu runs kvmicro's Metal kernel source, which is not "
-                          f"here ({source} is missing: an installed wheel does not carry metal/)")
+                          f"here ({source} is missing: neither the wheel's kvmicro/kernels/ nor a "
+                          f"checkout's metal/)")
     return inline(source)
 
 
