@@ -303,33 +303,28 @@ def refine(analysis: Analysis, measure: Callable[[float], Sequence[float]], *,
     def snap(v: float) -> float:
         return round(v / resolution) * resolution
 
+    def edge(normal: float, anomalous: float, log: list[dict[str, Any]], why: str) -> float:
+        """Bisect between a normal and an anomalous x (either may be the smaller); returns the
+        anomalous x nearest the normal one."""
+        for _ in range(max_probes):
+            mid = snap((normal + anomalous) / 2)
+            if mid <= min(normal, anomalous) or mid >= max(normal, anomalous):
+                break
+            if probe(mid, log, why):
+                anomalous = mid
+            else:
+                normal = mid
+        return anomalous
+
     for iv in analysis.intervals:
         log: list[dict[str, Any]] = []
         i0 = int(np.flatnonzero(xs == iv.start)[0])
         i1 = int(np.flatnonzero(xs == iv.end)[0])
         start, end = iv.start, iv.end
-        if i0 > 0:                      # normal at lo, anomalous at hi
-            lo, hi = float(xs[i0 - 1]), iv.start
-            for _ in range(max_probes):
-                mid = snap((lo + hi) / 2)
-                if mid <= lo or mid >= hi:
-                    break
-                if probe(mid, log, "left edge"):
-                    hi = mid
-                else:
-                    lo = mid
-            start = hi
-        if i1 + 1 < xs.size:            # anomalous at lo, normal at hi
-            lo, hi = iv.end, float(xs[i1 + 1])
-            for _ in range(max_probes):
-                mid = snap((lo + hi) / 2)
-                if mid <= lo or mid >= hi:
-                    break
-                if probe(mid, log, "right edge"):
-                    lo = mid
-                else:
-                    hi = mid
-            end = lo
+        if i0 > 0:
+            start = edge(float(xs[i0 - 1]), iv.start, log, "left edge")
+        if i1 + 1 < xs.size:
+            end = edge(float(xs[i1 + 1]), iv.end, log, "right edge")
         checks = [probe(at, log, "confirm") for at in dict.fromkeys((start, iv.peak, end))]
         out.append(Interval(start=start, end=end, ratio=iv.ratio, ratio_ci=iv.ratio_ci,
                             peak=iv.peak, points=iv.points, refined=True,
