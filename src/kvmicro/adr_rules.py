@@ -232,11 +232,15 @@ def fmt_ratio(x: float) -> str:
     return f"{x:.2f}x" if math.isfinite(x) else "n/a"
 
 
-def fmt_ci(ci: tuple[float, float]) -> str:
+def _fmt_interval(ci: tuple[float, float], fmt_end: Callable[[float], str]) -> str:
     lo, hi = ci
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return "[n/a]"
-    return f"[{lo:.2f}, {hi:.2f}]"
+    return f"[{fmt_end(lo)}, {fmt_end(hi)}]"
+
+
+def fmt_ci(ci: tuple[float, float]) -> str:
+    return _fmt_interval(ci, lambda x: f"{x:.2f}")
 
 
 def fmt_pct(ratio: float) -> str:
@@ -244,10 +248,7 @@ def fmt_pct(ratio: float) -> str:
 
 
 def fmt_pct_ci(ci: tuple[float, float]) -> str:
-    lo, hi = ci
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return "[n/a]"
-    return f"[{(lo - 1) * 100:+.0f}%, {(hi - 1) * 100:+.0f}%]"
+    return _fmt_interval(ci, fmt_pct)
 
 
 def geomean(values: Iterable[float]) -> float:
