@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import assert_stopped_by_ctrl_c, ctrl_c_after_records
 
 from kvmicro import oracle
 from kvmicro.agreement import agreement_lanes, agreement_points, check_agreement
@@ -452,18 +452,6 @@ def test_without_devices_records_name_no_device(tmp_path: Path) -> None:
     assert all("device_index" not in r for r in records)
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def test_ctrl_c_stops_every_devices_workers_and_keeps_the_finished_records(
         tmp_path: Path) -> None:
     here = Path(__file__).resolve().parent
@@ -479,22 +467,9 @@ def test_ctrl_c_stops_every_devices_workers_and_keeps_the_finished_records(
             "--max-time", "0.01", "--devices", cores, "--out", str(out), "-q"]
     env = {**os.environ, LOG_ENV: str(tmp_path / "log.jsonl")}   # 0.3 s per prepare
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while not (out.exists() and out.read_text().count('"type": "case"') >= 2):
-            assert proc.poll() is None and time.monotonic() < deadline, "no records appeared"
-            time.sleep(0.05)
-        workers = _children(proc.pid)
-        assert len(workers) == 2, "one worker per device"
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err.decode()
-    for pid in workers:
-        assert not Path(f"/proc/{pid}").exists() or \
-            "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], f"worker {pid} survived"
+    workers, err = ctrl_c_after_records(proc, out, 2)
+    assert len(workers) == 2, "one worker per device"
+    assert_stopped_by_ctrl_c(proc, err, workers)
     records = read_results(out)[1]
     assert 2 <= len(records) < 12 and all(r["status"] == "ok" for r in records)
 

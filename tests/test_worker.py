@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import assert_stopped_by_ctrl_c, ctrl_c_after_records
 
 from kvmicro import oracle
 from kvmicro.backends import registry
@@ -228,11 +229,6 @@ def test_stop_ends_a_child_that_ignores_its_stdin_and_sigterm() -> None:
     assert time.monotonic() - started < 5
 
 
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_ctrl_c_stops_the_workers_and_keeps_every_finished_record(tmp_path: Path) -> None:
     here = Path(__file__).resolve().parent
@@ -247,26 +243,11 @@ def test_ctrl_c_stops_the_workers_and_keeps_every_finished_record(tmp_path: Path
             "--layout", "NSHD", "--timer", "host", "--cache", "hot", "--min-samples", "5",
             "--max-time", "0.01", "--out", str(out), "-q"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        # ctx 33 comes first (4 records), then ctx 70, where latehang:cpu's gather hangs
-        while True:
-            if out.exists() and out.read_text().count('"type": "case"') >= 4:
-                break
-            assert proc.poll() is None and time.monotonic() < deadline, "no records appeared"
-            time.sleep(0.05)
-        time.sleep(0.5)   # into the hang
-        workers = _children(proc.pid)
-        assert workers, "the sweep has no worker process"
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err.decode()
-    for pid in workers:
-        assert not Path(f"/proc/{pid}").exists() or \
-            "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], f"worker {pid} survived"
+    # ctx 33 comes first (4 records), then ctx 70, where latehang:cpu's gather hangs: Ctrl-C
+    # lands 0.5 s into the hang
+    workers, err = ctrl_c_after_records(proc, out, 4, wait_s=0.5)
+    assert workers, "the sweep has no worker process"
+    assert_stopped_by_ctrl_c(proc, err, workers)
     records = read_results(out)[1]
     assert len(records) == 4 and all(r["status"] == "ok" for r in records)
     assert {r["ctx"] for r in records} == {BAD_CTX}
