@@ -121,6 +121,10 @@ CudaOp::CudaOp(const OpInputs& in, const DeviceOptions& opt)
 void CudaOp::build_args(Set& s) {
   auto ptr = [&](BufferIndex w) { return s.buf[w].get(); };
   const DenseView dense{p_.pool.kv_heads, p_.max_ctx_pad, p_.pool.head_dim};
+  // one view of this set's pools, table and lengths, read by every op's kernel arguments
+  const PagedKV kv = make_paged_kv(p_.pool, static_cast<const int32_t*>(ptr(kBufTable)),
+                                   static_cast<const int32_t*>(ptr(kBufCtx)), p_.batch,
+                                   p_.max_blocks);
   if (attn_plan_.split) {
     AttnArgs& a = s.attn;
     a.q = ptr(kBufQ);
@@ -135,10 +139,7 @@ void CudaOp::build_args(Set& s) {
     a.chunk = attn_plan_.chunk;
     a.scale_log2 = p_.scale * kLog2e;  // see AttnArgs
     s.dense = DenseSrc{ptr(kBufKDense), ptr(kBufVDense), dense};
-    s.paged = PagedSrc{ptr(kBufKPool), ptr(kBufVPool),
-                       make_paged_kv(p_.pool, static_cast<const int32_t*>(ptr(kBufTable)),
-                                     static_cast<const int32_t*>(ptr(kBufCtx)), p_.batch,
-                                     p_.max_blocks)};
+    s.paged = PagedSrc{ptr(kBufKPool), ptr(kBufVPool), kv};
   }
   if (gather_plan_.kernel) {
     GatherArgs& g = s.gather;
@@ -146,8 +147,7 @@ void CudaOp::build_args(Set& s) {
     g.v_pool = ptr(kBufVPool);
     g.k_dense = ptr(kBufKDense);
     g.v_dense = ptr(kBufVDense);
-    g.kv = make_paged_kv(p_.pool, static_cast<const int32_t*>(ptr(kBufTable)),
-                         static_cast<const int32_t*>(ptr(kBufCtx)), p_.batch, p_.max_blocks);
+    g.kv = kv;
     g.dense = dense;
     g.row_vecs = gather_plan_.row_vecs;
   }
@@ -157,8 +157,7 @@ void CudaOp::build_args(Set& s) {
     a.v_pool = ptr(kBufVPool);
     a.k_new = ptr(kBufKNew);
     a.v_new = ptr(kBufVNew);
-    a.kv = make_paged_kv(p_.pool, static_cast<const int32_t*>(ptr(kBufTable)),
-                         static_cast<const int32_t*>(ptr(kBufCtx)), p_.batch, p_.max_blocks);
+    a.kv = kv;
     a.row_units = append_plan_.row_units;
   }
 }
