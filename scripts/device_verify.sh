@@ -12,6 +12,9 @@
 #            every op on all five GPU backends (mlx:gpu measured in its own worker process: MLX's
 #            CUDA build and torch cannot share one) with the batched timer, every backend's records
 #            in one file.
+#   stage 3: run(command="scripts/device_verify.sh 3")   (within ~30 s of stage 2)
+#            native:cuda under contention, the verdict calibration on native:cuda, regimes on
+#            mlx:gpu.
 #
 # .whl comes from scripts/fetch_device_wheels.sh; .carry/mlx1 holds mlxpart.aa, .carry/mlx2
 # mlxpart.ab and mlxpart.ac (split -b 26000000 of the tarball). Logs and results go to $OUT.
@@ -53,6 +56,24 @@ if [ "$stage" = 1 ]; then
     tests/test_peers.py tests/test_torch_backend.py >"$OUT/peers_tests.log" 2>&1
   echo "peers tests rc=$?: $(tail -1 "$OUT/peers_tests.log")"
   cat "$OUT/cuda-table.txt" | head -40
+elif [ "$stage" = 3 ]; then
+  # after stage 2, on the same warm machine: build/device, /tmp/kvmicro-site and MLX's CUDA build
+  # in /tmp/kvmicro-mlx are still there
+  source scripts/device_site.sh
+  step "contention: native:cuda, low/normal/high stream priority, 0 and 4 copy loads"
+  timeout 150 python3 -m kvmicro contention --backend native:cuda --load 4 --load-kind copy \
+    --repeats 15 --warmup 2 --out "$OUT/h200-contention-native-cuda-copy.jsonl" \
+    >"$OUT/contention.log" 2>&1
+  echo "contention rc=$?"; tail -12 "$OUT/contention.log"
+  step "verdict calibration: native:cuda, device timer, 3 identical sweeps"
+  timeout 200 python3 scripts/calibrate_verdicts.py --backend native:cuda --repeats 3 \
+    --max-time 0.5 --out "$OUT/calibration" >"$OUT/calibration.log" 2>&1
+  echo "calibration rc=$?"; tail -8 "$OUT/calibration.log"
+  step "regimes: mlx:gpu (MLX's CUDA build, a process without torch)"
+  PYTHONPATH="$PYTHONPATH:/tmp/kvmicro-mlx" timeout 170 python3 -m kvmicro regimes \
+    --backend mlx:gpu --model gpt2 --budgets 8:128:8 --runs 6 --warmup 1 \
+    --out "$OUT/h200-regimes-gpt2-mlx-gpu.jsonl" >"$OUT/regimes-mlx.log" 2>&1
+  echo "regimes rc=$?"; tail -12 "$OUT/regimes-mlx.log"
 else
   cp .carry/mlx2/* /tmp/ 2>/dev/null
   source scripts/device_site.sh
