@@ -329,7 +329,7 @@ def test_noiseless_device_samples_converge_at_min_samples():
     m = measure(FakeDevice(per_op_us=5.0), quick(timer="device", min_samples=12), HotCache())
     assert m.stats.n == 12 and m.criterion == {
         "name": "ci-median", "params": {"noise": 0.02, "min_samples": 12}, "converged": True,
-        "why_not": ""}
+        "met": True, "why_not": ""}
 
 
 def test_noisy_samples_stop_at_max_samples_and_say_which_condition_failed():

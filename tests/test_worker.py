@@ -287,6 +287,8 @@ def test_a_shape_groups_cases_are_measured_in_interleaved_rounds(test_backends: 
     assert [r["op"] for r in records] == [p.case.op for p in points]   # in point order
     assert all(r["status"] == "ok" for r in records)
     assert all(r["interleaved_cases"] == 3 and r["rounds"]["count"] >= 3 for r in records)
+    # one chunk, one interleave group: a verdict between two of them pairs their rounds
+    assert len({r["rounds"]["group"] for r in records}) == 1
     spans = _spans(RUNS)
     # every case was still being sampled after the others had started: the spans overlap
     assert max(lo for lo, _ in spans.values()) < min(hi for _, hi in spans.values())
@@ -297,6 +299,7 @@ def test_a_shape_groups_cases_are_measured_in_interleaved_rounds(test_backends: 
     RUNS.clear()
     records = list(runner.run_group(points, interleave=False))
     assert all(r["status"] == "ok" and "interleaved_cases" not in r for r in records)
+    assert all("group" not in r["rounds"] for r in records)
     spans = sorted(_spans(RUNS).values())
     assert all(a[1] < b[0] for a, b in itertools.pairwise(spans))   # one after another
 

@@ -10,7 +10,10 @@ pair's verdict is :func:`kvmicro.verdict.compare_records`'s: faster or slower on
 Mann-Whitney U test on the samples rejects at alpha 0.01 *and* the bootstrap 95% CI of the median
 ratio (and every pairing of the two sides' round medians) lies beyond the threshold; same when
 that CI lies inside it; unsure otherwise, and always when either record did not converge or is
-flagged noisy, few-samples, host-busy or rounds-disagree.
+flagged noisy, few-samples, host-busy or rounds-disagree. Two records from one sweep whose rounds
+were interleaved (``compare_backends`` within one file: the same ``rounds.group``) get the paired
+rule instead: the 99% t-interval of their round-by-round ratios beyond or inside the threshold,
+with drift common to both (``rounds-disagree``) no longer gating (kvmicro.verdict).
 
 A case that was ok in BASE and is an error in NEW is ``broken`` (ok in NEW only: ``fixed``;
 neither ok: ``n/a``). The exit status (:attr:`CompareResult.exit_code`) is 2 when nothing matched,
@@ -234,7 +237,9 @@ def render(result: CompareResult, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
                   key=lambda c: (-c.change_pct if math.isfinite(c.change_pct) else -math.inf))
     # across backends: name the base that each case was compared with
     across = any(_label_of(c.base) != _label_of(c.new) for c in rows)
-    header = ["case", "base µs", "new µs", "ratio [95% CI]", "change", "p", "verdict"]
+    paired = any(c.detail is not None and c.detail.paired_rounds for c in rows)
+    header = ["case", "base µs", "new µs", "ratio [CI]" if paired else "ratio [95% CI]",
+              "change", "p", "verdict"]
     if across:
         header.insert(1, "base")
     table = []
@@ -270,7 +275,9 @@ def render(result: CompareResult, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
     summary = ", ".join(f"{v} {counts[v]}" for v in VERDICTS if counts[v])
     lines.append(f"{len(result.comparisons)} matched cases: {summary or 'none'} "
                  f"(threshold {threshold_pct:g}%: faster/slower need Mann-Whitney p < 0.01 and "
-                 "the ratio's 95% CI beyond it)")
+                 "the ratio's 95% CI beyond it"
+                 + ("; records of one sweep's interleaved rounds: the 99% t-interval of their "
+                    "round-by-round ratios beyond it" if paired else "") + ")")
     if explain and counts["unsure"]:
         why: Counter[str] = Counter(_reason_kind(c.reason) for c in result.comparisons
                                     if c.verdict == "unsure")

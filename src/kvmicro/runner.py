@@ -11,6 +11,7 @@ an error record; nothing raises out of :meth:`Runner.run_case` but Ctrl-C.
 from __future__ import annotations
 
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -433,6 +434,9 @@ class Runner:
     def _run_interleaved(self, chunk: list[list[Point]]) -> Iterator[dict[str, Any]]:
         from .harness.measure import Sampler
 
+        # names this chunk's interleaved rounds in its records (rounds.group): two records of
+        # one group took their round i in the same pass, and a verdict may pair them
+        group = uuid.uuid4().hex[:16]
         records: dict[int, dict[str, Any]] = {}      # by position in the chunk's points
         samplers: dict[int, tuple[Point, _Prepared, Any]] = {}
         held: list[_Prepared] = []
@@ -453,8 +457,8 @@ class Runner:
                             _no_timer(p, ready.prepared))
                     else:
                         try:
-                            samplers[position] = (p, ready, Sampler(ready.prepared,
-                                                                    self.config(p), policy))
+                            samplers[position] = (p, ready, Sampler(
+                                ready.prepared, self.config(p), policy, interleave_group=group))
                         except KvmicroError as exc:
                             records[position] = self._failed(p, ready.prepared, ready.check,
                                                              ready.timings, *failure(exc))

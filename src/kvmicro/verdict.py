@@ -21,8 +21,35 @@ rules) goes through this module, so one rule decides everywhere:
   around a median that is nevertheless well known) does not gate: what a verdict needs is the
   median, and the test and the ratio CI already account for the spread.
 
+**The paired rule** (:func:`compare_paired`) replaces the above when the two records' rounds
+were interleaved: both carry the same ``rounds.group`` (one runner chunk of a shape group, or
+one calibration sweep: round i of every member was taken in pass i; :class:`~kvmicro.harness.
+measure.Sampler`) and share at least :data:`MIN_PAIRED_ROUNDS` round numbers (``rounds.index``).
+The host's drift between passes then hits round i of both alike, so it is compared round by
+round (a blocked design) instead of being charged to both records:
+
+- ``r_i = median(new round i) / median(base round i)`` over the rounds both kept;
+  ``ratio = exp(mean log r_i)``; ``ratio_ci`` the ``1 - alpha`` (99% at the default alpha)
+  Student t-interval of ``mean log r_i`` (n - 1 degrees of freedom), mapped back by ``exp``;
+  ``p_value`` the paired t-test of ``mean log r_i = 0``. Drift within a pass (the host changing
+  speed between the two records' rounds) shows as spread of the ``r_i`` and widens the interval.
+- **faster** / **slower**: that interval lies entirely beyond ``[1 - threshold, 1 + threshold]``
+  (a one-sided t-test at ``alpha / 2`` on each side, so under the test's assumptions a false
+  faster or slower is at most ``alpha`` whatever the noise); **same**: it lies inside;
+- otherwise, when neither record shows drift (both pass the unpaired gates), the unpaired rule's
+  verdict; else **unsure**.
+- gates: ``rounds-disagree`` (drift the pairing removes) no longer gates, nor ``not-converged``
+  when it came from the disagreeing rounds alone (the record's ``criterion.met``: the stopping
+  criterion itself was met); everything else still does: status, ``noisy``, ``few-samples``,
+  ``host-busy``, a criterion that was not met, fewer than :data:`MIN_SAMPLES` samples a side.
+
+Records of different sweeps or files, of chunks measured apart, or sharing fewer than
+:data:`MIN_PAIRED_ROUNDS` rounds get the unpaired rule, unchanged: across sweeps nothing pairs
+a round of one with a round of the other, so no rule can tell a code change from the machine's
+drift between the two runs.
+
 ``threshold`` is the smallest change worth naming (pyperf's ``--min-speed``), a fraction: 0.05
-means 5%. docs/methodology.md reports this rule's false-verdict and detection rates measured on
+means 5%. docs/methodology.md reports both rules' false-verdict and detection rates measured on
 the development machine (``scripts/calibrate_verdicts.py``).
 """
 
@@ -54,6 +81,8 @@ MIN_SAMPLES = 5
 #: describes single samples, not how well the median is known)
 UNTRUSTED_FLAGS: tuple[str, ...] = ("noisy", "not-converged", "few-samples", "host-busy",
                                     "rounds-disagree")
+#: fewest rounds two interleaved records must share for the paired rule
+MIN_PAIRED_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -61,14 +90,19 @@ class Verdict:
     """The verdict for ``new`` against ``base``: "faster" means new takes less time."""
 
     verdict: str
-    #: median(new) / median(base)
+    #: median(new) / median(base); paired: the geometric mean of the round-median ratios
     ratio: float
-    #: 95% CI of that ratio
+    #: the CI of that ratio the verdict was decided on, at ``level``
     ratio_ci: tuple[float, float]
-    #: two-sided Mann-Whitney U p-value (None when no test ran)
+    #: two-sided p-value of the test: Mann-Whitney U, or paired: the t-test of mean log r_i = 0
+    #: (None when no test ran)
     p_value: float | None
     #: why unsure, or what decided it, in words
     reason: str
+    #: rounds paired by the paired rule (0: the unpaired rule decided)
+    paired_rounds: int = 0
+    #: the confidence level of ``ratio_ci``
+    level: float = RATIO_CI_LEVEL
 
     @property
     def change_pct(self) -> float:
@@ -76,7 +110,8 @@ class Verdict:
 
     def to_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "ratio": self.ratio, "ratio_ci": list(self.ratio_ci),
-                "p_value": self.p_value, "reason": self.reason}
+                "p_value": self.p_value, "reason": self.reason,
+                "paired_rounds": self.paired_rounds, "level": self.level}
 
 
 # ------------------------------------------------------------------------------- the test
@@ -114,6 +149,51 @@ def mann_whitney_u(x: Sequence[float], y: Sequence[float]) -> tuple[float, float
     mean = n1 * n2 / 2.0
     z = max(abs(u - mean) - 0.5, 0.0) / math.sqrt(var)
     return u, min(1.0, 2.0 * _normal_sf(z))
+
+
+def _t_central(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's T with ``df`` (integer >= 1) degrees of freedom, exactly: the
+    finite series in theta = atan(t / sqrt(df)) (Abramowitz & Stegun 26.7.3-4)."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2, sin = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2 == 0:          # sin(theta) (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ... up to c^(df-2))
+        term = total = 1.0
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        return min(1.0, sin * total)
+    if df == 1:
+        return 2.0 * theta / math.pi
+    term = total = 1.0       # 2/pi (theta + sin cos (1 + 2/3 c^2 + ... up to c^(df-3)))
+    for k in range(1, (df - 1) // 2):
+        term *= c2 * (2 * k) / (2 * k + 1)
+        total += term
+    return min(1.0, 2.0 / math.pi * (theta + sin * math.cos(theta) * total))
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """The two-sided p-value ``P(|T| >= |t|)`` of Student's t with ``df`` degrees of freedom."""
+    return max(0.0, 1.0 - _t_central(t, df))
+
+
+def t_quantile(level: float, df: int) -> float:
+    """The ``t`` with ``P(|T| <= t) = level`` (the half-width factor of a two-sided ``level``
+    t-interval), by bisection on the exact distribution."""
+    if not 0 < level < 1 or df < 1:
+        raise InvalidCase(f"[verdict] t quantile needs 0 < level < 1 and df >= 1 (got {level}, "
+                          f"{df})")
+    lo, hi = 0.0, 1.0
+    while _t_central(hi, df) < level:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if _t_central(mid, df) < level:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    return hi
 
 
 # -------------------------------------------------------------------------- the interval
@@ -251,6 +331,52 @@ def compare_samples(new_us: Sequence[float], base_us: Sequence[float], *,
                    f"{ci} beyond {band}; Mann-Whitney p {p:.2g} < {alpha:g}")
 
 
+def compare_paired(new_round_medians: Sequence[float], base_round_medians: Sequence[float], *,
+                   threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA,
+                   new_n: int | None = None, base_n: int | None = None) -> Verdict:
+    """The paired rule (module docstring) on the medians of rounds taken in the same passes:
+    ``new_round_medians[i]`` and ``base_round_medians[i]`` were taken in the same pass.
+    ``new_n``/``base_n``: the samples behind each side (fewer than :data:`MIN_SAMPLES`:
+    unsure). Unsure also with fewer than :data:`MIN_PAIRED_ROUNDS` pairs, or when the interval
+    straddles a threshold (the caller may then fall back to the unpaired rule)."""
+    _check_threshold(threshold, alpha)
+    new = _clean(new_round_medians, "new round-median")
+    base = _clean(base_round_medians, "base round-median")
+    level = 1.0 - alpha
+    nan_ci = (math.nan, math.nan)
+    if new.size != base.size:
+        raise InvalidCase(f"[verdict] paired rounds need as many new as base round medians (got "
+                          f"{new.size}, {base.size})")
+    n = int(new.size)
+    if n < MIN_PAIRED_ROUNDS:
+        return Verdict("unsure", math.nan, nan_ci, None,
+                       f"{n} paired rounds (the paired rule needs {MIN_PAIRED_ROUNDS})", n, level)
+    logs = np.log(new) - np.log(base)
+    mean = float(logs.mean())
+    sd = float(logs.std(ddof=1))
+    half = t_quantile(level, n - 1) * sd / math.sqrt(n)
+    ratio, lo, hi = math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+    if sd > 0:
+        p: float | None = t_two_sided_p(mean / (sd / math.sqrt(n)), n - 1)
+    else:
+        p = 1.0 if mean == 0 else 0.0
+    ci = (f"paired over {n} interleaved rounds: ratio {ratio:.3f} (geometric mean of the "
+          f"round-median ratios), {level * 100:g}% t-interval [{lo:.3f}, {hi:.3f}]")
+    band = f"±{threshold * 100:g}%"
+    sizes = [v for v in (new_n, base_n) if v is not None]
+    if sizes and min(sizes) < MIN_SAMPLES:
+        return Verdict("unsure", ratio, (lo, hi), p,
+                       f"too few samples (new {new_n}, base {base_n}; a verdict needs "
+                       f"{MIN_SAMPLES} on each side); {ci}", n, level)
+    if 1.0 - threshold <= lo and hi <= 1.0 + threshold:
+        return Verdict("same", ratio, (lo, hi), p, f"{ci} inside {band}", n, level)
+    if lo > 1.0 + threshold or hi < 1.0 - threshold:
+        word = "slower" if ratio > 1.0 else "faster"
+        return Verdict(word, ratio, (lo, hi), p,
+                       f"{ci} beyond {band}; paired t p {p:.2g}", n, level)
+    return Verdict("unsure", ratio, (lo, hi), p, f"{ci} straddles the {band} band", n, level)
+
+
 # ------------------------------------------------------------------------------- records
 
 
@@ -263,16 +389,30 @@ def _converged(rec: Mapping[str, Any]) -> bool | None:
     return value
 
 
-def untrusted_reason(rec: Mapping[str, Any]) -> str:
-    """Why a record may not yield faster or slower ("" when it may)."""
+def _criterion_met(rec: Mapping[str, Any]) -> bool:
+    """Whether the record's stopping criterion itself was met (``criterion.met``; records
+    written before it existed: no)."""
+    crit = rec.get("criterion")
+    return isinstance(crit, Mapping) and crit.get("met") is True
+
+
+def untrusted_reason(rec: Mapping[str, Any], *, paired: bool = False) -> str:
+    """Why a record may not yield faster or slower ("" when it may). ``paired``: for the paired
+    rule, which excuses ``rounds-disagree`` and a ``not-converged`` that came from the
+    disagreeing rounds alone (the criterion was met)."""
     status = rec.get("status")
     if status != "ok":
         return f"status {status}"
+    excused: tuple[str, ...] = ()
+    if paired:
+        excused = ("rounds-disagree", "not-converged") if _criterion_met(rec) \
+            else ("rounds-disagree",)
     flags = rec.get("flags")
-    bad = [f for f in (flags if isinstance(flags, list) else []) if f in UNTRUSTED_FLAGS]
+    bad = [f for f in (flags if isinstance(flags, list) else [])
+           if f in UNTRUSTED_FLAGS and f not in excused]
     if bad:
         return f"flagged {', '.join(bad)}"
-    if _converged(rec) is False:
+    if _converged(rec) is False and "not-converged" not in excused:
         return "not converged"
     return ""
 
@@ -282,6 +422,45 @@ def record_rounds(rec: Mapping[str, Any]) -> list[int] | None:
     rounds = rec.get("rounds")
     sizes = rounds.get("sizes") if isinstance(rounds, Mapping) else None
     return [int(s) for s in sizes] if isinstance(sizes, list) and len(sizes) > 1 else None
+
+
+def record_round_medians(rec: Mapping[str, Any]) -> dict[int, float]:
+    """The median of each round of a record's samples, by round number (``rounds.index``);
+    empty when the record does not say which round each run of samples was taken in."""
+    rounds = rec.get("rounds")
+    samples = rec.get("samples_us")
+    if not isinstance(rounds, Mapping) or not isinstance(samples, list) or not samples:
+        return {}
+    sizes, index = rounds.get("sizes"), rounds.get("index")
+    if not (isinstance(sizes, list) and isinstance(index, list) and len(sizes) == len(index)
+            and sizes):
+        return {}
+    try:
+        sizes = [int(s) for s in sizes]
+        index = [int(i) for i in index]
+        x = np.asarray(samples, dtype=np.float64)
+    except (TypeError, ValueError):
+        return {}
+    if sum(sizes) != x.size or min(sizes) < 1 or len(set(index)) != len(index):
+        return {}
+    groups = np.split(x, np.cumsum(sizes)[:-1])
+    return {i: float(np.median(g)) for i, g in zip(index, groups, strict=True)}
+
+
+def interleaved_rounds(new: Mapping[str, Any], base: Mapping[str, Any]
+                       ) -> tuple[list[float], list[float]] | None:
+    """The two records' medians of the rounds they took in the same passes (new's, base's, in
+    round order), or None when their rounds were not interleaved: no common ``rounds.group``, or
+    fewer than :data:`MIN_PAIRED_ROUNDS` round numbers in common."""
+    groups = [r.get("rounds", {}).get("group") if isinstance(r.get("rounds"), Mapping) else None
+              for r in (new, base)]
+    if not groups[0] or groups[0] != groups[1]:
+        return None
+    new_m, base_m = record_round_medians(new), record_round_medians(base)
+    common = sorted(set(new_m) & set(base_m))
+    if len(common) < MIN_PAIRED_ROUNDS:
+        return None
+    return [new_m[i] for i in common], [base_m[i] for i in common]
 
 
 def _median_of(rec: Mapping[str, Any], samples: np.ndarray) -> float | None:
@@ -305,15 +484,21 @@ def _ci_box(new: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[float, flo
 def compare_records(new: Mapping[str, Any], base: Mapping[str, Any], *,
                     threshold: float = DEFAULT_THRESHOLD,
                     alpha: float = DEFAULT_ALPHA) -> Verdict:
-    """The verdict of two case records (dicts as results files hold them). Unsure whenever either
-    record is not ok, did not converge, or carries a flag of :data:`UNTRUSTED_FLAGS`; records
-    without samples (pytest-benchmark files) can be "same" from their CIs, never faster/slower."""
+    """The verdict of two case records (dicts as results files hold them). Records whose rounds
+    were interleaved (:func:`interleaved_rounds`) get the paired rule, others the unpaired one
+    (module docstring). Unsure whenever either record is not ok, did not converge, or carries a
+    flag of :data:`UNTRUSTED_FLAGS` (paired: but for what drift common to both explains);
+    records without samples (pytest-benchmark files) can be "same" from their CIs, never
+    faster/slower."""
     _check_threshold(threshold, alpha)
     new_x = np.asarray(new.get("samples_us") or [], dtype=np.float64)
     base_x = np.asarray(base.get("samples_us") or [], dtype=np.float64)
     new_m, base_m = _median_of(new, new_x), _median_of(base, base_x)
     ratio = new_m / base_m if new_m and base_m else math.nan
     nan_ci = (math.nan, math.nan)
+    pairs = interleaved_rounds(new, base) if new_x.size and base_x.size else None
+    if pairs is not None:
+        return _compare_interleaved(new, base, new_x, base_x, pairs, ratio, threshold, alpha)
     for side, rec in (("new", new), ("base", base)):
         why = untrusted_reason(rec)
         if why:
@@ -331,7 +516,30 @@ def compare_records(new: Mapping[str, Any], base: Mapping[str, Any], *,
                            new_rounds=record_rounds(new), base_rounds=record_rounds(base))
 
 
-__all__ = ["BOOTSTRAP_RESAMPLES", "DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "MIN_SAMPLES",
-           "UNTRUSTED_FLAGS", "VERDICTS", "Verdict", "compare_records", "compare_samples",
-           "drift_halfwidth", "mann_whitney_u", "ratio_interval", "record_rounds",
-           "untrusted_reason"]
+def _compare_interleaved(new: Mapping[str, Any], base: Mapping[str, Any], new_x: np.ndarray,
+                         base_x: np.ndarray, pairs: tuple[list[float], list[float]],
+                         ratio: float, threshold: float, alpha: float) -> Verdict:
+    """compare_records for two records whose rounds were interleaved: the paired gates, the
+    paired rule, and where it cannot decide and neither record shows drift, the unpaired rule."""
+    for side, rec in (("new", new), ("base", base)):
+        why = untrusted_reason(rec, paired=True)
+        if why:
+            ci = _ci_box(new, base) if math.isfinite(ratio) else None
+            return Verdict("unsure", ratio, ci or (math.nan, math.nan), None,
+                           f"{side} record {why}")
+    paired = compare_paired(pairs[0], pairs[1], threshold=threshold, alpha=alpha,
+                            new_n=int(new_x.size), base_n=int(base_x.size))
+    if paired.verdict != "unsure" or untrusted_reason(new) or untrusted_reason(base):
+        return paired
+    unpaired = compare_samples(new_x, base_x, threshold=threshold, alpha=alpha,
+                               new_rounds=record_rounds(new), base_rounds=record_rounds(base))
+    return Verdict(unpaired.verdict, unpaired.ratio, unpaired.ratio_ci, unpaired.p_value,
+                   f"{paired.reason}; unpaired rule (neither record drifted): "
+                   f"{unpaired.reason}")
+
+
+__all__ = ["BOOTSTRAP_RESAMPLES", "DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "MIN_PAIRED_ROUNDS",
+           "MIN_SAMPLES", "UNTRUSTED_FLAGS", "VERDICTS", "Verdict", "compare_paired",
+           "compare_records", "compare_samples", "drift_halfwidth", "interleaved_rounds",
+           "mann_whitney_u", "ratio_interval", "record_round_medians", "record_rounds",
+           "t_quantile", "t_two_sided_p", "untrusted_reason"]

@@ -138,7 +138,10 @@ class Measurement:
     #: clock fraction read after the kept samples; empty where the backend reads no clock
     clock: dict[str, Any] = field(default_factory=dict)
     #: the rounds the samples were taken in: count, sizes (consecutive runs of ``samples_us``),
-    #: medians_us, spread_pct (max - min round median over the median), agree
+    #: index (the round number, from 0, each of those runs was taken in: rounds that kept no
+    #: sample have no run), medians_us, spread_pct (max - min round median over the median),
+    #: agree; and group, when the rounds were interleaved with other cases' (the Sampler's
+    #: ``interleave_group``: records of one group took round i in the same pass)
     rounds: dict[str, Any] = field(default_factory=dict)
     #: the host-noise guard's view: guard on/off (why_off), usable_cores, loadavg, others_cores,
     #: steal_pct, wait_pct, disturbed (samples it dropped)
@@ -176,10 +179,17 @@ class Sampler:
     rounds disagree it takes more rounds. ``result()`` summarises; a case whose round medians
     disagree (their 95% t-interval, ``t sd / sqrt(R)``, is wider than ``noise`` either side of
     the median) is not converged.
+
+    ``interleave_group`` names the set of Samplers whose rounds a runner interleaves (one round
+    of each in turn, every pass, until each is done): round i of every member is taken in pass
+    i. It goes into the record (``rounds.group``, with each kept round's number in
+    ``rounds.index``) so that a comparison of two records of one group can pair their rounds
+    (kvmicro.verdict's paired rule). None: the rounds ran back to back, interleaved with nothing.
     """
 
     def __init__(self, prepared: Prepared, config: MeasureConfig, cache: CachePolicy, *,
-                 host_guard: HostGuard | None = None) -> None:
+                 host_guard: HostGuard | None = None,
+                 interleave_group: str | None = None) -> None:
         self.started = perf_counter()
         self.prepared, self.config, self.cache = prepared, config, cache
         # check, before any work
@@ -190,7 +200,10 @@ class Sampler:
             HostGuard() if config.host_guard else None)
         self.samples: list[float] = []
         self.round_sizes: list[int] = []
+        #: the round number (0-based) of each entry of round_sizes
+        self.round_index: list[int] = []
         self.rounds_taken = 0
+        self.interleave_group = interleave_group
         self.k: int | None = None
         self.warmup = 0
         self.rewarm = 0
@@ -306,14 +319,18 @@ class Sampler:
                 break
             self._sample()
         self.sampling_s += perf_counter() - round_start
-        self.rounds_taken += 1
         if self.n > before:
             self.round_sizes.append(self.n - before)
+            self.round_index.append(self.rounds_taken)
+        self.rounds_taken += 1
 
     def _rounds_summary(self) -> tuple[dict[str, Any], str]:
         """The rounds' sizes, medians and spread, and why they disagree ("" if they agree)."""
         sizes = list(self.round_sizes)
-        out: dict[str, Any] = {"count": self.rounds_taken, "sizes": sizes}
+        out: dict[str, Any] = {"count": self.rounds_taken, "sizes": sizes,
+                               "index": list(self.round_index)}
+        if self.interleave_group:
+            out["group"] = self.interleave_group
         if len(sizes) < 2:
             out.update(medians_us=[median(self.samples)], spread_pct=0.0, agree=True)
             return out, ""
@@ -348,6 +365,7 @@ class Sampler:
             # every sample was disturbed: report them, flagged, rather than nothing
             self.samples = list(self._disturbed)
             self.round_sizes = [len(self.samples)]
+            self.round_index = [0]
             last_resort = (f"every sample was disturbed by other work on the host ({reasons}): "
                            "these figures include that work")
         rounds, rounds_why = self._rounds_summary()
@@ -366,7 +384,11 @@ class Sampler:
             stats=Stats.from_samples(self.samples),
             timer=self.timer.name,
             cache=self.cache.describe(self.prepared),
-            criterion={**self.criterion.describe(), "converged": converged, "why_not": why_not},
+            # met: the stopping criterion's own verdict; converged also needs the rounds to
+            # agree and a clean sample (a paired comparison excuses disagreeing rounds only)
+            criterion={**self.criterion.describe(), "converged": converged,
+                       "met": bool(self.criterion.converged() and not last_resort),
+                       "why_not": why_not},
             k=self.k or 1,
             dropped=sum(self._dropped.values()),
             elapsed_s=perf_counter() - self.started,
