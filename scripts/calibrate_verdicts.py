@@ -6,8 +6,11 @@ planted slowdown.
    background Python loop: ``--busy``): by default the inline sweep (:func:`inline_sweep`: 28
    native:cpu cases, one kernel thread, host timer, hot cache, rounds interleaved across the
    cases), or ``--engine cli``: ``kvmicro sweep --sweep-args ...`` as a user runs it.
-2. A/A: compare every pair of those identical sweeps case by case (``compare_records``; "across"),
-   and, for the inline sweep, the two interleaved arms of each sweep ("within"): any faster or
+2. A/A: compare every pair of those identical sweeps case by case (``compare_records``; "across",
+   the unpaired rule: nothing pairs the rounds of two sweeps), and, for the inline sweep, the two
+   interleaved arms of each sweep ("within": their records share a ``rounds.group``, so
+   ``compare_records`` applies the paired rule where they share 3 rounds or more;
+   "within_unpaired": the same pairs under the unpaired rule, for comparison): any faster or
    slower verdict is false. The target is at most 1% of the matched cases.
 3. Planted slowdown: the same pairs, with every sample of the NEW record multiplied by
    ``--factor`` (default 1.3; the record's statistics scaled alike, its flags kept: spread and
@@ -34,6 +37,7 @@ import shlex
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -43,7 +47,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from kvmicro.record import record_key  # noqa: E402
 from kvmicro.results import read_results  # noqa: E402
-from kvmicro.verdict import compare_records, untrusted_reason  # noqa: E402
+from kvmicro.verdict import compare_records, interleaved_rounds, untrusted_reason  # noqa: E402
 
 DEFAULT_SWEEP = ("--backend native:cpu --preset quick --dtype float32 --cache hot")
 _SCALED_STATS = ("min_us", "max_us", "mean_us", "median_us", "trimmed_mean_us", "stdev_us",
@@ -81,7 +85,7 @@ def inline_cases(backend: str = "native:cpu") -> list[Any]:
 
 
 def inline_sweep(paths: tuple[Path, Path], max_time_s: float, threads: int,
-                 backend_name: str = "native:cpu", timer: str = "") -> None:
+                 backend_name: str = "native:cpu", timer: str = "", rounds: int = 3) -> None:
     """One sweep of :func:`inline_cases` on native:cpu with ``threads`` kernel threads (host
     timer, hot cache), or on native:cuda (device timer: CUDA events, hot cache): every case
     prepared and checked against the oracle once, then measured
@@ -101,8 +105,11 @@ def inline_sweep(paths: tuple[Path, Path], max_time_s: float, threads: int,
     backend = NativeCudaBackend() if cuda else NativeCpuBackend(threads=threads)
     config = MeasureConfig(timer=timer or ("device" if cuda else "host"), cache="hot", noise=0.05,
                            min_samples=10,
-                           max_time_s=max_time_s, warmup_count=3, warmup_time_s=0.05)
+                           max_time_s=max_time_s, warmup_count=3, warmup_time_s=0.05,
+                           rounds=rounds)
     prepared, samplers = [], []
+    # every arm's rounds are interleaved with every other's: one group, as a runner's chunk
+    group = uuid.uuid4().hex[:16]
     for case in inline_cases(backend_name):
         arrays = materialize(case)
         p = backend.prepare(case, arrays)
@@ -112,7 +119,8 @@ def inline_sweep(paths: tuple[Path, Path], max_time_s: float, threads: int,
         if not check.passed:
             raise SystemExit(f"{case.op} {case.layout}: check failed: {check}")
         prepared.append((case, p, check))
-        samplers.append((Sampler(p, config, HotCache()), Sampler(p, config, HotCache())))
+        samplers.append((Sampler(p, config, HotCache(), interleave_group=group),
+                         Sampler(p, config, HotCache(), interleave_group=group)))
     every = [s for pair in samplers for s in pair]
     while not all(s.done() for s in every):
         for s in every:
@@ -130,7 +138,7 @@ def inline_sweep(paths: tuple[Path, Path], max_time_s: float, threads: int,
 
 def run_sweeps(repeats: int, out_dir: Path, label: str, sweep_args: str, busy: bool,
                engine: str, max_time_s: float, threads: int, backend: str,
-               timer: str = "") -> list[Path]:
+               timer: str = "", rounds: int = 3) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     loop = None
@@ -149,7 +157,7 @@ def run_sweeps(repeats: int, out_dir: Path, label: str, sweep_args: str, busy: b
                     p.unlink()
             start = time.monotonic()
             if engine == "inline":
-                inline_sweep((path, twin), max_time_s, threads, backend, timer)
+                inline_sweep((path, twin), max_time_s, threads, backend, timer, rounds)
                 status = "ok"
             else:
                 argv = [sys.executable, "-m", "kvmicro", "sweep", *shlex.split(sweep_args),
@@ -166,20 +174,36 @@ def run_sweeps(repeats: int, out_dir: Path, label: str, sweep_args: str, busy: b
     return paths
 
 
+def unpaired(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` without its interleave group: compare_records then applies the unpaired rule."""
+    rounds = record.get("rounds")
+    if not isinstance(rounds, dict) or "group" not in rounds:
+        return record
+    return {**record, "rounds": {k: v for k, v in rounds.items() if k != "group"}}
+
+
 def _tally(pairs: list[tuple[dict[str, Any], dict[str, Any]]], threshold: float,
-           factor: float) -> dict[str, Any]:
-    """A/A and planted verdicts over (base, new) record pairs."""
+           factor: float, pairing: bool = True) -> dict[str, Any]:
+    """A/A and planted verdicts over (base, new) record pairs; ``pairing`` False: under the
+    unpaired rule even where the records' rounds were interleaved."""
     aa: Counter[str] = Counter()
     planted: Counter[str] = Counter()
-    both_ok = trusted = 0
+    both_ok = trusted = paired = by_paired = 0
     for b, n in pairs:
+        if not pairing:
+            b, n = unpaired(b), unpaired(n)
         aa[compare_records(n, b, threshold=threshold).verdict] += 1
-        planted[compare_records(plant(n, factor), b, threshold=threshold).verdict] += 1
+        found = compare_records(plant(n, factor), b, threshold=threshold)
+        planted[found.verdict] += 1
         both_ok += n.get("status") == "ok" and b.get("status") == "ok"
         trusted += not untrusted_reason(n) and not untrusted_reason(b)
+        paired += interleaved_rounds(n, b) is not None
+        by_paired += found.verdict == "slower" and found.paired_rounds > 0
     matched = sum(aa.values())
     false = aa["faster"] + aa["slower"]
-    return {"matched": matched, "both_ok": both_ok, "both_trusted": trusted,
+    return {"rule": "paired where interleaved" if pairing else "unpaired",
+            "matched": matched, "both_ok": both_ok, "both_trusted": trusted,
+            "interleaved": paired, "planted_found_by_paired_rule": by_paired,
             "aa": dict(aa), "aa_false": false,
             "aa_false_pct": 100.0 * false / matched if matched else None,
             "planted": dict(planted),
@@ -212,25 +236,30 @@ def analyse(paths: list[Path], threshold: float, factor: float) -> dict[str, Any
                            "across": _tally(across, threshold, factor)}
     if within:
         out["within"] = _tally(within, threshold, factor)
+        out["within_unpaired"] = _tally(within, threshold, factor, pairing=False)
     return out
 
 
 def describe(label: str, s: dict[str, Any]) -> str:
     lines = [f"{label}: {len(s['files'])} identical sweeps, threshold {s['threshold'] * 100:g}%, "
              f"planted {s['factor']:g}x"]
-    for scope, what in (("within", "two interleaved arms of one sweep"),
-                        ("across", "pairs of sweeps run one after the other")):
+    for scope, what in (("within", "two interleaved arms of one sweep, paired rule"),
+                        ("within_unpaired", "the same pairs under the unpaired rule"),
+                        ("across", "pairs of sweeps run one after the other, unpaired rule")):
         t = s.get(scope)
         if not t:
             continue
         lines += [
             f"  {scope} ({what}): {t['matched']} case pairs, {t['both_ok']} both ok, "
-            f"{t['both_trusted']} both trusted (converged, no untrusting flag)",
+            f"{t['both_trusted']} both trusted (converged, no untrusting flag), "
+            f"{t.get('interleaved', 0)} with >= 3 interleaved rounds in common",
             f"    A/A: false faster/slower {t['aa_false']} ({t['aa_false_pct']:.2f}%); "
             + ", ".join(f"{k} {v}" for k, v in sorted(t["aa"].items())),
             f"    planted: found (slower) {t['planted'].get('slower', 0)} "
             f"({t['planted_found_pct']:.1f}%); "
-            + ", ".join(f"{k} {v}" for k, v in sorted(t["planted"].items())),
+            + ", ".join(f"{k} {v}" for k, v in sorted(t["planted"].items()))
+            + (f"; {t['planted_found_by_paired_rule']} of them by the paired rule"
+               if t.get("planted_found_by_paired_rule") else ""),
         ]
     lines.append("  record flags: " + ", ".join(f"{k} {v}"
                                                 for k, v in sorted(s["record_flags"].items())))
@@ -252,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                         "native:cuda; batched, graph: k ops per sample)")
     parser.add_argument("--threads", type=int, default=1,
                         help="inline: native:cpu kernel threads (default 1; 0: all cores)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="inline: the fewest rounds a case's samples are spread over "
+                        "(MeasureConfig.rounds, default 3 as in a sweep)")
     parser.add_argument("--max-time", type=float, default=0.5,
                         help="inline: seconds of sampling per case (default 0.5)")
     parser.add_argument("--sweep-args", default=DEFAULT_SWEEP,
@@ -274,12 +306,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--repeats must be at least 2 (an A/A test compares pairs)")
         paths = run_sweeps(args.repeats, Path(args.out), label, args.sweep_args, args.busy,
                            args.engine, args.max_time, args.threads, args.backend,
-                           args.timer)
+                           args.timer, args.rounds)
     summary = analyse(paths, args.threshold / 100.0, args.factor)
     summary.update(label=label, busy=args.busy, engine=args.engine,
                    **({"sweep_args": args.sweep_args} if args.engine == "cli" else
                       {"backend": args.backend, "threads": args.threads,
-                       "timer": args.timer or "default", "max_time_s": args.max_time}))
+                       "timer": args.timer or "default", "max_time_s": args.max_time,
+                       "rounds": args.rounds}))
     print(describe(label, summary))
     if args.files and args.summary:
         Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
