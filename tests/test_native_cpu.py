@@ -410,8 +410,9 @@ def test_bad_scalars(base: Any) -> None:
     ("cuda", {"min_chunk": "0"}, "option min_chunk=0 is outside 1..2147483647"),
     ("cuda", {"blocks_per_sm": ""}, "option blocks_per_sm='' is not an integer"),
     ("cuda", {"pdl": "yes please"}, "option pdl='yes please' is not a boolean"),
+    ("cuda", {"combine": "foo"}, "option combine='foo' is not one of separate, last"),
     ("cuda", {"simd": "1"}, "unknown option 'simd' for device cuda; expected one of kernel, "
-                            "splits, min_chunk, blocks_per_sm, stages, l2_prefetch, pdl"),
+                            "splits, min_chunk, blocks_per_sm, stages, l2_prefetch, pdl, combine"),
 ])
 def test_bad_variant_options_are_refused_naming_the_value(base: Any, device: str,
                                                           options: dict[str, str],
@@ -435,11 +436,17 @@ def test_options_of_the_native_backends() -> None:
     assert NativeCpuBackend.parse_options(()) == {"simd": True}
     cuda = NativeCudaBackend.parse_options({"kernel": "mma", "splits": "8", "pdl": "false"})
     assert cuda == {"priority": "normal", "kernel": "mma", "splits": 8, "min_chunk": 64,
-                    "blocks_per_sm": 2, "stages": 2, "l2_prefetch": "128", "pdl": False}
+                    "blocks_per_sm": 2, "stages": 2, "l2_prefetch": "128", "pdl": False,
+                    "combine": "separate"}
+    assert NativeCudaBackend.parse_options({"combine": "last"})["combine"] == "last"
     with pytest.raises(InvalidCase, match="unknown option 'kernel'; valid options: simd"):
         NativeCpuBackend.parse_options({"kernel": "simt"})
     with pytest.raises(InvalidCase, match="option stages value '4' is not valid"):
         NativeCudaBackend.parse_options({"stages": "4"})
+    with pytest.raises(InvalidCase,
+                       match="option combine value 'first' is not valid; expected one of "
+                             "separate, last"):
+        NativeCudaBackend.parse_options({"combine": "first"})
 
 
 @pytest.mark.skipif(_native.build_info()["cuda"], reason="this build has CUDA")

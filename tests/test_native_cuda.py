@@ -3,9 +3,10 @@
 On a machine with a GPU: every op in every dtype matches the float64 oracle over the odd-shape
 matrix and beyond it (head_dim 96, GQA groups wider than one thread block, block sizes 1/7/128,
 many splits, every layout); the kernels really read through the block table; the split count, the
-combine launch mode and the stream priority never change the answer; the device and graph timers
-return per-op samples. Without a GPU (CI) only the module-level checks run: a CUDA build must load
-and say "no device" rather than fail.
+combine mode (a second kernel, with or without PDL, or the last split block) and the stream
+priority never change the answer; the device and graph timers return per-op samples. Without a
+GPU (CI) only the module-level checks run: a CUDA build must load and say "no device" rather than
+fail.
 """
 
 from __future__ import annotations
@@ -324,15 +325,16 @@ def test_a_tensor_core_kernel_is_never_silently_replaced(kernel: str) -> None:
 
 
 @needs_gpu
+@pytest.mark.parametrize("combine", ["separate", "last"])
 @pytest.mark.parametrize("variant", ["mma", "async", "simt"])
 @pytest.mark.parametrize("splits", ["0", "3", "64"])
-def test_every_run_writes_the_whole_output(variant: str, splits: str) -> None:
+def test_every_run_writes_the_whole_output(variant: str, splits: str, combine: str) -> None:
     # Poisoning the output before each run makes a result left over from an earlier run (a
     # split that wrote nothing, a combine that skipped a head) fail the check.
     case = Case(op="paged_sdpa", backend="native:cuda", batch=3, q_heads=16, kv_heads=2,
                 head_dim=128, ctx=(2000, 33, 700), block_size=16, placement="random",
                 dtype="float16", seed=21)
-    case, _ = with_variant(case, variant, ("splits", splits))
+    case, _ = with_variant(case, variant, ("combine", combine), ("splits", splits))
     arrays = kv.materialize(case)
     prepared = NativeCudaBackend().prepare(case, arrays, copies=2)
     try:
@@ -372,14 +374,16 @@ def test_a_graph_without_rotation_runs_on_the_current_copy_only() -> None:
 
 
 @needs_gpu
+@pytest.mark.parametrize("combine", ["separate", "last"])
 @pytest.mark.parametrize("variant", ["auto", "simt", "mma", "async"])
 @pytest.mark.parametrize("op", ["paged_sdpa", "sdpa_contiguous"])
-def test_a_nan_in_one_key_row_poisons_exactly_the_heads_that_read_it(op: str, variant: str) -> None:
+def test_a_nan_in_one_key_row_poisons_exactly_the_heads_that_read_it(op: str, variant: str,
+                                                                     combine: str) -> None:
     # As in the float64 oracle (docs/backends.md, the scale / NaN contract): the q heads of the kv
     # head whose row holds the NaN are NaN in that sequence; every other output matches.
     case = Case(op=op, backend="native:cuda", batch=2, q_heads=16, kv_heads=2, head_dim=128,
                 ctx=(700, 90), block_size=16, dtype="float16", seed=11)
-    case, _ = with_variant(case, variant, ("splits", "4"))
+    case, _ = with_variant(case, variant, ("combine", combine), ("splits", "4"))
     arrays = kv.materialize(case)
     b, h, t = 0, 1, 333
     if op == "sdpa_contiguous":
@@ -470,3 +474,126 @@ def test_bad_block_id_is_refused_before_launch() -> None:
     arrays["block_table"][1, 0] = 9000
     with pytest.raises(InvalidCase, match=r"block id 9000 at table\[1\]\[0\]"):
         run_case(case, arrays)
+
+
+# ---- combine=last: one launch, the last split block of a sequence merges ------------------------
+#
+# Every attention case of the shared odd-shape matrix (head_dim 64/80/128/256, GQA 1/4/7, ragged
+# contexts that do not fill their last block, block size 1) and the extra shapes above, with the
+# split count forced to 8 and 48: most splits of the short sequences hold no tokens (ctx 5 at
+# 48 splits: one), so the arrival target differs per sequence and a wrong count either leaves an
+# output unwritten (NaN: outputs are poisoned) or merges a partial that was never written.
+COMBINE_LAST = [
+    case.with_(options=(("combine", "last"), ("splits", splits)))
+    for case in MATRIX if case.op in ATTENTION_OPS
+    for splits in ("8", "48")
+] + [case.with_(options=(("combine", "last"),)) for case in EXTRA]
+
+
+def combine_last_id(case: Case) -> str:
+    return f"{case_id(case)}-{dict(case.options).get('splits', 'auto')}"
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", COMBINE_LAST, ids=combine_last_id)
+def test_combine_by_the_last_block_matches_the_oracle(case: Case) -> None:
+    assert_matches(case)
+
+
+@needs_gpu
+@pytest.mark.parametrize("variant", ["mma", "async", "simt"])
+@pytest.mark.parametrize("case", BOTH_KERNELS, ids=case_id)
+def test_combine_by_the_last_block_on_every_kernel(case: Case, variant: str) -> None:
+    case, described = with_variant(case, variant, ("combine", "last"), ("splits", "48"))
+    kernel = kernel_of(case)
+    assert described in kernel and "combine by the last block (one launch)" in kernel
+    assert "PDL" not in kernel  # nothing to overlap: one launch
+    assert_matches(case)
+
+
+@needs_gpu
+@pytest.mark.parametrize("variant", ["mma", "async", "simt"])
+@pytest.mark.parametrize("splits", ["0", "2", "8", "48"])
+def test_combine_by_the_last_block_resets_its_counters(variant: str, splits: str) -> None:
+    # The arrival counters are zeroed once, at prepare; the last block of each launch resets its
+    # own. Three runs in a row, then a graph of 7 ops over 2 copies, each checked against the
+    # oracle after the output was poisoned: a counter left short or past its target makes the
+    # next launch merge too early or never, so some output stays NaN or goes wrong.
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=4, q_heads=28, kv_heads=4,
+                head_dim=128, ctx=(2000, 33, 700, 1), block_size=16, placement="random",
+                dtype="float16", seed=31)
+    case, _ = with_variant(case, variant, ("combine", "last"), ("splits", splits))
+    arrays = kv.materialize(case)
+    prepared = NativeCudaBackend().prepare(case, arrays, copies=2)
+    try:
+        outputs = []
+        for repeat in range(3):
+            prepared.poison_outputs()
+            prepared.run()
+            out = prepared.output()
+            assert compare(case, arrays, out).passed, f"run {repeat}"
+            outputs.append(out)
+        for out in outputs[1:]:
+            np.testing.assert_array_equal(out, outputs[0])  # which block is last never matters
+        for copy in (0, 1):
+            prepared.select(copy)
+            prepared.poison_outputs()
+        graph = prepared.graph_times(3, 7)  # replays of one captured graph, 7 ops over 2 copies
+        assert len(graph) == 3 and all(0 < t < 1e5 for t in graph)
+        for copy in (0, 1):
+            prepared.select(copy)
+            assert compare(case, arrays, prepared.output()).passed, f"graph, copy {copy}"
+        prepared.select(0)
+        prepared.poison_outputs()
+        prepared.run()  # after the graph: the counters are still at 0
+        np.testing.assert_array_equal(prepared.output(), outputs[0])
+    finally:
+        prepared.release()
+
+
+@needs_gpu
+@pytest.mark.parametrize(("variant", "head_dim", "dtype"), [
+    ("mma", 64, "float16"), ("simt", 80, "float32"), ("async", 64, "bfloat16")])
+def test_combine_by_the_last_block_over_more_splits_than_one_weight_pass(
+        variant: str, head_dim: int, dtype: str) -> None:
+    # The last block stages the splits' weights in its merge buffer, 4 x head_dim per head at a
+    # time (256 at head_dim 64, 320 for the SIMT kernel at 80): 300+ splits take two passes.
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=2, q_heads=8, kv_heads=1,
+                head_dim=head_dim, ctx=(20000, 300), block_size=16, placement="random",
+                dtype=dtype, seed=35)
+    case, _ = with_variant(case, variant, ("combine", "last"), ("splits", "512"))
+    kernel = kernel_of(case)
+    splits = int(kernel.split("splits ")[1].split(" x")[0])
+    assert splits > 4 * head_dim, kernel
+    assert_matches(case)
+
+
+@needs_gpu
+@pytest.mark.parametrize("op", ["sdpa_contiguous", "gather_sdpa"])
+def test_combine_by_the_last_block_on_the_dense_ops(op: str) -> None:
+    case = Case(op=op, backend="native:cuda", batch=3, q_heads=32, kv_heads=8, head_dim=128,
+                ctx=(4096, 17, 1500), block_size=16, placement="reverse", dtype="bfloat16",
+                seed=33, options=(("combine", "last"),))
+    kernel = kernel_of(case)
+    assert "combine by the last block" in kernel
+    arrays = kv.materialize(case)
+    prepared = NativeCudaBackend().prepare(case, arrays, copies=3)
+    try:
+        assert len(prepared.graph_times(2, 5)) == 2
+        for copy in (0, 1, 2):
+            prepared.select(copy)
+            assert compare(case, arrays, prepared.output()).passed
+    finally:
+        prepared.release()
+
+
+@needs_gpu
+def test_combine_is_separate_unless_asked() -> None:
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=1, q_heads=32, kv_heads=8,
+                head_dim=128, ctx=4096, block_size=16, dtype="float16")
+    assert "combine with PDL" in kernel_of(case)
+    assert "combine with PDL" in kernel_of(case.with_(options=(("combine", "separate"),)))
+    last = kernel_of(case.with_(options=(("combine", "last"),)))
+    assert "combine by the last block (one launch)" in last and "PDL" not in last
+    with pytest.raises(InvalidCase, match="option combine value 'foo'"):
+        kernel_of(case.with_(options=(("combine", "foo"),)))

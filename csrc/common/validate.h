@@ -479,6 +479,15 @@ inline Variant parse_variant(const char* op, const std::string& device,
         invalid(op, "option l2_prefetch=", v.l2_prefetch, " is not one of 0, 128");
     } else if (key == "pdl") {
       v.pdl = detail::parse_bool_option(op, key, text);
+    } else if (key == "combine") {
+      const AttnCombine all[] = {AttnCombine::kSeparate, AttnCombine::kLast};
+      bool found = false;
+      for (AttnCombine c : all)
+        if (text == attn_combine_name(c)) {
+          v.combine = c;
+          found = true;
+        }
+      if (!found) invalid(op, "option combine=", quoted(text), " is not one of separate, last");
     } else if (key == "simd") {
       v.simd = detail::parse_bool_option(op, key, text);
     }

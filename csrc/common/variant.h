@@ -32,6 +32,20 @@ inline const char* attn_kernel_name(AttnKernel k) {
   return "unknown";
 }
 
+// How the context splits' partial states become the output (docs/cuda.md).
+enum class AttnCombine : int32_t {
+  kSeparate = 0,  // a second kernel merges them (under programmatic dependent launch on sm_90+)
+  kLast = 1,      // one launch: the last split block of a (sequence, kv head, head tile) merges
+};
+
+inline const char* attn_combine_name(AttnCombine c) {
+  switch (c) {
+    case AttnCombine::kSeparate: return "separate";
+    case AttnCombine::kLast: return "last";
+  }
+  return "unknown";
+}
+
 // The most context splits a plan may use (the combine kernel's shared-memory bound).
 constexpr int kVariantMaxSplits = 512;
 
@@ -44,6 +58,7 @@ struct Variant {
   int32_t stages = 2;         // cp.async pipeline depth of the async kernel (2 or 3)
   int32_t l2_prefetch = 128;  // L2 prefetch hint of the mma kernel's loads, bytes (0 or 128)
   bool pdl = true;            // combine pass under programmatic dependent launch (sm_90+)
+  AttnCombine combine = AttnCombine::kSeparate;  // separate combine kernel, or the last block
   // ---- CPU ----
   bool simd = true;           // AVX2/F16C/FMA kernels where the CPU has them (else portable)
 };
@@ -51,7 +66,7 @@ struct Variant {
 // Option names each device takes, in the order messages list them.
 inline const std::vector<std::string>& variant_keys(const std::string& device) {
   static const std::vector<std::string> cuda{"kernel", "splits",      "min_chunk", "blocks_per_sm",
-                                             "stages", "l2_prefetch", "pdl"};
+                                             "stages", "l2_prefetch", "pdl",       "combine"};
   static const std::vector<std::string> cpu{"simd"};
   static const std::vector<std::string> none;
   if (device == "cuda") return cuda;

@@ -53,14 +53,150 @@ __device__ __forceinline__ bool split_slice(const AttnArgs& a, SplitSlice& w) {
   return true;
 }
 
-// The block's last step, shared by both split kernels: merge the workers' states (in shared
-// memory, after a barrier) per query head and element, then write the output (one split) or this
-// split's unnormalised partial state.
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// Splits of sequence b that hold tokens: splits 0 .. n-1 (split_slice returns false for the rest,
+// so exactly these n blocks of a (b, kv head, head tile) reach write_block_result).
+__device__ __forceinline__ int splits_with_tokens(const AttnArgs& a, int b) {
+  return min(a.splits, (a.ctx[b] + a.chunk - 1) / a.chunk);
+}
+
+// combine=last: after this block's partial state is in global memory, count its arrival on the
+// (b, kv head, head tile) counter; true in the block that arrives last (of the n that hold tokens),
+// which then merges every split's partial state (merge_splits). Uniform across the block.
+//
+// Memory ordering (PTX memory model; the pattern of cooperative groups' grid sync):
+//   every thread: its stores of part_o / part_ml, then __threadfence() (fence.sc.gpu) and the
+//   barrier: the block's stores are ordered before thread 0's fence at CTA scope, and a gpu-scope
+//   fence is cumulative, so thread 0's __threadfence() + atomicAdd releases all of them;
+//   the last block: thread 0's atomicAdd reads the value every earlier block's atomicAdd wrote
+//   (RMWs on one address form one chain), then its __threadfence() acquires, and the barrier
+//   passes that on to the block's threads, whose loads then see every other block's partials.
+//   Those loads are __ldcg (cached in L2 only): L1 is not coherent across SMs, so a plain load
+//   could return a line of part_o / part_ml an earlier launch left in this SM's L1.
+// The last block resets the counter to 0: no other block of this launch touches it after the n-th
+// arrival, and the next launch (a repeat, a graph replay) starts after this one ends, so every
+// launch finds it at 0 without a memset. Allocated and zeroed at prepare (cuda_op.cu).
+__device__ __forceinline__ bool arrive_last(const AttnArgs& a, int n) {
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t* counter = a.arrivals + (int64_t)blockIdx.z * gridDim.y + blockIdx.y;
+    __threadfence();
+    const bool last = atomicAdd(counter, 1) == n - 1;
+    if (last) {
+      atomicExch(counter, 0);
+      __threadfence();
+    }
+    s_last = last;
+  }
+  __syncthreads();
+  return s_last != 0;
+}
+
+// combine=last, in the block that arrived last: merge the n partial states of query heads
+// g0 .. g0+gcount-1 of (b, hk) into the output, with the arithmetic of attention_combine_kernel
+// (max over splits, weights exp2(m_s - M), sums of l and o, one 1/L). One warp per head reduces M
+// and L (into s_m[0] / s_l[0], dead after the block's partial was written); the weights of up to
+// NW*D splits per head at a time go to s_acc (dead too), then each thread sums float4 columns of
+// its heads over the splits in order s = 0 .. n-1 (the same order whichever block is last, so
+// the result is bit-repeatable).
 template <typename T, int D, int GT, int NW>
-__device__ __forceinline__ void write_block_result(const AttnArgs& a, const float (&s_acc)[NW][GT][D],
-                                                   const float (&s_m)[NW][GT],
-                                                   const float (&s_l)[NW][GT], int b, int hk,
-                                                   int g0, int gcount, int split) {
+__device__ __forceinline__ void merge_splits(const AttnArgs& a, float (&s_acc)[NW][GT][D],
+                                             float (&s_m)[NW][GT], float (&s_l)[NW][GT], int b,
+                                             int hk, int g0, int gcount, int n) {
+  static_assert(D % 4 == 0, "float4 columns");
+  constexpr int V4 = D / 4;
+  constexpr int kItems = (GT * V4 + kAttnThreads - 1) / kAttnThreads;
+  constexpr int kChunk = NW * D;  // weights per head that s_acc holds
+  const int64_t head0 = (int64_t)b * a.q_heads + hk * a.group + g0;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int g = warp; g < gcount; g += kAttnWarps) {
+    const float* ml = a.part_ml + 2 * (head0 + g) * a.splits;
+    float M = -INFINITY;
+    for (int s = lane; s < n; s += 32) M = fmaxf(M, __ldcg(ml + 2 * s));
+    M = warp_max(M);
+    float L = 0.f;
+    for (int s = lane; s < n; s += 32)
+      L = fmaf(__ldcg(ml + 2 * s + 1), exp2f(__ldcg(ml + 2 * s) - M), L);
+    L = warp_sum(L);
+    if (lane == 0) {
+      s_m[0][g] = M;
+      s_l[0][g] = 1.f / L;
+    }
+  }
+  float* s_w = &s_acc[0][0][0];  // [GT][kChunk]
+  float4 o[kItems];
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) o[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s0 = 0; s0 < n; s0 += kChunk) {
+    const int cn = min(kChunk, n - s0);
+    __syncthreads();  // s_m[0] / s_l[0] written; the previous chunk's weights all read
+    for (int i = threadIdx.x; i < gcount * cn; i += kAttnThreads) {
+      const int g = i / cn, s = i % cn;
+      s_w[g * kChunk + s] =
+          exp2f(__ldcg(a.part_ml + 2 * ((head0 + g) * a.splits + s0 + s)) - s_m[0][g]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int i = threadIdx.x + k * kAttnThreads;
+      if (i >= gcount * V4) break;  // i only grows with k
+      const int g = i / V4, c = i % V4;
+      const float4* po =
+          reinterpret_cast<const float4*>(a.part_o + ((head0 + g) * a.splits + s0) * D) + c;
+      const float* w = s_w + g * kChunk;
+#pragma unroll 4
+      for (int s = 0; s < cn; ++s) {
+        const float4 x = __ldcg(po + (int64_t)s * V4);
+        const float ws = w[s];
+        o[k].x = fmaf(x.x, ws, o[k].x);
+        o[k].y = fmaf(x.y, ws, o[k].y);
+        o[k].z = fmaf(x.z, ws, o[k].z);
+        o[k].w = fmaf(x.w, ws, o[k].w);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int i = threadIdx.x + k * kAttnThreads;
+    if (i >= gcount * V4) break;
+    const int g = i / V4, c = i % V4;
+    const float inv = s_l[0][g];
+    T* out = static_cast<T*>(a.out) + (head0 + g) * D + 4 * c;
+    out[0] = from_float<T>(o[k].x * inv);
+    out[1] = from_float<T>(o[k].y * inv);
+    out[2] = from_float<T>(o[k].z * inv);
+    out[3] = from_float<T>(o[k].w * inv);
+  }
+}
+
+// The block's last step, shared by the split kernels: merge the workers' states (in shared
+// memory, after a barrier) per query head and element, then write the output (one split, or
+// under combine=last the only split of its sequence that holds tokens) or this split's
+// unnormalised partial state; under combine=last the last block to finish then merges the
+// splits (arrive_last, merge_splits). s_acc, s_m and s_l are dead once this function has read
+// them, which merge_splits relies on.
+//
+// kLast (combine=last) is a template argument, not a runtime flag, so the combine=separate kernels
+// carry no trace of it (their -Xptxas -v registers, shared memory and spills are unchanged).
+template <typename T, int D, int GT, int NW, bool kLast>
+__device__ __forceinline__ void write_block_result(const AttnArgs& a, float (&s_acc)[NW][GT][D],
+                                                   float (&s_m)[NW][GT], float (&s_l)[NW][GT],
+                                                   int b, int hk, int g0, int gcount, int split) {
+  // Under kLast, a.arrivals is null only with one split (then no block counts).
+  const int n = kLast ? splits_with_tokens(a, b) : a.splits;
+  const bool direct = a.splits == 1 || (kLast && n == 1);  // uniform across the block
   for (int i = threadIdx.x; i < GT * D; i += kAttnThreads) {
     const int g = i / D, d = i % D;
     if (g >= gcount) break;  // g only grows with i
@@ -75,7 +211,7 @@ __device__ __forceinline__ void write_block_result(const AttnArgs& a, const floa
       O = fmaf(s_acc[w][g][d], c, O);
     }
     const int64_t head = (int64_t)b * a.q_heads + hk * a.group + g0 + g;
-    if (a.splits == 1) {
+    if (direct) {
       static_cast<T*>(a.out)[head * D + d] = from_float<T>(O / L);
     } else {
       const int64_t ps = head * a.splits + split;
@@ -86,17 +222,11 @@ __device__ __forceinline__ void write_block_result(const AttnArgs& a, const floa
       }
     }
   }
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
-  return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
+  if constexpr (kLast) {
+    if (direct) return;
+    if (!arrive_last(a, n)) return;  // its barriers also end every thread's reads of s_acc/s_m/s_l
+    merge_splits<T, D, GT, NW>(a, s_acc, s_m, s_l, b, hk, g0, gcount, n);
+  }
 }
 
 }  // namespace cuda

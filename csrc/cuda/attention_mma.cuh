@@ -198,8 +198,9 @@ __device__ __forceinline__ uint4 load16_prefetch(const void* p) {
 // Tensor-core split kernel, register loads: each lane loads its fragments straight from the pool.
 // Keys past the end read the last valid row instead (their scores are masked), so every load is
 // unconditional and all 4*NB of a step issue back to back; the next step's rows are looked up in
-// the table while this step's loads are in flight. P: L2 prefetch hint of the K/V loads.
-template <typename T, int D, int P, class Src>
+// the table while this step's loads are in flight. P: L2 prefetch hint of the K/V loads;
+// kLast: combine=last (write_block_result).
+template <typename T, int D, int P, class Src, bool kLast>
 __global__ void __launch_bounds__(kAttnThreads)
     attention_split_mma_kernel(AttnArgs a, Src src) {
   static_assert(D % 32 == 0, "16-byte fragment loads cover 32 elements of d per lane quad");
@@ -251,7 +252,7 @@ __global__ void __launch_bounds__(kAttnThreads)
 #endif
   st.store(s_acc, s_m, s_l, warp, gr, tq);
   __syncthreads();
-  write_block_result<T, D, kMmaHeads, NW>(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);
+  write_block_result<T, D, kMmaHeads, NW, kLast>(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);
 }
 
 }  // namespace cuda

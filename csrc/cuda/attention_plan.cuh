@@ -1,5 +1,5 @@
 // Host side of decode attention: kernel selection and split planning (plan_attention) and the
-// launch of both passes (launch_attention). Instantiated per source in paged_sdpa.cu and
+// launch of both passes (launch_attention; one pass under combine=last). Instantiated per source in paged_sdpa.cu and
 // sdpa_contiguous.cu through the pickers below (pick_split_*, pick_mma*, pick_async*): they are
 // the support matrix (dtype x head_dim x heads per block x 16-byte/strided, and the tensor-core
 // variants), checked against the capability table (common/capabilities.h) by
@@ -30,31 +30,33 @@ template <class Src>
 using SplitFn = void (*)(AttnArgs, Src);
 using CombineFn = void (*)(AttnArgs, int);
 
-template <class Src, typename T, int D, int GT>
+// Every picker takes kLast, the combine mode (true: combine=last, the split kernel merges; see
+// write_block_result): both modes are instantiated for every shape.
+template <class Src, typename T, int D, int GT, bool kLast>
 SplitFn<Src> pick_split_fast(bool strided) {
   if constexpr (Src::kStrided) {
-    if (strided) return &attention_split_kernel<T, D, GT, false, Src>;
+    if (strided) return &attention_split_kernel<T, D, GT, false, Src, kLast>;
   }
-  return &attention_split_kernel<T, D, GT, true, Src>;
+  return &attention_split_kernel<T, D, GT, true, Src, kLast>;
 }
 
-template <class Src, typename T, int D>
+template <class Src, typename T, int D, bool kLast>
 SplitFn<Src> pick_split_gt(int gt, bool strided) {
   switch (gt) {
-    case 1: return pick_split_fast<Src, T, D, 1>(strided);
-    case 4: return pick_split_fast<Src, T, D, 4>(strided);
-    default: return pick_split_fast<Src, T, D, 8>(strided);
+    case 1: return pick_split_fast<Src, T, D, 1, kLast>(strided);
+    case 4: return pick_split_fast<Src, T, D, 4, kLast>(strided);
+    default: return pick_split_fast<Src, T, D, 8, kLast>(strided);
   }
 }
 
-template <class Src, typename T>
+template <class Src, typename T, bool kLast>
 SplitFn<Src> pick_split_d(int d, int gt, bool strided) {
   switch (d) {
-    case 64: return pick_split_gt<Src, T, 64>(gt, strided);
-    case 80: return pick_split_gt<Src, T, 80>(gt, strided);
-    case 96: return pick_split_gt<Src, T, 96>(gt, strided);
-    case 128: return pick_split_gt<Src, T, 128>(gt, strided);
-    case 256: return pick_split_gt<Src, T, 256>(gt, strided);
+    case 64: return pick_split_gt<Src, T, 64, kLast>(gt, strided);
+    case 80: return pick_split_gt<Src, T, 80, kLast>(gt, strided);
+    case 96: return pick_split_gt<Src, T, 96, kLast>(gt, strided);
+    case 128: return pick_split_gt<Src, T, 128, kLast>(gt, strided);
+    case 256: return pick_split_gt<Src, T, 256, kLast>(gt, strided);
     default: return nullptr;
   }
 }
@@ -99,34 +101,86 @@ inline int splits_for_blocks(int max_ctx, int64_t blocks_per_split, int64_t targ
   return (int)std::max<int64_t>(1, std::min<int64_t>(s, s_max));
 }
 
-template <class Src, typename T, int P>
+template <class Src, typename T, int P, bool kLast>
 SplitFn<Src> pick_mma_d(int d) {
   switch (d) {
-    case 64: return &attention_split_mma_kernel<T, 64, P, Src>;
-    case 96: return &attention_split_mma_kernel<T, 96, P, Src>;
-    case 128: return &attention_split_mma_kernel<T, 128, P, Src>;
+    case 64: return &attention_split_mma_kernel<T, 64, P, Src, kLast>;
+    case 96: return &attention_split_mma_kernel<T, 96, P, Src, kLast>;
+    case 128: return &attention_split_mma_kernel<T, 128, P, Src, kLast>;
     default: return nullptr;
   }
 }
 
-template <class Src, typename T>
+template <class Src, typename T, bool kLast>
 SplitFn<Src> pick_mma(int d, int prefetch) {
-  return prefetch == 0 ? pick_mma_d<Src, T, 0>(d) : pick_mma_d<Src, T, 128>(d);
+  return prefetch == 0 ? pick_mma_d<Src, T, 0, kLast>(d) : pick_mma_d<Src, T, 128, kLast>(d);
 }
 
-template <class Src, typename T, int S>
+template <class Src, typename T, int S, bool kLast>
 SplitFn<Src> pick_async_d(int d) {
   switch (d) {
-    case 64: return &attention_split_async_kernel<T, 64, S, Src>;
-    case 96: return &attention_split_async_kernel<T, 96, S, Src>;
-    case 128: return &attention_split_async_kernel<T, 128, S, Src>;
+    case 64: return &attention_split_async_kernel<T, 64, S, Src, kLast>;
+    case 96: return &attention_split_async_kernel<T, 96, S, Src, kLast>;
+    case 128: return &attention_split_async_kernel<T, 128, S, Src, kLast>;
     default: return nullptr;
   }
 }
 
-template <class Src, typename T>
+template <class Src, typename T, bool kLast>
 SplitFn<Src> pick_async(int d, int stages) {
-  return stages == 2 ? pick_async_d<Src, T, 2>(d) : pick_async_d<Src, T, 3>(d);
+  return stages == 2 ? pick_async_d<Src, T, 2, kLast>(d) : pick_async_d<Src, T, 3, kLast>(d);
+}
+
+// One split kernel by what plan_attention chose: family, dtype, head_dim, then the family's
+// knob (SIMT: heads per block and path; mma: L2 prefetch; async: stages). Null where no kernel is
+// instantiated. The combine=last (kLast) instantiations of the two sources are compiled in their
+// own translation units (paged_sdpa_last.cu, sdpa_contiguous_last.cu), so the two sets build in
+// parallel; pick_split_last() is their entry.
+enum class SplitFamily { kSimt, kMma, kAsync };
+struct SplitKey {
+  SplitFamily family;
+  DType dtype;
+  int head_dim;
+  int heads_per_block;  // SIMT
+  bool strided;         // SIMT
+  int prefetch;         // mma
+  int stages;           // async
+};
+
+template <class Src, bool kLast>
+SplitFn<Src> pick_split_kernel(const SplitKey& k) {
+  const int d = k.head_dim;
+  switch (k.family) {
+    case SplitFamily::kSimt:
+      switch (k.dtype) {
+        case DType::kFloat16:
+          return pick_split_d<Src, __half, kLast>(d, k.heads_per_block, k.strided);
+        case DType::kBFloat16:
+          return pick_split_d<Src, __nv_bfloat16, kLast>(d, k.heads_per_block, k.strided);
+        case DType::kFloat32:
+          return pick_split_d<Src, float, kLast>(d, k.heads_per_block, k.strided);
+        default: return nullptr;
+      }
+    case SplitFamily::kMma:
+      if (k.dtype == DType::kFloat16) return pick_mma<Src, __half, kLast>(d, k.prefetch);
+      if (k.dtype == DType::kBFloat16) return pick_mma<Src, __nv_bfloat16, kLast>(d, k.prefetch);
+      return nullptr;
+    case SplitFamily::kAsync:
+      if (k.dtype == DType::kFloat16) return pick_async<Src, __half, kLast>(d, k.stages);
+      if (k.dtype == DType::kBFloat16) return pick_async<Src, __nv_bfloat16, kLast>(d, k.stages);
+      return nullptr;
+  }
+  return nullptr;
+}
+
+// pick_split_kernel<Src, true>, compiled in paged_sdpa_last.cu / sdpa_contiguous_last.cu.
+SplitFn<PagedSrc> pick_split_last(const PagedSrc*, const SplitKey& k);
+SplitFn<DenseSrc> pick_split_last(const DenseSrc*, const SplitKey& k);
+
+template <class Src>
+SplitFn<Src> pick_split(const SplitKey& k, bool last) {
+  return last ? pick_split_last(static_cast<const Src*>(nullptr), k)
+              : pick_split_kernel<Src, false>(k);
 }
 
 // Tensor-core kernel choice (docs/cuda.md): the cp.async pipeline pays off once every warp has
@@ -180,17 +234,16 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
   }
   plan.heads_per_block = plan.tensor_cores ? kMmaHeads : group == 1 ? 1 : group <= 4 ? 4 : 8;
   plan.head_tiles = ceil_div(group, plan.heads_per_block);
+  plan.combine_last = var.combine == AttnCombine::kLast;
+  SplitKey key{SplitFamily::kSimt, dt, D, plan.heads_per_block, strided, 0, 0};
   if (!plan.tensor_cores) switch (dt) {
     case DType::kFloat16:
-      split = pick_split_d<Src, __half>(D, plan.heads_per_block, strided);
       combine = &attention_combine_kernel<__half>;
       break;
     case DType::kBFloat16:
-      split = pick_split_d<Src, __nv_bfloat16>(D, plan.heads_per_block, strided);
       combine = &attention_combine_kernel<__nv_bfloat16>;
       break;
     case DType::kFloat32:
-      split = pick_split_d<Src, float>(D, plan.heads_per_block, strided);
       combine = &attention_combine_kernel<float>;
       esize = 4;
       break;
@@ -198,6 +251,7 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
       throw UnsupportedError(std::string("[") + op + "] dtype id " + std::to_string(p.dtype) +
                              " is not supported by native:cuda");
   }
+  if (!plan.tensor_cores) split = pick_split<Src>(key, plan.combine_last);
   if (!plan.tensor_cores && !split)
     throw UnsupportedError(std::string("[") + op + "] no kernel for head_dim " + std::to_string(D));
   if (!plan.tensor_cores) plan.tile = row_shape(esize, D, plan.heads_per_block).tile;
@@ -228,20 +282,21 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
                                             min_chunk);
     };
     splits = splits_at(per_sm);
-    const bool half = dt == DType::kFloat16;
     const bool async = kernel == AttnKernel::kAsync ||
                        (kernel == AttnKernel::kAuto &&
                         chunk_for(splits) >= kAsyncMinTiles * plan.tile);
     if (async) {
       plan.stages = var.stages;  // 2 or 3 (parse_variant)
       plan.prefetch = 128;  // cp_async16's hint
-      split = half ? pick_async<Src, __half>(D, plan.stages)
-                   : pick_async<Src, __nv_bfloat16>(D, plan.stages);
+      key.family = SplitFamily::kAsync;
+      key.stages = plan.stages;
+      split = pick_split<Src>(key, plan.combine_last);
       plan.smem_bytes = async_smem_bytes(D, plan.stages, 2);
     } else {
       plan.prefetch = var.l2_prefetch;  // 0 or 128 (parse_variant)
-      split = half ? pick_mma<Src, __half>(D, plan.prefetch)
-                   : pick_mma<Src, __nv_bfloat16>(D, plan.prefetch);
+      key.family = SplitFamily::kMma;
+      key.prefetch = plan.prefetch;
+      split = pick_split<Src>(key, plan.combine_last);
     }
     occupancy(split);
     if (plan.blocks_per_sm < per_sm) splits = splits_at(std::max(plan.blocks_per_sm, 1));
@@ -259,39 +314,43 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
   plan.chunk = (int)chunk;
   plan.grid = dim3((unsigned)splits, (unsigned)(p.pool.kv_heads * plan.head_tiles), (unsigned)p.batch);
   plan.combine_blocks = p.batch * p.q_heads;
-  plan.pdl = dev.cc_major >= 9 && var.pdl;
+  // One launch under combine=last: no second kernel whose launch PDL could overlap.
+  plan.pdl = dev.cc_major >= 9 && var.pdl && !plan.combine_last;
   return plan;
 }
 
 // The instantiations the pickers above hold, probed over head_dim 1..512 (no device needed: a
 // pick returns a kernel's host-side address or null). One entry per (kernel family, dtype,
 // head_dim, variant): simt "gt<heads per block>/<16-byte|strided>", mma "prefetch<bytes>",
-// async "stages<n>". tests/test_native_capabilities.py compares them with common/capabilities.h.
-template <class Src, typename T>
-void probe_dtype(int32_t dtype, std::vector<AttnInstance>& out) {
+// async "stages<n>", listed only where both combine modes (separate, last) are instantiated.
+// tests/test_native_capabilities.py compares them with common/capabilities.h.
+template <class Src>
+void probe_dtype(DType dtype, std::vector<AttnInstance>& out) {
+  auto both = [](const SplitKey& k) {
+    return pick_split<Src>(k, false) != nullptr && pick_split<Src>(k, true) != nullptr;
+  };
+  const int32_t id = (int32_t)dtype;
   for (int d = 1; d <= 512; ++d) {
     for (int gt : caps::kCudaSimtHeadsPerBlock)
       for (int strided = 0; strided <= (Src::kStrided ? 1 : 0); ++strided)
-        if (pick_split_d<Src, T>(d, gt, strided != 0))
-          out.push_back({"simt", dtype, d, "gt" + std::to_string(gt) +
-                                               (strided ? "/strided" : "/16-byte")});
-    if constexpr (!std::is_same_v<T, float>) {
-      for (int prefetch : caps::kCudaMmaPrefetch)
-        if (pick_mma<Src, T>(d, prefetch))
-          out.push_back({"mma", dtype, d, "prefetch" + std::to_string(prefetch)});
-      for (int stages : caps::kCudaAsyncStages)
-        if (pick_async<Src, T>(d, stages))
-          out.push_back({"async", dtype, d, "stages" + std::to_string(stages)});
-    }
+        if (both({SplitFamily::kSimt, dtype, d, gt, strided != 0, 0, 0}))
+          out.push_back({"simt", id, d, "gt" + std::to_string(gt) +
+                                            (strided ? "/strided" : "/16-byte")});
+    for (int prefetch : caps::kCudaMmaPrefetch)
+      if (both({SplitFamily::kMma, dtype, d, 0, false, prefetch, 0}))
+        out.push_back({"mma", id, d, "prefetch" + std::to_string(prefetch)});
+    for (int stages : caps::kCudaAsyncStages)
+      if (both({SplitFamily::kAsync, dtype, d, 0, false, 0, stages}))
+        out.push_back({"async", id, d, "stages" + std::to_string(stages)});
   }
 }
 
 template <class Src>
 std::vector<AttnInstance> attention_instantiations() {
   std::vector<AttnInstance> out;
-  probe_dtype<Src, __half>((int32_t)DType::kFloat16, out);
-  probe_dtype<Src, __nv_bfloat16>((int32_t)DType::kBFloat16, out);
-  probe_dtype<Src, float>((int32_t)DType::kFloat32, out);
+  probe_dtype<Src>(DType::kFloat16, out);
+  probe_dtype<Src>(DType::kBFloat16, out);
+  probe_dtype<Src>(DType::kFloat32, out);
   return out;
 }
 
@@ -301,7 +360,7 @@ void launch_attention(const AttnPlan& plan, const AttnArgs& args, const Src& src
   auto split = reinterpret_cast<SplitFn<Src>>(plan.split);
   split<<<plan.grid, kAttnThreads, plan.smem_bytes, stream>>>(args, src);
   KV_CUDA_CHECK_LAUNCH("attention split");
-  if (plan.splits == 1) return;
+  if (plan.splits == 1 || plan.combine_last) return;  // the split kernel wrote the output
   auto combine = reinterpret_cast<CombineFn>(plan.combine);
   if (plan.pdl) {
     cudaLaunchConfig_t cfg = {};

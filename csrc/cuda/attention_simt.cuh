@@ -86,7 +86,8 @@ __device__ __forceinline__ void unpack(const uint4& v, float* out) {
   }
 }
 
-template <typename T, int D, int GT, bool kFast, class Src>
+// kLast: combine=last (write_block_result).
+template <typename T, int D, int GT, bool kFast, class Src, bool kLast>
 __global__ void __launch_bounds__(kAttnThreads)
     attention_split_kernel(AttnArgs a, Src src) {
   constexpr RowShape S = row_shape((int)sizeof(T), D, GT);
@@ -249,7 +250,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   }
   __syncthreads();
 
-  write_block_result<T, D, GT, NW>(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);
+  write_block_result<T, D, GT, NW, kLast>(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);
 }
 
 }  // namespace cuda

@@ -113,6 +113,13 @@ CudaOp::CudaOp(const OpInputs& in, const DeviceOptions& opt)
     const int64_t heads = (int64_t)p_.batch * p_.q_heads * attn_plan_.splits;
     part_o_.allocate((size_t)(heads * p_.pool.head_dim * sizeof(float)));
     part_ml_.allocate((size_t)(heads * 2 * sizeof(float)));
+    if (attn_plan_.combine_last) {
+      // One counter per split-kernel (batch entry, kv head x head tile); zero from here on: the
+      // last block of each launch resets its own (attention_common.cuh, arrive_last).
+      const int64_t counters = (int64_t)p_.batch * attn_plan_.grid.y;
+      arrivals_.allocate((size_t)(counters * sizeof(int32_t)));
+      KV_CUDA_CHECK(cudaMemset(arrivals_.get(), 0, (size_t)(counters * sizeof(int32_t))));
+    }
   }
   for (auto& s : sets_) build_args(*s);
   KV_CUDA_CHECK(cudaDeviceSynchronize());
@@ -131,6 +138,7 @@ void CudaOp::build_args(Set& s) {
     a.out = ptr(kBufOut);
     a.part_o = static_cast<float*>(part_o_.get());
     a.part_ml = static_cast<float*>(part_ml_.get());
+    a.arrivals = static_cast<int32_t*>(arrivals_.get());  // null unless combine=last, splits > 1
     a.ctx = static_cast<const int32_t*>(ptr(kBufCtx));
     a.q_heads = p_.q_heads;
     a.group = p_.group;
@@ -250,7 +258,10 @@ std::string CudaOp::describe() const {
            (a.strided ? "strided path (D not innermost)" : "16-byte path") +
            ", splits " + std::to_string(a.splits) + " x " + std::to_string(a.chunk) + " tokens (tile " +
            std::to_string(a.tile) + "), " + std::to_string(a.blocks_per_sm) + " blocks/SM";
-    if (a.splits > 1) out += a.pdl ? ", combine with PDL" : ", combine";
+    if (a.splits > 1)
+      out += a.combine_last ? ", combine by the last block (one launch)"
+             : a.pdl        ? ", combine with PDL"
+                            : ", combine";
   }
   if (append_plan_.kernel)
     out += std::string("; append ") + dtype_label(p_.dtype) +

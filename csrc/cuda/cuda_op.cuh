@@ -64,7 +64,7 @@ class CudaOp final : public PreparedOp {
   cudaEvent_t start_ = nullptr, stop_ = nullptr;
   std::vector<std::unique_ptr<Set>> sets_;
   int current_ = 0;
-  DeviceBuffer part_o_, part_ml_, flush_;
+  DeviceBuffer part_o_, part_ml_, arrivals_, flush_;
   unsigned flush_value_ = 0;
   AttnPlan attn_plan_;
   GatherPlan gather_plan_;

@@ -74,6 +74,9 @@ struct AttnArgs {
   void* out;         // [B, Hq, 1, D]
   float* part_o;     // [B, Hq, splits, D] unnormalised partial outputs (only when splits > 1)
   float* part_ml;    // [B, Hq, splits, 2] partial (max in the log2 domain, sum of exp2)
+  // combine=last only (else null): one arrival counter per (batch entry, kv head x head tile),
+  // [B, Hkv * head_tiles], zero between launches (the last block to arrive resets its own).
+  int32_t* arrivals;
   const int32_t* ctx;  // [B]
   int32_t q_heads;
   int32_t group;       // q heads per kv head
@@ -99,12 +102,13 @@ struct AttnPlan {
   int prefetch = 0;           // register loads: L2 prefetch hint in bytes (0, 128, 256)
   int smem_bytes = 0;         // dynamic shared memory of the split kernel
   bool pdl = false;       // combine launched with programmatic dependent launch (sm_90+)
+  bool combine_last = false;  // one launch: the last split block merges (AttnArgs::arrivals)
   int combine_blocks = 0;
   int head_dim = 0;
 };
 
 // `var`: the case's variant options (common/variant.h, docs/cuda.md): kernel, splits, min_chunk,
-// blocks_per_sm, stages, l2_prefetch, pdl. The plans read no environment.
+// blocks_per_sm, stages, l2_prefetch, pdl, combine. The plans read no environment.
 AttnPlan plan_paged_sdpa(const char* op, const OpParams& p, const DeviceProps& dev,
                          const Variant& var);
 void launch_paged_sdpa(const AttnPlan& plan, const AttnArgs& args, const PagedSrc& src,

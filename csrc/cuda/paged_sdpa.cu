@@ -4,7 +4,8 @@
 //   dtype {float16, bfloat16, float32} x head_dim {64, 80, 96, 128, 256}
 //   x query heads per block {1, 4, 8} x {16-byte path (D innermost), strided path (any layout)}
 //   (SIMT), and float16/bfloat16 x head_dim {64, 96, 128} on tensor cores: register loads (L2
-//   prefetch hint 0 / 128 B) and cp.async (2 / 3 stages)
+//   prefetch hint 0 / 128 B) and cp.async (2 / 3 stages); here for combine=separate, in
+//   paged_sdpa_last.cu for combine=last
 #include "cuda/attention_plan.cuh"
 
 namespace kvmicro {

@@ -282,6 +282,10 @@ class NativeCudaBackend(_NativeBackend):
                               help="L2 prefetch hint (bytes) of the mma kernel's loads"),
         "pdl": Option("bool", True,
                       help="launch the split combine with programmatic dependent launch (sm_90+)"),
+        "combine": Option("choice", "separate", ("separate", "last"),
+                          help="how the context splits are merged: separate (a second kernel) "
+                               "or last (one launch: the last split block of each sequence and "
+                               "head group merges them)"),
     }
     timers = ("host", "batched", "device", "graph")
 
