@@ -2,13 +2,18 @@
 every op over the kernel variants that matter (tensor-core and SIMT attention, 16-byte and strided
 paths, 1/4/8 q heads per block, two head tiles, one and many splits with and without programmatic
 dependent launch, block sizes 1/7/16/128, three dtypes), each checked against the float64 oracle.
-Exit 1 on a mismatch.
+The combine=last variants (one launch, the last split block merges) run with the planner's split
+count and with splits forced to 8 and 48, so short sequences leave most splits empty. Exit 1 on a
+mismatch.
 
     compute-sanitizer --tool memcheck --error-exitcode 3 python scripts/sanitize_cuda.py
+    compute-sanitizer --tool racecheck --error-exitcode 3 python scripts/sanitize_cuda.py \
+        --only combine=last      # only the variants with that option (attention ops)
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import kvmicro as kv
@@ -31,7 +36,14 @@ SHAPES = [
 ]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", metavar="KEY=VALUE", default=None,
+                        help="run only the variants holding this option (on the attention ops)")
+    args = parser.parse_args(argv)
+    only = tuple(args.only.split("=", 1)) if args.only else None
+    if only is not None and len(only) != 2:
+        parser.error(f"--only {args.only!r} is not KEY=VALUE")
     failures = 0
     skipped = 0
     n = 0
@@ -39,7 +51,14 @@ def main() -> int:
     # on the attention ops. A tensor-core kernel asked of a shape it cannot run is Unsupported.
     variants: tuple[tuple[tuple[str, str], ...], ...] = (
         (), (("pdl", "false"),), (("kernel", "mma"), ("l2_prefetch", "0")), (("kernel", "async"),),
-        (("kernel", "async"), ("pdl", "false"), ("stages", "3")), (("kernel", "simt"),))
+        (("kernel", "async"), ("pdl", "false"), ("stages", "3")), (("kernel", "simt"),),
+        (("combine", "last"),), (("combine", "last"), ("kernel", "mma"), ("splits", "8")),
+        (("combine", "last"), ("kernel", "async"), ("splits", "48")),
+        (("combine", "last"), ("kernel", "simt"), ("splits", "48")))
+    if only is not None:
+        variants = tuple(v for v in variants if only in v)
+        if not variants:
+            parser.error(f"--only {args.only}: no variant of this matrix has that option")
     for options in variants:
         for shape in SHAPES:
             for op in OPS:
