@@ -85,7 +85,8 @@ def inline_cases(backend: str = "native:cpu") -> list[Any]:
 
 
 def inline_sweep(paths: tuple[Path, Path], max_time_s: float, threads: int,
-                 backend_name: str = "native:cpu", timer: str = "", rounds: int = 3) -> None:
+                 backend_name: str = "native:cpu", timer: str = "", rounds: int = 3,
+                 min_samples: int = 10) -> None:
     """One sweep of :func:`inline_cases` on native:cpu with ``threads`` kernel threads (host
     timer, hot cache), or on native:cuda (device timer: CUDA events, hot cache): every case
     prepared and checked against the oracle once, then measured
@@ -104,7 +105,7 @@ def inline_sweep(paths: tuple[Path, Path], max_time_s: float, threads: int,
     cuda = backend_name == "native:cuda"
     backend = NativeCudaBackend() if cuda else NativeCpuBackend(threads=threads)
     config = MeasureConfig(timer=timer or ("device" if cuda else "host"), cache="hot", noise=0.05,
-                           min_samples=10,
+                           min_samples=min_samples,
                            max_time_s=max_time_s, warmup_count=3, warmup_time_s=0.05,
                            rounds=rounds)
     prepared, samplers = [], []
@@ -138,7 +139,7 @@ def inline_sweep(paths: tuple[Path, Path], max_time_s: float, threads: int,
 
 def run_sweeps(repeats: int, out_dir: Path, label: str, sweep_args: str, busy: bool,
                engine: str, max_time_s: float, threads: int, backend: str,
-               timer: str = "", rounds: int = 3) -> list[Path]:
+               timer: str = "", rounds: int = 3, min_samples: int = 10) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     loop = None
@@ -157,7 +158,8 @@ def run_sweeps(repeats: int, out_dir: Path, label: str, sweep_args: str, busy: b
                     p.unlink()
             start = time.monotonic()
             if engine == "inline":
-                inline_sweep((path, twin), max_time_s, threads, backend, timer, rounds)
+                inline_sweep((path, twin), max_time_s, threads, backend, timer, rounds,
+                             min_samples)
                 status = "ok"
             else:
                 argv = [sys.executable, "-m", "kvmicro", "sweep", *shlex.split(sweep_args),
@@ -284,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="inline: the fewest rounds a case's samples are spread over "
                         "(MeasureConfig.rounds, default 3 as in a sweep)")
+    parser.add_argument("--min-samples", type=int, default=10,
+                        help="inline: the criterion's fewest samples (default 10, as in a sweep)")
     parser.add_argument("--max-time", type=float, default=0.5,
                         help="inline: seconds of sampling per case (default 0.5)")
     parser.add_argument("--sweep-args", default=DEFAULT_SWEEP,
@@ -306,13 +310,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--repeats must be at least 2 (an A/A test compares pairs)")
         paths = run_sweeps(args.repeats, Path(args.out), label, args.sweep_args, args.busy,
                            args.engine, args.max_time, args.threads, args.backend,
-                           args.timer, args.rounds)
+                           args.timer, args.rounds, args.min_samples)
     summary = analyse(paths, args.threshold / 100.0, args.factor)
     summary.update(label=label, busy=args.busy, engine=args.engine,
                    **({"sweep_args": args.sweep_args} if args.engine == "cli" else
                       {"backend": args.backend, "threads": args.threads,
                        "timer": args.timer or "default", "max_time_s": args.max_time,
-                       "rounds": args.rounds}))
+                       "rounds": args.rounds, "min_samples": args.min_samples}))
     print(describe(label, summary))
     if args.files and args.summary:
         Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
