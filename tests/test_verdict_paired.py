@@ -317,3 +317,23 @@ def test_compare_names_the_interval_the_paired_rule_decided_on():
     assert c.verdict == "slower" and c.detail is not None and c.detail.paired_rounds == 8
     text = render(CompareResult([c], [], [], []))
     assert "ratio [CI]" in text and "99% t-interval of their round-by-round ratios" in text
+
+
+def test_the_round_fields_a_paired_verdict_reads_are_in_the_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    from kvmicro.record import results_schema
+    from kvmicro.results import case_record
+    from kvmicro.workload import Case
+
+    config = MeasureConfig(timer="device", criterion="sample-count", min_samples=9,
+                           warmup_count=1, warmup_time_s=0.0, host_guard=False)
+    s = Sampler(_Steady(5.0), config, HotCache(), interleave_group="g1")
+    while not s.done():
+        s.round()
+    line = case_record(Case(op="gather", backend="native:cpu", ctx=64, batch=1), status="ok",
+                       measurement=s.result(), device="cpu")
+    assert line["rounds"]["group"] == "g1" and line["criterion"]["met"] is True
+    validator = jsonschema.Draft202012Validator(results_schema())
+    assert [e.message for e in validator.iter_errors(line)] == []
+    bad = {**line, "rounds": {**line["rounds"], "group": 7, "index": [-1]}}
+    assert len(list(validator.iter_errors(bad))) == 2

@@ -429,11 +429,11 @@ def record_round_medians(rec: Mapping[str, Any]) -> dict[int, float]:
     empty when the record does not say which round each run of samples was taken in."""
     rounds = rec.get("rounds")
     samples = rec.get("samples_us")
-    if not isinstance(rounds, Mapping) or not isinstance(samples, list) or not samples:
+    if not isinstance(rounds, Mapping) or not isinstance(samples, (list, tuple)) or not samples:
         return {}
     sizes, index = rounds.get("sizes"), rounds.get("index")
-    if not (isinstance(sizes, list) and isinstance(index, list) and len(sizes) == len(index)
-            and sizes):
+    if not (isinstance(sizes, (list, tuple)) and isinstance(index, (list, tuple))
+            and len(sizes) == len(index) and sizes):
         return {}
     try:
         sizes = [int(s) for s in sizes]
