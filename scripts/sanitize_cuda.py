@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                 if not result.passed:
                     failures += 1
                     print("MISMATCH", op, dict(options), shape, result, flush=True)
+                else:  # progress, so a run cut short by a time limit shows how far it got
+                    print("ok", n, op, dict(options), shape["head_dim"], shape["dtype"],
+                          flush=True)
     print(f"sanitize_cuda: {n} cases, {failures} mismatches, {skipped} unsupported", flush=True)
     return 1 if failures else 0
 

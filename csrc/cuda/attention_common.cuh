@@ -136,9 +136,19 @@ __device__ __forceinline__ void merge_splits(const AttnArgs& a, float (&s_acc)[N
     }
   }
   float* s_w = &s_acc[0][0][0];  // [GT][kChunk]
+  // This thread's items: float4 column c of head g for i = threadIdx.x + k * kAttnThreads.
+  bool mine[kItems];
+  int item_g[kItems];
+  const float4* po[kItems];  // the item's column in split 0's partial output
   float4 o[kItems];
 #pragma unroll
-  for (int k = 0; k < kItems; ++k) o[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int k = 0; k < kItems; ++k) {
+    const int i = threadIdx.x + k * kAttnThreads;
+    mine[k] = i < gcount * V4;
+    item_g[k] = mine[k] ? i / V4 : 0;
+    po[k] = reinterpret_cast<const float4*>(a.part_o + (head0 + item_g[k]) * a.splits * D) + i % V4;
+    o[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
   for (int s0 = 0; s0 < n; s0 += kChunk) {
     const int cn = min(kChunk, n - s0);
     __syncthreads();  // s_m[0] / s_l[0] written; the previous chunk's weights all read
@@ -148,18 +158,14 @@ __device__ __forceinline__ void merge_splits(const AttnArgs& a, float (&s_acc)[N
           exp2f(__ldcg(a.part_ml + 2 * ((head0 + g) * a.splits + s0 + s)) - s_m[0][g]);
     }
     __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      const int i = threadIdx.x + k * kAttnThreads;
-      if (i >= gcount * V4) break;  // i only grows with k
-      const int g = i / V4, c = i % V4;
-      const float4* po =
-          reinterpret_cast<const float4*>(a.part_o + ((head0 + g) * a.splits + s0) * D) + c;
-      const float* w = s_w + g * kChunk;
+    // Splits outermost, items inside: every item's loads of a split are in flight together.
 #pragma unroll 4
-      for (int s = 0; s < cn; ++s) {
-        const float4 x = __ldcg(po + (int64_t)s * V4);
-        const float ws = w[s];
+    for (int s = 0; s < cn; ++s) {
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) {
+        if (!mine[k]) continue;
+        const float4 x = __ldcg(po[k] + (int64_t)(s0 + s) * V4);
+        const float ws = s_w[item_g[k] * kChunk + s];
         o[k].x = fmaf(x.x, ws, o[k].x);
         o[k].y = fmaf(x.y, ws, o[k].y);
         o[k].z = fmaf(x.z, ws, o[k].z);
@@ -169,9 +175,8 @@ __device__ __forceinline__ void merge_splits(const AttnArgs& a, float (&s_acc)[N
   }
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
-    const int i = threadIdx.x + k * kAttnThreads;
-    if (i >= gcount * V4) break;
-    const int g = i / V4, c = i % V4;
+    if (!mine[k]) continue;
+    const int g = item_g[k], c = (threadIdx.x + k * kAttnThreads) % V4;
     const float inv = s_l[0][g];
     T* out = static_cast<T*>(a.out) + (head0 + g) * D + 4 * c;
     out[0] = from_float<T>(o[k].x * inv);
