@@ -61,15 +61,20 @@ if ((t > 0)); then
   rc=$?
   echo "native tests rc=$rc$([ $rc = 124 ] && echo ' (TIMED OUT: incomplete)'): $(tail -1 "$OUT/tests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -12
+else
+  echo "tests skipped: not enough of BUDGET left"
 fi
 
 step "compute-sanitizer over the combine=last variants (scripts/sanitize_cuda.py --only combine=last)"
-if command -v compute-sanitizer >/dev/null 2>&1; then
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer \
+  /usr/local/cuda-*/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer \
+  2>/dev/null | head -1)
+if [ -n "$sanitizer" ]; then
   for spec in memcheck:45 racecheck:45 synccheck:30; do
     tool=${spec%%:*}
     t=$(limit "${spec##*:}" 230)
     if ((t == 0)); then echo "$tool: skipped, no time left"; continue; fi
-    timeout "$t" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+    timeout "$t" "$sanitizer" --tool "$tool" --error-exitcode 3 \
       python3 scripts/sanitize_cuda.py --only combine=last >"$OUT/sanitize-$tool.log" 2>&1
     rc=$?
     summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_cuda:" "$OUT/sanitize-$tool.log" | tr '\n' ' ')
@@ -77,7 +82,7 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     grep -m3 -E "MISMATCH|Invalid|Race|Barrier|error" "$OUT/sanitize-$tool.log" | cut -c1-200
   done
 else
-  echo "compute-sanitizer not found on PATH: skipped"
+  echo "compute-sanitizer not found (PATH, /usr/local/cuda*): skipped"
 fi
 
 # One file for every record; the second and third commands resume into it.

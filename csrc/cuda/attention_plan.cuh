@@ -1,6 +1,7 @@
 // Host side of decode attention: kernel selection and split planning (plan_attention) and the
-// launch of both passes (launch_attention; one pass under combine=last). Instantiated per source in paged_sdpa.cu and
-// sdpa_contiguous.cu through the pickers below (pick_split_*, pick_mma*, pick_async*): they are
+// launch of both passes (launch_attention; one pass under combine=last). Instantiated per source
+// in paged_sdpa.cu and sdpa_contiguous.cu (combine=last: paged_sdpa_last.cu,
+// sdpa_contiguous_last.cu) through the pickers below (pick_split*, pick_mma*, pick_async*): they are
 // the support matrix (dtype x head_dim x heads per block x 16-byte/strided, and the tensor-core
 // variants), checked against the capability table (common/capabilities.h) by
 // tests/test_capabilities.py through cuda_instantiations().
