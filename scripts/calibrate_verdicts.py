@@ -86,7 +86,8 @@ def inline_cases(backend: str = "native:cpu") -> list[Any]:
 
 def inline_sweep(paths: tuple[Path, Path], max_time_s: float, threads: int,
                  backend_name: str = "native:cpu", timer: str = "", rounds: int = 3,
-                 min_samples: int = 10) -> None:
+                 min_samples: int = 10, interleaved_rounds: int | None = None,
+                 min_round_samples: int | None = None) -> None:
     """One sweep of :func:`inline_cases` on native:cpu with ``threads`` kernel threads (host
     timer, hot cache), or on native:cuda (device timer: CUDA events, hot cache): every case
     prepared and checked against the oracle once, then measured
@@ -97,17 +98,20 @@ def inline_sweep(paths: tuple[Path, Path], max_time_s: float, threads: int,
     from kvmicro.backends.native import NativeCpuBackend, NativeCudaBackend
     from kvmicro.check import compare
     from kvmicro.harness.cache import HotCache
-    from kvmicro.harness.measure import MeasureConfig, Sampler
+    from kvmicro.harness.measure import MeasureConfig, Sampler, interleaved_order
     from kvmicro.harness.noise import host_load
     from kvmicro.results import ResultsWriter, case_record
     from kvmicro.workload import materialize
 
+    # None: MeasureConfig's defaults, as a sweep has them
+    sampling = {k: v for k, v in (("interleaved_rounds", interleaved_rounds),
+                                  ("min_round_samples", min_round_samples)) if v is not None}
     cuda = backend_name == "native:cuda"
     backend = NativeCudaBackend() if cuda else NativeCpuBackend(threads=threads)
     config = MeasureConfig(timer=timer or ("device" if cuda else "host"), cache="hot", noise=0.05,
                            min_samples=min_samples,
                            max_time_s=max_time_s, warmup_count=3, warmup_time_s=0.05,
-                           rounds=rounds)
+                           rounds=rounds, **sampling)
     prepared, samplers = [], []
     # every arm's rounds are interleaved with every other's: one group, as a runner's chunk
     group = uuid.uuid4().hex[:16]
@@ -123,10 +127,14 @@ def inline_sweep(paths: tuple[Path, Path], max_time_s: float, threads: int,
         samplers.append((Sampler(p, config, HotCache(), interleave_group=group),
                          Sampler(p, config, HotCache(), interleave_group=group)))
     every = [s for pair in samplers for s in pair]
+    passes = 0
     while not all(s.done() for s in every):
-        for s in every:
+        # as the runner does: every other pass in reverse (arm B first), so neither arm always
+        # runs right after the other
+        for s in interleaved_order(every, passes):
             if not s.done():
                 s.round()
+        passes += 1
     provenance = {"argv": ["calibrate_verdicts.py", "inline", f"threads={threads}"],
                   "host_load": host_load()}
     with ResultsWriter(paths[0], provenance) as a, ResultsWriter(paths[1], provenance) as b:
@@ -139,7 +147,9 @@ def inline_sweep(paths: tuple[Path, Path], max_time_s: float, threads: int,
 
 def run_sweeps(repeats: int, out_dir: Path, label: str, sweep_args: str, busy: bool,
                engine: str, max_time_s: float, threads: int, backend: str,
-               timer: str = "", rounds: int = 3, min_samples: int = 10) -> list[Path]:
+               timer: str = "", rounds: int = 3, min_samples: int = 10,
+               interleaved_rounds: int | None = None,
+               min_round_samples: int | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     loop = None
@@ -159,7 +169,7 @@ def run_sweeps(repeats: int, out_dir: Path, label: str, sweep_args: str, busy: b
             start = time.monotonic()
             if engine == "inline":
                 inline_sweep((path, twin), max_time_s, threads, backend, timer, rounds,
-                             min_samples)
+                             min_samples, interleaved_rounds, min_round_samples)
                 status = "ok"
             else:
                 argv = [sys.executable, "-m", "kvmicro", "sweep", *shlex.split(sweep_args),
@@ -288,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(MeasureConfig.rounds, default 3 as in a sweep)")
     parser.add_argument("--min-samples", type=int, default=10,
                         help="inline: the criterion's fewest samples (default 10, as in a sweep)")
+    parser.add_argument("--interleaved-rounds", type=int, default=None,
+                        help="inline: the fewest rounds of an interleaved case "
+                        "(MeasureConfig.interleaved_rounds; default: a sweep's, 6; 1: none extra)")
+    parser.add_argument("--min-round-samples", type=int, default=None,
+                        help="inline: the fewest samples an interleaved round aims at "
+                        "(MeasureConfig.min_round_samples; default: a sweep's, 4)")
     parser.add_argument("--max-time", type=float, default=0.5,
                         help="inline: seconds of sampling per case (default 0.5)")
     parser.add_argument("--sweep-args", default=DEFAULT_SWEEP,
@@ -310,13 +326,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--repeats must be at least 2 (an A/A test compares pairs)")
         paths = run_sweeps(args.repeats, Path(args.out), label, args.sweep_args, args.busy,
                            args.engine, args.max_time, args.threads, args.backend,
-                           args.timer, args.rounds, args.min_samples)
+                           args.timer, args.rounds, args.min_samples,
+                           args.interleaved_rounds, args.min_round_samples)
     summary = analyse(paths, args.threshold / 100.0, args.factor)
     summary.update(label=label, busy=args.busy, engine=args.engine,
                    **({"sweep_args": args.sweep_args} if args.engine == "cli" else
                       {"backend": args.backend, "threads": args.threads,
                        "timer": args.timer or "default", "max_time_s": args.max_time,
-                       "rounds": args.rounds, "min_samples": args.min_samples}))
+                       "rounds": args.rounds, "min_samples": args.min_samples,
+                       "interleaved_rounds": args.interleaved_rounds,
+                       "min_round_samples": args.min_round_samples}))
     print(describe(label, summary))
     if args.files and args.summary:
         Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")

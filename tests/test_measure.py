@@ -27,7 +27,7 @@ from kvmicro.harness import (
     resolve_cache_name,
 )
 from kvmicro.harness.cache import FALLBACK_CACHE_BYTES, MAX_COPIES
-from kvmicro.harness.measure import Sampler
+from kvmicro.harness.measure import Sampler, interleaved_order
 from kvmicro.harness.timers import GRAPH_MAX_K
 from kvmicro.workload import Case
 
@@ -503,6 +503,59 @@ def test_samplers_of_several_cases_interleave_their_rounds():
     assert order == [(False, 3), (True, 3)] * 3
     ma, mb = (s.result() for s in samplers)
     assert ma.stats.median_us == 5.0 and mb.stats.median_us == 7.0 and ma.converged
+
+
+def test_an_interleaved_sampler_takes_more_and_fuller_rounds():
+    """With an interleave group (a runner's chunk) a case spreads over at least
+    ``interleaved_rounds`` rounds (6) of at least ``min_round_samples`` (4) each, so a paired
+    verdict has 5 degrees of freedom and round medians of 4 samples; back to back it keeps
+    ``rounds`` (3) rounds of a third of the criterion's samples."""
+    config = quick(timer="device", criterion="sample-count", min_samples=9)
+    assert (config.interleaved_rounds, config.min_round_samples) == (6, 4)
+    grouped = Sampler(FakeDevice(per_op_us=5.0), config, HotCache(), interleave_group="g")
+    plain = Sampler(FakeDevice(per_op_us=5.0), config, HotCache())
+    for s in (grouped, plain):
+        while not s.done():
+            s.round()
+    assert grouped.result().rounds["sizes"] == [4] * 6
+    assert plain.result().rounds["sizes"] == [3, 3, 3]
+    # rounds above interleaved_rounds win; 1 and 1 give the plain behaviour back
+    wide = Sampler(FakeDevice(per_op_us=5.0), quick(timer="device", criterion="sample-count",
+                                                    min_samples=9, rounds=8),
+                   HotCache(), interleave_group="g")
+    old = Sampler(FakeDevice(per_op_us=5.0), quick(timer="device", criterion="sample-count",
+                                                   min_samples=9, interleaved_rounds=1,
+                                                   min_round_samples=1),
+                  HotCache(), interleave_group="g")
+    for s in (wide, old):
+        while not s.done():
+            s.round()
+    assert wide.result().rounds["count"] == 8 and min(wide.result().rounds["sizes"]) >= 4
+    assert old.result().rounds["sizes"] == [3, 3, 3]
+    for bad in (0, 2.5, True):
+        with pytest.raises(InvalidCase, match="interleaved_rounds"):
+            quick(interleaved_rounds=bad)
+        with pytest.raises(InvalidCase, match="min_round_samples"):
+            quick(min_round_samples=bad)
+
+
+def test_an_interleaved_sampler_keeps_the_time_budget():
+    """The floor of samples per round does not stretch max_time: a case whose samples take a
+    third of its budget gets one sample a round (the round's slice of the budget is spent) and
+    stops when the budget is, after three rounds instead of six."""
+    config = quick(timer="host", criterion="sample-count", min_samples=9, max_time_s=0.06)
+    s = Sampler(Fake(op_s=0.02), config, HotCache(), interleave_group="g")
+    while not s.done():
+        s.round()
+    m = s.result()
+    assert s.sampling_s < 0.2 and m.rounds["count"] < 6 and set(m.rounds["sizes"]) == {1}
+    assert "max_time" in m.criterion["why_not"]
+
+
+def test_every_other_pass_runs_in_reverse():
+    assert interleaved_order(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert interleaved_order(["a", "b", "c"], 1) == ["c", "b", "a"]
+    assert interleaved_order(["a", "b", "c"], 6) == ["a", "b", "c"]
 
 
 def test_rounds_that_disagree_are_not_converged_and_say_so():

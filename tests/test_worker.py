@@ -304,6 +304,30 @@ def test_a_shape_groups_cases_are_measured_in_interleaved_rounds(test_backends: 
     assert all(a[1] < b[0] for a, b in itertools.pairwise(spans))   # one after another
 
 
+def test_the_runner_takes_every_other_pass_in_reverse(test_backends: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """No case always follows the same neighbour (kvmicro.harness.measure.interleaved_order):
+    pass 0 in point order, pass 1 reversed, and so on."""
+    from kvmicro.harness.measure import Sampler
+    from kvmicro.runner import Runner
+
+    points = [p for p in expand(grid("good:cpu")) if p.case.ctx == 70]
+    taken: list[tuple[int, str]] = []
+    real_round = Sampler.round
+
+    def logged(self: Sampler) -> None:
+        if not self.done():
+            taken.append((self.rounds_taken, self.prepared.case.op))
+        real_round(self)
+
+    monkeypatch.setattr(Sampler, "round", logged)
+    records = list(Runner(FAST).run_group(points))
+    assert all(r["status"] == "ok" for r in records)
+    ops = [p.case.op for p in points]
+    by_pass = [[op for i, op in taken if i == n] for n in range(2)]
+    assert by_pass == [ops, ops[::-1]]
+
+
 def test_cases_that_do_not_fit_in_memory_together_are_measured_one_by_one(
         test_backends: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from kvmicro.derived import footprint_bytes

@@ -432,7 +432,7 @@ class Runner:
                 yield from self._run_interleaved(chunk)
 
     def _run_interleaved(self, chunk: list[list[Point]]) -> Iterator[dict[str, Any]]:
-        from .harness.measure import Sampler
+        from .harness.measure import Sampler, interleaved_order
 
         # names this chunk's interleaved rounds in its records (rounds.group): two records of
         # one group took their round i in the same pass, and a verdict may pair them
@@ -464,8 +464,10 @@ class Runner:
                                                              ready.timings, *failure(exc))
                     position += 1
             active = dict(samplers)
+            passes = 0
             while active:
-                for pos, (p, ready, sampler) in list(active.items()):
+                # every other pass in reverse, so no member always follows the same neighbour
+                for pos, (p, ready, sampler) in interleaved_order(list(active.items()), passes):
                     try:
                         sampler.round()
                         if sampler.done():
@@ -476,6 +478,7 @@ class Runner:
                         records[pos] = self._failed(p, ready.prepared, ready.check,
                                                     ready.timings, *failure(exc))
                         del active[pos]
+                passes += 1
             for pos in range(position):   # in point order: sdpa_contiguous first
                 if pos not in records:
                     p, ready, sampler = samplers[pos]
