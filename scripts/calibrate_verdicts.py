@@ -200,7 +200,7 @@ def _tally(pairs: list[tuple[dict[str, Any], dict[str, Any]]], threshold: float,
     unpaired rule even where the records' rounds were interleaved."""
     aa: Counter[str] = Counter()
     planted: Counter[str] = Counter()
-    both_ok = trusted = paired = by_paired = 0
+    both_ok = trusted = paired = by_paired = eligible = found_eligible = 0
     for b, n in pairs:
         if not pairing:
             b, n = unpaired(b), unpaired(n)
@@ -209,13 +209,19 @@ def _tally(pairs: list[tuple[dict[str, Any], dict[str, Any]]], threshold: float,
         planted[found.verdict] += 1
         both_ok += n.get("status") == "ok" and b.get("status") == "ok"
         trusted += not untrusted_reason(n) and not untrusted_reason(b)
-        paired += interleaved_rounds(n, b) is not None
+        pair = interleaved_rounds(n, b) is not None
+        paired += pair
         by_paired += found.verdict == "slower" and found.paired_rounds > 0
+        # eligible: the pair passes the gates of the rule that applies to it
+        ok = not untrusted_reason(n, paired=pair) and not untrusted_reason(b, paired=pair)
+        eligible += ok
+        found_eligible += ok and found.verdict == "slower"
     matched = sum(aa.values())
     false = aa["faster"] + aa["slower"]
     return {"rule": "paired where interleaved" if pairing else "unpaired",
             "matched": matched, "both_ok": both_ok, "both_trusted": trusted,
             "interleaved": paired, "planted_found_by_paired_rule": by_paired,
+            "eligible": eligible, "planted_found_among_eligible": found_eligible,
             "aa": dict(aa), "aa_false": false,
             "aa_false_pct": 100.0 * false / matched if matched else None,
             "planted": dict(planted),
@@ -264,7 +270,8 @@ def describe(label: str, s: dict[str, Any]) -> str:
         lines += [
             f"  {scope} ({what}): {t['matched']} case pairs, {t['both_ok']} both ok, "
             f"{t['both_trusted']} both trusted (converged, no untrusting flag), "
-            f"{t.get('interleaved', 0)} with >= 3 interleaved rounds in common",
+            f"{t.get('interleaved', 0)} with >= 3 interleaved rounds in common, "
+            f"{t.get('eligible', 0)} eligible (pass the gates of the rule that applies)",
             f"    A/A: false faster/slower {t['aa_false']} ({t['aa_false_pct']:.2f}%); "
             + ", ".join(f"{k} {v}" for k, v in sorted(t["aa"].items())),
             f"    planted: found (slower) {t['planted'].get('slower', 0)} "
