@@ -235,3 +235,14 @@ def test_plot_draws_latency_and_overhead_vs_ctx(tmp_path: Path) -> None:
     paths = plot(sample_records(), tmp_path / "p.png")
     assert paths == [tmp_path / "p.png"]
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_legend_names_the_rule_behind_the_fastest_mark():
+    """Layouts of one sweep are compared by the paired rule, others by the unpaired one: the
+    legend says both, with their intervals and the threshold."""
+    from kvmicro.report import legend
+
+    text = " ".join(legend([]))
+    assert "paired rule" in text and "99% t-interval" in text and "round-by-round" in text
+    assert "Mann-Whitney p < 0.01" in text and "95% CI beyond 5%" in text
+    assert "straddles 5%" in text

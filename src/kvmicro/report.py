@@ -6,7 +6,8 @@ dtype, timer and cache policy); rows are ctx, batch, block and frag%; columns ar
 and a table wider than 120 columns is split by layout. A cell is the median in µs with the
 half-width of its 95% CI (``12.34 ±0.05``), marked ``(! 12%)`` when the sample spread is above
 ``NOISY_PCT`` and ``?`` when the stopping rule did not converge. The fastest-layout mark comes
-from :mod:`kvmicro.verdict`: ``*`` fastest (every other layout slower by the test), ``=`` tied,
+from :mod:`kvmicro.verdict` (the paired rule for layouts sampled in the same interleaved rounds,
+the unpaired one otherwise): ``*`` fastest (every other layout slower by the test), ``=`` tied,
 ``~`` cannot tell apart. ``ovh%`` is the overhead against ``sdpa_contiguous`` of the same shape,
 with its CI. What the marks mean is said once, under the tables. Skipped and error records are
 listed after the tables with their reasons.
@@ -506,10 +507,12 @@ def legend(tables: Sequence[Table], columns: Sequence[str] = DEFAULT_COLUMNS) ->
                      "± half its 95% CI (bootstrap of the median ratio)")
     lines += [
         f"{MARK_FASTEST} fastest layout of the op in its row: every other layout is slower by "
-        f"the test (Mann-Whitney p < 0.01, ratio 95% CI beyond {pct})",
+        f"the verdict's test - layouts sampled in the same interleaved rounds (one sweep): the "
+        f"paired rule, the 99% t-interval of their round-by-round time ratio beyond {pct}; "
+        f"otherwise Mann-Whitney p < 0.01 and the median ratio's 95% CI beyond {pct}",
         f"{MARK_TIE} tied for fastest: the same within {pct}   "
-        f"{MARK_UNSURE} cannot tell apart from the fastest (a noisy or unconverged record, or "
-        "too few samples)",
+        f"{MARK_UNSURE} cannot tell apart from the fastest (the interval straddles {pct}, too "
+        "few samples or rounds, or - records not paired - a noisy or unconverged record)",
     ]
     if noisy:
         lines.append(
