@@ -13,7 +13,8 @@ that CI lies inside it; unsure otherwise, and always when either record did not 
 flagged noisy, few-samples, host-busy or rounds-disagree. Two records from one sweep whose rounds
 were interleaved (``compare_backends`` within one file: the same ``rounds.group``) get the paired
 rule instead: the 99% t-interval of their round-by-round ratios beyond or inside the threshold,
-with drift common to both (``rounds-disagree``) no longer gating (kvmicro.verdict).
+with what the round ratios already carry (``noisy``, ``not-converged``, ``host-busy``,
+``rounds-disagree``) no longer gating (kvmicro.verdict).
 
 A case that was ok in BASE and is an error in NEW is ``broken`` (ok in NEW only: ``fixed``;
 neither ok: ``n/a``). The exit status (:attr:`CompareResult.exit_code`) is 2 when nothing matched,
