@@ -25,15 +25,15 @@ __global__ void __launch_bounds__(kCombineThreads)
   __shared__ float4 s_sum[kCombineThreads];
 
   const int64_t head = blockIdx.x;
-  const int b = (int)(head / a.p.q_heads);
-  const int n = min(a.part.partitions, (a.ctx[b] + a.part.partition_tokens - 1) / a.part.partition_tokens);
-  const float* ml = a.part_ml + head * a.part.partitions * 2;
+  const int b = (int)(head / a.q_heads);
+  const int n = min(a.splits, (a.ctx[b] + a.chunk - 1) / a.chunk);
+  const float* ml = a.part_ml + head * a.splits * 2;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int V = head_dim / 4;  // every supported head_dim is a multiple of 16
   const int P = kCombineThreads / V;
   const int col = threadIdx.x % V, phase = threadIdx.x / V;
   const bool active = phase < P;
-  const float4* po = reinterpret_cast<const float4*>(a.part_o + head * a.part.partitions * head_dim);
+  const float4* po = reinterpret_cast<const float4*>(a.part_o + head * a.splits * head_dim);
 
   float4 pre[kPre];
 #pragma unroll

@@ -45,11 +45,11 @@ __device__ __forceinline__ bool split_slice(const AttnArgs& a, SplitSlice& w) {
   w.hk = blockIdx.y / a.head_tiles;
   w.g0 = (blockIdx.y % a.head_tiles) * GT;
   w.b = blockIdx.z;
-  w.gcount = min(GT, a.p.group - w.g0);
+  w.gcount = min(GT, a.group - w.g0);
   const int ctx_b = a.ctx[w.b];
-  w.start = w.split * a.part.partition_tokens;
+  w.start = w.split * a.chunk;
   if (w.start >= ctx_b) return false;
-  w.end = min(w.start + a.part.partition_tokens, ctx_b);
+  w.end = min(w.start + a.chunk, ctx_b);
   return true;
 }
 
@@ -67,7 +67,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Splits of sequence b that hold tokens: splits 0 .. n-1 (split_slice returns false for the rest,
 // so exactly these n blocks of a (b, kv head, head tile) reach write_block_result).
 __device__ __forceinline__ int splits_with_tokens(const AttnArgs& a, int b) {
-  return min(a.part.partitions, (a.ctx[b] + a.part.partition_tokens - 1) / a.part.partition_tokens);
+  return min(a.splits, (a.ctx[b] + a.chunk - 1) / a.chunk);
 }
 
 // combine=last: after this block's partial state is in global memory, count its arrival on the
@@ -119,10 +119,10 @@ __device__ __forceinline__ void merge_splits(const AttnArgs& a, float (&s_acc)[N
   constexpr int V4 = D / 4;
   constexpr int kItems = (GT * V4 + kAttnThreads - 1) / kAttnThreads;
   constexpr int kChunk = NW * D;  // weights per head that s_acc holds
-  const int64_t head0 = (int64_t)b * a.p.q_heads + hk * a.p.group + g0;
+  const int64_t head0 = (int64_t)b * a.q_heads + hk * a.group + g0;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int g = warp; g < gcount; g += kAttnWarps) {
-    const float* ml = a.part_ml + 2 * (head0 + g) * a.part.partitions;
+    const float* ml = a.part_ml + 2 * (head0 + g) * a.splits;
     float M = -INFINITY;
     for (int s = lane; s < n; s += 32) M = fmaxf(M, __ldcg(ml + 2 * s));
     M = warp_max(M);
@@ -146,7 +146,7 @@ __device__ __forceinline__ void merge_splits(const AttnArgs& a, float (&s_acc)[N
     const int i = threadIdx.x + k * kAttnThreads;
     mine[k] = i < gcount * V4;
     item_g[k] = mine[k] ? i / V4 : 0;
-    po[k] = reinterpret_cast<const float4*>(a.part_o + (head0 + item_g[k]) * a.part.partitions * D) + i % V4;
+    po[k] = reinterpret_cast<const float4*>(a.part_o + (head0 + item_g[k]) * a.splits * D) + i % V4;
     o[k] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
   for (int s0 = 0; s0 < n; s0 += kChunk) {
@@ -155,7 +155,7 @@ __device__ __forceinline__ void merge_splits(const AttnArgs& a, float (&s_acc)[N
     for (int i = threadIdx.x; i < gcount * cn; i += kAttnThreads) {
       const int g = i / cn, s = i % cn;
       s_w[g * kChunk + s] =
-          exp2f(__ldcg(a.part_ml + 2 * ((head0 + g) * a.part.partitions + s0 + s)) - s_m[0][g]);
+          exp2f(__ldcg(a.part_ml + 2 * ((head0 + g) * a.splits + s0 + s)) - s_m[0][g]);
     }
     __syncthreads();
     // Splits outermost, items inside: every item's loads of a split are in flight together.
@@ -200,8 +200,8 @@ __device__ __forceinline__ void write_block_result(const AttnArgs& a, float (&s_
                                                    float (&s_m)[NW][GT], float (&s_l)[NW][GT],
                                                    int b, int hk, int g0, int gcount, int split) {
   // Under kLast, a.arrivals is null only with one split (then no block counts).
-  const int n = kLast ? splits_with_tokens(a, b) : a.part.partitions;
-  const bool direct = a.part.partitions == 1 || (kLast && n == 1);  // uniform across the block
+  const int n = kLast ? splits_with_tokens(a, b) : a.splits;
+  const bool direct = a.splits == 1 || (kLast && n == 1);  // uniform across the block
   for (int i = threadIdx.x; i < GT * D; i += kAttnThreads) {
     const int g = i / D, d = i % D;
     if (g >= gcount) break;  // g only grows with i
@@ -215,11 +215,11 @@ __device__ __forceinline__ void write_block_result(const AttnArgs& a, float (&s_
       L = fmaf(s_l[w][g], c, L);
       O = fmaf(s_acc[w][g][d], c, O);
     }
-    const int64_t head = (int64_t)b * a.p.q_heads + hk * a.p.group + g0 + g;
+    const int64_t head = (int64_t)b * a.q_heads + hk * a.group + g0 + g;
     if (direct) {
       static_cast<T*>(a.out)[head * D + d] = from_float<T>(O / L);
     } else {
-      const int64_t ps = head * a.part.partitions + split;
+      const int64_t ps = head * a.splits + split;
       a.part_o[ps * D + d] = O;
       if (d == 0) {
         a.part_ml[2 * ps] = M;

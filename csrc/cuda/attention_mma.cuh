@@ -94,7 +94,7 @@ struct MmaWarpState {
     for (int j = 0; j < NB; ++j) qf[j] = make_uint4(0, 0, 0, 0);
     if (gr < gcount) {
       const T* qrow =
-          static_cast<const T*>(a.q) + ((int64_t)b * a.p.q_heads + hk * a.p.group + g0 + gr) * D;
+          static_cast<const T*>(a.q) + ((int64_t)b * a.q_heads + hk * a.group + g0 + gr) * D;
 #pragma unroll
       for (int j = 0; j < NB; ++j) qf[j] = load16(qrow + 32 * j + 8 * tq);
     }

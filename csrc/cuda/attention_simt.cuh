@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     for (int j = 0; j < VPT; ++j) {
       const int vidx = r + j * TPR;
       if (g < gcount && vidx < NV) {
-        const int64_t qrow = ((int64_t)b * a.p.q_heads + hk * a.p.group + g0 + g) * D;
+        const int64_t qrow = ((int64_t)b * a.q_heads + hk * a.group + g0 + g) * D;
         uint4 raw = load16(static_cast<const T*>(a.q) + qrow + vidx * V);
         unpack<T>(raw, q[g][j]);
 #pragma unroll

@@ -140,9 +140,11 @@ void CudaOp::build_args(Set& s) {
     a.part_ml = static_cast<float*>(part_ml_.get());
     a.arrivals = static_cast<int32_t*>(arrivals_.get());  // null unless combine=last, splits > 1
     a.ctx = static_cast<const int32_t*>(ptr(kBufCtx));
-    a.p = p_;
-    a.part = PartitionParams{attn_plan_.chunk, attn_plan_.splits};
+    a.q_heads = p_.q_heads;
+    a.group = p_.group;
     a.head_tiles = attn_plan_.head_tiles;
+    a.splits = attn_plan_.splits;
+    a.chunk = attn_plan_.chunk;
     a.scale_log2 = p_.scale * kLog2e;  // see AttnArgs
     s.dense = DenseSrc{ptr(kBufKDense), ptr(kBufVDense), dense};
     s.paged = PagedSrc{ptr(kBufKPool), ptr(kBufVPool), kv};

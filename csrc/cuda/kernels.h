@@ -69,9 +69,6 @@ struct PagedSrc {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// The attention kernels' arguments: the buffers, the case's shared parameters (common/params.h,
-// the same structs the Metal kernels take: q heads, GQA group, dtype, ...) and the split plan as
-// PartitionParams; only the values derived for these kernels are their own.
 struct AttnArgs {
   const void* q;     // [B, Hq, 1, D]
   void* out;         // [B, Hq, 1, D]
@@ -81,10 +78,11 @@ struct AttnArgs {
   // [B, Hkv * head_tiles], zero between launches (the last block to arrive resets its own).
   int32_t* arrivals;
   const int32_t* ctx;  // [B]
-  OpParams p;          // the case: p.q_heads, p.group (q heads per kv head), ...
-  PartitionParams part;  // part.partitions: thread blocks along the context (splits);
-                         // part.partition_tokens: tokens per split (a multiple of the tile)
+  int32_t q_heads;
+  int32_t group;       // q heads per kv head
   int32_t head_tiles;  // thread blocks per GQA group (1 unless group > 8)
+  int32_t splits;      // thread blocks along the context
+  int32_t chunk;       // tokens per split (a multiple of the kernel's tile)
   float scale_log2;    // softmax scale * log2(e): scores live in the log2 domain (exp2f)
 };
 
