@@ -33,6 +33,12 @@ round (a blocked design) instead of being charged to both records:
   Student t-interval of ``mean log r_i`` (n - 1 degrees of freedom), mapped back by ``exp``;
   ``p_value`` the paired t-test of ``mean log r_i = 0``. Drift within a pass (the host changing
   speed between the two records' rounds) shows as spread of the ``r_i`` and widens the interval.
+  With :data:`MIN_CROSSOVER_ROUNDS` rounds or more of both parities, the mean is the AB/BA
+  crossover estimate instead: a runner takes odd passes in reverse order
+  (:func:`~kvmicro.harness.measure.interleaved_order`), so whatever running second is worth
+  adds to the log ratios of one parity and subtracts from the other's; the mean of the two
+  parities' means removes it, and its t-interval has n - 2 degrees of freedom, its error taken
+  from the scatter within each parity (:func:`_paired_estimate`).
 - **faster** / **slower**: that interval lies entirely beyond ``[1 - threshold, 1 + threshold]``
   (a one-sided t-test at ``alpha / 2`` on each side, so under the test's assumptions a false
   faster or slower is at most ``alpha`` whatever the noise); **same**: it lies inside;
@@ -54,7 +60,9 @@ round (a blocked design) instead of being charged to both records:
   ``r_i`` of identical code scatter symmetrically around 1: the runner's
   :func:`~kvmicro.harness.measure.interleaved_order` (every other pass reversed) makes a
   round's position in its pass - on the development VM the second of two twins ran ~1.7%
-  faster, ~5% on 32 MB working sets - alternate in sign instead of favouring one record; under
+  faster, ~5% on 32 MB working sets, ~25% there while the neighbours kept both cores busy -
+  alternate in sign instead of favouring one record, and the crossover estimate takes it out
+  of the scatter; under
   symmetric heavy tails the t-test errs on the safe side (the tests check A/A with t-noise on
   2 degrees of freedom and flips within passes).
 
@@ -98,6 +106,11 @@ UNTRUSTED_FLAGS: tuple[str, ...] = ("noisy", "not-converged", "few-samples", "ho
                                     "rounds-disagree")
 #: fewest rounds two interleaved records must share for the paired rule
 MIN_PAIRED_ROUNDS = 3
+#: fewest paired rounds for the crossover estimate (it spends a degree of freedom on the order
+#: effect: with 6 rounds, 4 are left and the 99% t factor is 4.6 instead of 4.0; with 4, 2 are
+#: left and it is 9.9 instead of 5.8 - measured, 6 found as many planted slowdowns here as 4 and
+#: more of the earlier records')
+MIN_CROSSOVER_ROUNDS = 6
 #: fewest samples both records must have kept in a round for the paired rule to pair it (a
 #: round of one sample is one draw of a heavy-tailed distribution, not a median)
 MIN_ROUND_SAMPLES = 2
@@ -353,11 +366,36 @@ def compare_samples(new_us: Sequence[float], base_us: Sequence[float], *,
                    f"{ci} beyond {band}; Mann-Whitney p {p:.2g} < {alpha:g}")
 
 
+def _paired_estimate(logs: np.ndarray, rounds: Sequence[int] | None
+                     ) -> tuple[float, float, int, str]:
+    """The mean log ratio, its standard error, their degrees of freedom and what was estimated.
+    With the round numbers of at least :data:`MIN_CROSSOVER_ROUNDS` rounds of both parities,
+    the AB/BA crossover estimate: even and odd passes ran in opposite orders
+    (:func:`~kvmicro.harness.measure.interleaved_order`), so a log ratio is ``mu + d`` in one
+    and ``mu - d`` in the other, ``d`` the advantage of running second; ``mu`` is the mean of
+    the two parities' means, its error from the scatter within each (n - 2 degrees of
+    freedom). Otherwise the plain mean and its error (n - 1)."""
+    n = int(logs.size)
+    if rounds is not None and n >= MIN_CROSSOVER_ROUNDS:
+        parity = np.asarray([int(r) % 2 for r in rounds])
+        even, odd = logs[parity == 0], logs[parity == 1]
+        if even.size and odd.size:
+            mean = 0.5 * (float(even.mean()) + float(odd.mean()))
+            resid = np.concatenate([even - even.mean(), odd - odd.mean()])
+            var = float(np.sum(resid ** 2)) / (n - 2)
+            se = math.sqrt(var * (1.0 / even.size + 1.0 / odd.size) / 4.0)
+            return mean, se, n - 2, "balanced over both pass orders"
+    return float(logs.mean()), float(logs.std(ddof=1)) / math.sqrt(n), n - 1, \
+        "geometric mean of the round-median ratios"
+
+
 def compare_paired(new_round_medians: Sequence[float], base_round_medians: Sequence[float], *,
                    threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA,
-                   new_n: int | None = None, base_n: int | None = None) -> Verdict:
+                   new_n: int | None = None, base_n: int | None = None,
+                   rounds: Sequence[int] | None = None) -> Verdict:
     """The paired rule (module docstring) on the medians of rounds taken in the same passes:
-    ``new_round_medians[i]`` and ``base_round_medians[i]`` were taken in the same pass.
+    ``new_round_medians[i]`` and ``base_round_medians[i]`` were taken in the same pass,
+    ``rounds[i]`` (when given: the crossover estimate, :func:`_paired_estimate`).
     ``new_n``/``base_n``: the samples behind each side (fewer than :data:`MIN_SAMPLES`:
     unsure). Unsure also with fewer than :data:`MIN_PAIRED_ROUNDS` pairs, or when the interval
     straddles a threshold (the caller may then fall back to the unpaired rule)."""
@@ -366,24 +404,24 @@ def compare_paired(new_round_medians: Sequence[float], base_round_medians: Seque
     base = _clean(base_round_medians, "base round-median")
     level = 1.0 - alpha
     nan_ci = (math.nan, math.nan)
-    if new.size != base.size:
-        raise InvalidCase(f"[verdict] paired rounds need as many new as base round medians (got "
-                          f"{new.size}, {base.size})")
+    if new.size != base.size or (rounds is not None and len(rounds) != new.size):
+        raise InvalidCase(f"[verdict] paired rounds need as many new as base round medians (and "
+                          f"round numbers) (got {new.size}, {base.size}"
+                          + (f", {len(rounds)})" if rounds is not None else ")"))
     n = int(new.size)
     if n < MIN_PAIRED_ROUNDS:
         return Verdict("unsure", math.nan, nan_ci, None,
                        f"{n} paired rounds (the paired rule needs {MIN_PAIRED_ROUNDS})", n, level)
     logs = np.log(new) - np.log(base)
-    mean = float(logs.mean())
-    sd = float(logs.std(ddof=1))
-    half = t_quantile(level, n - 1) * sd / math.sqrt(n)
+    mean, se, df, what = _paired_estimate(logs, rounds)
+    half = t_quantile(level, df) * se
     ratio, lo, hi = math.exp(mean), math.exp(mean - half), math.exp(mean + half)
-    if sd > 0:
-        p: float | None = t_two_sided_p(mean / (sd / math.sqrt(n)), n - 1)
+    if se > 0:
+        p: float | None = t_two_sided_p(mean / se, df)
     else:
         p = 1.0 if mean == 0 else 0.0
-    ci = (f"paired over {n} interleaved rounds: ratio {ratio:.3f} (geometric mean of the "
-          f"round-median ratios), {level * 100:g}% t-interval [{lo:.3f}, {hi:.3f}]")
+    ci = (f"paired over {n} interleaved rounds: ratio {ratio:.3f} ({what}), "
+          f"{level * 100:g}% t-interval [{lo:.3f}, {hi:.3f}]")
     band = f"±{threshold * 100:g}%"
     sizes = [v for v in (new_n, base_n) if v is not None]
     if sizes and min(sizes) < MIN_SAMPLES:
@@ -461,21 +499,29 @@ def record_round_medians(rec: Mapping[str, Any], min_samples: int = 1) -> dict[i
             if g.size >= min_samples}
 
 
-def interleaved_rounds(new: Mapping[str, Any], base: Mapping[str, Any]
-                       ) -> tuple[list[float], list[float]] | None:
-    """The two records' medians of the rounds they took in the same passes (new's, base's, in
-    round order), or None when their rounds were not interleaved: no common ``rounds.group``, or
-    fewer than :data:`MIN_PAIRED_ROUNDS` round numbers in common in which both kept at least
-    :data:`MIN_ROUND_SAMPLES` samples."""
+def paired_round_numbers(new: Mapping[str, Any], base: Mapping[str, Any]) -> list[int] | None:
+    """The round numbers the two records took in the same passes and both kept at least
+    :data:`MIN_ROUND_SAMPLES` samples in, in order; None when their rounds were not
+    interleaved: no common ``rounds.group``, or fewer than :data:`MIN_PAIRED_ROUNDS` such
+    rounds."""
     groups = [r.get("rounds", {}).get("group") if isinstance(r.get("rounds"), Mapping) else None
               for r in (new, base)]
     if not groups[0] or groups[0] != groups[1]:
         return None
+    common = sorted(set(record_round_medians(new, MIN_ROUND_SAMPLES))
+                    & set(record_round_medians(base, MIN_ROUND_SAMPLES)))
+    return common if len(common) >= MIN_PAIRED_ROUNDS else None
+
+
+def interleaved_rounds(new: Mapping[str, Any], base: Mapping[str, Any]
+                       ) -> tuple[list[float], list[float]] | None:
+    """The two records' medians of the rounds of :func:`paired_round_numbers` (new's, base's,
+    in round order), or None when their rounds were not interleaved."""
+    common = paired_round_numbers(new, base)
+    if common is None:
+        return None
     new_m = record_round_medians(new, MIN_ROUND_SAMPLES)
     base_m = record_round_medians(base, MIN_ROUND_SAMPLES)
-    common = sorted(set(new_m) & set(base_m))
-    if len(common) < MIN_PAIRED_ROUNDS:
-        return None
     return [new_m[i] for i in common], [base_m[i] for i in common]
 
 
@@ -544,7 +590,8 @@ def _compare_interleaved(new: Mapping[str, Any], base: Mapping[str, Any], new_x:
             return Verdict("unsure", ratio, ci or (math.nan, math.nan), None,
                            f"{side} record {why}")
     paired = compare_paired(pairs[0], pairs[1], threshold=threshold, alpha=alpha,
-                            new_n=int(new_x.size), base_n=int(base_x.size))
+                            new_n=int(new_x.size), base_n=int(base_x.size),
+                            rounds=paired_round_numbers(new, base))
     if paired.verdict != "unsure" or untrusted_reason(new) or untrusted_reason(base):
         return paired
     unpaired = compare_samples(new_x, base_x, threshold=threshold, alpha=alpha,
@@ -554,9 +601,9 @@ def _compare_interleaved(new: Mapping[str, Any], base: Mapping[str, Any], new_x:
                    f"{unpaired.reason}")
 
 
-__all__ = ["BOOTSTRAP_RESAMPLES", "DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "MIN_PAIRED_ROUNDS",
-           "MIN_ROUND_SAMPLES", "MIN_SAMPLES", "PAIRED_EXCUSED_FLAGS", "UNTRUSTED_FLAGS",
-           "VERDICTS", "Verdict", "compare_paired", "compare_records", "compare_samples",
-           "drift_halfwidth", "interleaved_rounds", "mann_whitney_u", "ratio_interval",
-           "record_round_medians", "record_rounds", "t_quantile", "t_two_sided_p",
-           "untrusted_reason"]
+__all__ = ["BOOTSTRAP_RESAMPLES", "DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "MIN_CROSSOVER_ROUNDS",
+           "MIN_PAIRED_ROUNDS", "MIN_ROUND_SAMPLES", "MIN_SAMPLES", "PAIRED_EXCUSED_FLAGS",
+           "UNTRUSTED_FLAGS", "VERDICTS", "Verdict", "compare_paired", "compare_records",
+           "compare_samples", "drift_halfwidth", "interleaved_rounds", "mann_whitney_u",
+           "paired_round_numbers", "ratio_interval", "record_round_medians", "record_rounds",
+           "t_quantile", "t_two_sided_p", "untrusted_reason"]
