@@ -197,6 +197,15 @@ def _need(records: Sequence[Record], what: str) -> None:
         raise MissingEvidence(f"no ok {what} records in the selected evidence")
 
 
+def _selected(ev: Evidence, params: Params, ops: Sequence[str]) -> list[Record]:
+    """The region's ok records of ``ops``: at least one, all of one timer and one cache policy."""
+    records = _ok(select(ev.records, params), ops)
+    _need(records, "/".join(ops))
+    _single(records, "timer")
+    _single(records, "cache")
+    return records
+
+
 def _by_backend(records: Iterable[Record]) -> dict[str, list[Record]]:
     out: dict[str, list[Record]] = defaultdict(list)
     for r in records:
@@ -509,10 +518,7 @@ def layout_choice(ev: Evidence, params: Params) -> Finding:
     medians over the shapes measured (batch x ctx x block x placement), the others' ratio to the
     best (geometric mean, per-shape range, CI), and the per-shape verdicts summed up."""
     ops = _ops(params, "gather_sdpa")
-    records = _ok(select(ev.records, params), ops)
-    _need(records, "/".join(ops))
-    _single(records, "timer")
-    _single(records, "cache")
+    records = _selected(ev, params, ops)
     threshold = _threshold(params, "5")
     lines = [f"Op {', '.join(ops)}; verdicts at ±{threshold * 100:g}% "
              f"(kvmicro.verdict), ratios of medians."]
@@ -670,10 +676,7 @@ def block_size(ev: Evidence, params: Params) -> Finding:
     """How much the block size matters: for each backend, op and layout, every block size's
     median against the smallest block's on the same shape, with verdicts summed up."""
     ops = _ops(params, "gather_sdpa,paged_sdpa")
-    records = _ok(select(ev.records, params), ops)
-    _need(records, "/".join(ops))
-    _single(records, "timer")
-    _single(records, "cache")
+    records = _selected(ev, params, ops)
     threshold = _threshold(params, "5")
     groups: dict[tuple[Any, ...], list[Record]] = defaultdict(list)
     for r in records:
@@ -716,10 +719,7 @@ def append_cost(ev: Evidence, params: Params) -> Finding:
     """The per-step cost of appending each sequence's next token to the pool, per backend and
     layout: geometric-mean median, the others against the cheapest layout with verdicts, and the
     median per batch and block size."""
-    records = _ok(select(ev.records, params), ["append"])
-    _need(records, "append")
-    _single(records, "timer")
-    _single(records, "cache")
+    records = _selected(ev, params, ["append"])
     threshold = _threshold(params, "5")
     cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     columns = sorted({(int(r.get("batch", 1)), int(r.get("block_size") or 0)) for r in records})
