@@ -118,6 +118,18 @@ def test_compare_command_prints_verdicts_warns_on_provenance_and_sets_the_exit_c
     assert result.exit_code == 0
 
 
+def test_a_verdict_between_two_runs_warns_that_it_includes_the_machines_drift(
+        tmp_path: Path) -> None:
+    base = _write(tmp_path / "base.jsonl", [rec(100.0, ctx=1024), rec(50.0, ctx=2048)], "a")
+    slower = _write(tmp_path / "slow.jsonl", [rec(100.0, ctx=1024), rec(80.0, ctx=2048)], "a")
+    same = _write(tmp_path / "same.jsonl", [rec(100.2, ctx=1024, seed=3),
+                                            rec(50.1, ctx=2048, seed=4)], "a")
+    drift = [w for w in compare_files(base, slower).warnings if "between the runs" in w]
+    assert len(drift) == 1 and drift[0].startswith("1 faster/slower verdict(s)")
+    assert "scripts/ab_builds.py" in drift[0]
+    assert not [w for w in compare_files(base, same).warnings if "between the runs" in w]
+
+
 def test_compare_command_rejects_bad_input_in_one_line(tmp_path: Path, capsys: Any) -> None:
     base = _write(tmp_path / "base.jsonl", [rec(100.0)], "a")
     assert main(["compare", str(base), str(base), "--threshold", "-1"]) == 2

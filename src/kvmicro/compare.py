@@ -218,7 +218,16 @@ def compare_files(base: str | Path, new: str | Path,
 
     base_runs, base_recs = read_results(base)
     new_runs, new_recs = read_results(new)
-    return compare_records(base_runs, base_recs, new_runs, new_recs, threshold_pct)
+    result = compare_records(base_runs, base_recs, new_runs, new_recs, threshold_pct)
+    decided = sum(1 for c in result.comparisons if c.verdict in ("faster", "slower")
+                  and not (c.detail is not None and c.detail.paired_rounds))
+    if decided:
+        result.warnings.append(
+            f"{decided} faster/slower verdict(s) compare two runs: they include whatever the "
+            "machine did between the runs, which no record shows (on a shared 2-core VM ~1% of "
+            "identical cases; docs/methodology.md, Calibration). Before acting on one, alternate "
+            "the two builds (scripts/ab_builds.py) or measure both in one sweep")
+    return result
 
 
 def _ratio_text(c: Comparison) -> str:

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# On the GPU machine, one call: two builds of kvmicro side by side and what tells them apart.
+#
+#   run(command="bash scripts/device_ab.sh .carry/ab/a.tar .carry/ab/b.tar", carry=[".carry/ab"])
+#
+# A.tar and B.tar are `git archive <commit> csrc src scripts tests cmake CMakeLists.txt
+# pyproject.toml` of the base (A) and the candidate (B). Stages, inside one time budget (BUDGET
+# seconds, default 560; STAGES to pick some: build sass test ab floor ncu):
+#   build  both trees, side by side, into /tmp/ab/{a,b}/src/kvmicro (sm_90);
+#   sass   the SASS instruction count and registers of every attention kernel of both builds
+#          (cuobjdump), and how many kernels differ;
+#   test   the native CUDA tests of B;
+#   ab     scripts/ab_builds.py: alternating A/B `kvmicro sweep` processes over paged_sdpa
+#          (graph timer, hot), paired verdicts;
+#   floor  one sweep of build A's paged_sdpa variants at small contexts (one launch, splits, PDL,
+#          combine=last) to place the fixed cost per op;
+#   ncu    Nsight Compute (--clock-control none) of combine=separate and combine=last at 1024/1
+#          and 32768/4: kernel durations, DRAM throughput, occupancy, stall reasons.
+# Logs and records go to $OUT; the last lines printed are the summary.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/kvmicro-ab}
+mkdir -p "$OUT"
+A_TAR=$(realpath "$1") B_TAR=$(realpath "$2")
+export PYTHONUNBUFFERED=1
+stages=${STAGES:-build sass test ab floor ncu}
+deadline=$((SECONDS + ${BUDGET:-560}))
+want() { [[ " $stages " == *" $1 "* ]]; }
+step() { echo "=== $* ($(date +%T), $((deadline - SECONDS)) s left)"; }
+limit() { local left=$((deadline - SECONDS - 5)); ((left > $1)) && left=$1; ((left < 15)) && left=0; echo $left; }
+AB=/tmp/ab
+
+if want build; then
+  step "build A and B (sm_90), side by side"
+  for side in a b; do
+    tarball=$A_TAR; [[ $side == b ]] && tarball=$B_TAR
+    rm -rf "${AB:?}/$side" && mkdir -p "$AB/$side" && tar -xf "$tarball" -C "$AB/$side"
+    (cd "$AB/$side" && KVMICRO_CUDA=ON scripts/dev-build.sh "$AB/$side/build" \
+      -DCMAKE_CUDA_ARCHITECTURES=90 >"$OUT/build-$side.log" 2>&1; echo "build $side rc=$?") &
+  done
+  wait
+  ls "$AB"/a/src/kvmicro/_native*.so "$AB"/b/src/kvmicro/_native*.so || { echo "BUILD FAILED"; exit 1; }
+fi
+
+if want sass; then
+  step "SASS of the attention kernels, A against B"
+  for side in a b; do
+    cuobjdump -sass "$AB/$side"/src/kvmicro/_native*.so >"$AB/sass-$side.txt" 2>/dev/null
+    cuobjdump -res-usage "$AB/$side"/src/kvmicro/_native*.so >"$AB/res-$side.txt" 2>/dev/null
+  done
+  python3 - "$AB" >"$OUT/sass.log" 2>&1 <<'EOF'
+import re, sys
+ab = sys.argv[1]
+def counts(side):
+    out, name = {}, None
+    for line in open(f"{ab}/sass-{side}.txt", errors="replace"):
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            name = m.group(1); out[name] = 0
+        elif name and re.match(r"\s*/\*[0-9a-f]{4}\*/\s+\S", line):
+            out[name] += 1
+    return {k: v for k, v in out.items() if "attention" in k}
+def regs(side):
+    out, name = {}, None
+    for line in open(f"{ab}/res-{side}.txt", errors="replace"):
+        m = re.search(r"Function (\S+):", line)
+        if m: name = m.group(1)
+        m = re.search(r"REG:(\d+)", line)
+        if m and name: out[name] = int(m.group(1))
+    return out
+a, b, ra, rb = counts("a"), counts("b"), regs("a"), regs("b")
+same = [k for k in a if b.get(k) == a[k]]
+print(f"attention kernels: A {len(a)}, B {len(b)}; same SASS instruction count: {len(same)}; "
+      f"same registers: {sum(1 for k in ra if rb.get(k) == ra[k] and 'attention' in k)}")
+for k in sorted(a):
+    if b.get(k) != a[k] or rb.get(k) != ra.get(k):
+        print(f"  {a[k]:6d} -> {b.get(k, -1):6d} instr, {ra.get(k)} -> {rb.get(k)} regs  {k}")
+EOF
+  head -1 "$OUT/sass.log"
+  grep -E "mma_kernelI6__halfLi128ELi0E|async_kernelI6__halfLi128ELi2E|combine_kernelI6__half" \
+    "$OUT/sass.log" | grep -v "Lb1E" | head -6
+fi
+
+if want test && (( $(limit 130) > 0 )); then
+  step "native CUDA tests of B"
+  (cd "$AB/b" && PYTHONPATH="$AB/b/src" timeout "$(limit 130)" python3 -m pytest -q \
+    -p no:cacheprovider -o addopts="" tests/test_native_cuda.py tests/test_native_capabilities.py \
+    >"$OUT/tests-b.log" 2>&1; echo "B native tests rc=$?: $(tail -1 "$OUT/tests-b.log")")
+  grep -E "^(FAILED|ERROR)" "$OUT/tests-b.log" | head -8
+fi
+
+if want ab && (( $(limit 150) > 0 )); then
+  step "A/B: alternating sweep processes, paged_sdpa graph/hot"
+  timeout "$(limit 150)" python3 scripts/ab_builds.py --a "$AB/a/src" --b "$AB/b/src" \
+    --pairs "${PAIRS:-6}" --threshold 2 --out "$OUT/ab" -- --backend native:cuda \
+    --op paged_sdpa --ctx 1024,4096,16384 --batch 1,4 --heads 32:8 --head-dim 128 \
+    --dtype float16 --layout NSHD --block 16 --placement reverse --timer graph --cache hot \
+    --max-time 0.2 >"$OUT/ab.log" 2>&1
+  echo "ab rc=$?"; grep -A12 "^B against A" "$OUT/ab.log"
+fi
+
+if want floor && (( $(limit 60) > 0 )); then
+  step "the fixed cost: build A's paged_sdpa variants at small contexts"
+  specs="native:cuda,native:cuda[pdl=false],native:cuda[combine=last],native:cuda[splits=1]"
+  specs="$specs,native:cuda[splits=4],native:cuda[splits=8],native:cuda[splits=32]"
+  PYTHONPATH="$AB/a/src" timeout "$(limit 60)" python3 -m kvmicro sweep --backend "$specs" \
+    --op paged_sdpa --ctx 16,256,1024,4096 --batch 1 --heads 32:8 --head-dim 128 \
+    --dtype float16 --layout NSHD --block 16 --placement reverse --timer graph --cache hot \
+    --max-time 0.2 --out "$OUT/floor.jsonl" -q >"$OUT/floor.log" 2>&1
+  echo "floor rc=$?"
+  PYTHONPATH="$AB/a/src" python3 -m kvmicro report "$OUT/floor.jsonl" >>"$OUT/floor.log" 2>&1
+  python3 - "$OUT/floor.jsonl" <<'EOF'
+import json, sys
+rows = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r.get("type") == "case" and r.get("status") == "ok":
+        spec = r["backend"] + ("[" + ",".join(f"{k}={v}" for k, v in r["options"].items()) + "]"
+                               if r.get("options") else "")
+        rows.setdefault(spec, {})[r["ctx"]] = r["stats"]["median_us"]
+ctxs = sorted({c for v in rows.values() for c in v})
+print(f"{'graph/hot median µs, ctx/1':<32}" + "".join(f"{c:>9}" for c in ctxs))
+for spec, v in sorted(rows.items()):
+    print(f"{spec:<32}" + "".join(f"{v.get(c, float('nan')):9.2f}" for c in ctxs))
+EOF
+fi
+
+if want ncu && (( $(limit 150) > 0 )); then
+  step "ncu: combine=separate against combine=last"
+  metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum
+  metrics=$metrics,launch__grid_size,launch__registers_per_thread,launch__occupancy_limit_registers
+  metrics=$metrics,sm__warps_active.avg.pct_of_peak_sustained_active,sm__cycles_active.avg
+  for shape in "1024 1" "32768 4"; do
+    for spec in "native:cuda" "native:cuda[combine=last]"; do
+      t=$(limit 40); ((t > 0)) || continue
+      tag="${shape// /-}-$( [[ $spec == *last* ]] && echo last || echo separate)"
+      PYTHONPATH="$AB/a/src" timeout "$t" ncu --clock-control none --kernel-name regex:attention \
+        --launch-skip 2 --launch-count 4 --metrics "$metrics" \
+        python3 scripts/ncu_case.py $shape "$spec" >"$OUT/ncu-$tag.log" 2>&1
+      echo "--- ncu $tag rc=$?"
+      grep -E "attention_|gpu__time_duration|dram__throughput|warps_active|grid_size|registers_per|passed" \
+        "$OUT/ncu-$tag.log" | sed -E 's/\(int, int, int\)x\(int, int, int\)//; s/  +/ /g' | cut -c1-150 | head -24
+    done
+  done
+  t=$(limit 60)
+  if ((t > 0)); then
+    PYTHONPATH="$AB/a/src" timeout "$t" ncu --clock-control none --kernel-name regex:attention_split \
+      --launch-skip 1 --launch-count 1 --section SpeedOfLight --section Occupancy \
+      --section WarpStateStats python3 scripts/ncu_case.py 32768 4 "native:cuda[combine=last]" \
+      >"$OUT/ncu-32768-4-last-sections.log" 2>&1
+    PYTHONPATH="$AB/a/src" timeout "$t" ncu --clock-control none --kernel-name regex:attention_split \
+      --launch-skip 1 --launch-count 1 --section SpeedOfLight --section Occupancy \
+      --section WarpStateStats python3 scripts/ncu_case.py 32768 4 "native:cuda" \
+      >"$OUT/ncu-32768-4-separate-sections.log" 2>&1
+    for f in separate last; do
+      echo "--- sections 32768/4 $f"
+      grep -E "Duration|DRAM Throughput|Achieved Occupancy|Warp Cycles Per Issued|Theoretical Occ" \
+        "$OUT/ncu-32768-4-$f-sections.log" | sed -E 's/  +/ /g' | head -8
+    done
+  fi
+fi
+echo "done, $((deadline - SECONDS)) s of the budget left"

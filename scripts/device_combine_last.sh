@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# On the GPU machine (issue 21: why combine=last is slower), one call:
+#   run(command="bash scripts/device_combine_last.sh", carry=[".carry/ab"])
+# with .carry/ab/a.tar = `git archive <commit> csrc src scripts tests cmake CMakeLists.txt
+# pyproject.toml`. TREES (default "a n") names the builds, side by side:
+#   a  that tree as it is;
+#   n  merge_splits __noinline__ (scripts/patch_combine_last.py noinline), so that the merge's
+#      code cannot shape the split kernel's main loop;
+#   r  the slice re-derived after the main loop (patch_combine_last.py relive), so that no
+#      value of it has to live through the loop.
+# Then: the loops of each build's fp16 D128 split kernels (scripts/sass_loops.py, and the
+# smallest loop holding the cp.async kernel's 16 HMMA: its main loop), one sweep per build of
+# combine=separate and combine=last (paged_sdpa, graph timer, hot), and with CALIBRATE=1 (the
+# default) the verdict calibration on native:cuda with build a. Records and logs go to $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+L=/tmp/ab/logs; mkdir -p $L
+trees=${TREES:-a n}
+echo "=== build: $trees ($(date +%T))"
+for side in $trees; do
+  rm -rf /tmp/ab/$side; mkdir -p /tmp/ab/$side; tar -xf .carry/ab/a.tar -C /tmp/ab/$side
+  case $side in
+    n) python3 scripts/patch_combine_last.py noinline /tmp/ab/$side ;;
+    r) python3 scripts/patch_combine_last.py relive /tmp/ab/$side ;;
+  esac
+  (cd /tmp/ab/$side && KVMICRO_CUDA=ON scripts/dev-build.sh /tmp/ab/$side/build \
+    -DCMAKE_CUDA_ARCHITECTURES=90 > $L/build-$side.log 2>&1; echo "build $side rc=$?") &
+done
+wait
+pats="mma_kernelI6__halfLi128ELi0E async_kernelI6__halfLi128ELi2E"
+last=_ZN7kvmicro4cuda28attention_split_async_kernelI6__halfLi128ELi2ENS0_8PagedSrcELb1EEEvNS0_8AttnArgsET2_
+for side in $trees; do
+  so=$(ls /tmp/ab/$side/src/kvmicro/_native*.so)
+  cuobjdump -sass "$so" > /tmp/ab/sass-$side.txt 2>/dev/null
+  echo "--- SASS loops, build $side"
+  python3 scripts/sass_loops.py /tmp/ab/sass-$side.txt $pats | tee $L/loops-$side.txt
+  cuobjdump -sass -fun "$last" "$so" > /tmp/ab/sass-last-$side.txt 2>/dev/null
+  python3 - /tmp/ab/sass-last-$side.txt <<'PY'
+import re, sys
+ins = [(int(m.group(1), 16), m.group(2)) for m in
+       (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in open(sys.argv[1])) if m]
+loops = []
+for a, t in ins:
+    m = re.search(r"BRA\S*\s.*?0x([0-9a-f]+)", t)
+    if m and int(m.group(1), 16) < a:
+        s = int(m.group(1), 16)
+        if sum("HMMA" in x for b, x in ins if s <= b <= a) >= 16:
+            loops.append(((a - s) // 16 + 1, hex(s), hex(a)))
+print(f"combine=last cp.async kernel: {len(ins)} instr; loops holding its 16 HMMA "
+      f"(instructions, from, to; smallest = the main loop): {sorted(loops)[:3]}")
+PY
+done
+echo "=== sweeps: combine=separate and last per build ($(date +%T))"
+args="--op paged_sdpa --ctx 1024,4096,16384,32768 --batch 1,4 --heads 32:8 --head-dim 128
+  --dtype float16 --layout NSHD --block 16 --placement reverse --timer graph --cache hot
+  --max-time 0.2 -q"
+for side in $trees; do
+  # shellcheck disable=SC2086
+  PYTHONPATH=/tmp/ab/$side/src timeout 100 python3 -m kvmicro sweep \
+    --backend 'native:cuda,native:cuda[combine=last]' $args \
+    --out "$OUT/h200-combine-last-$side.jsonl" > $L/sweep-$side.log 2>&1
+  echo "sweep $side rc=$?"
+done
+python3 - $trees <<PY
+import json, sys
+rows = {}
+for side in sys.argv[1:]:
+    for line in open(f"$OUT/h200-combine-last-{side}.jsonl"):
+        r = json.loads(line)
+        if r.get("type") == "case" and r.get("status") == "ok":
+            mode = "last" if r.get("options") else "separate"
+            rows.setdefault(f"{r['ctx']}/{r['batch']}", {})[f"{side} {mode}"] = r["stats"]["median_us"]
+for k, v in rows.items():
+    print(f"{k:>9} " + "  ".join(f"{t} {u:8.2f}" for t, u in sorted(v.items())))
+PY
+if [[ ${CALIBRATE:-1} == 1 && " $trees " == *" a "* ]]; then
+  echo "=== verdict calibration on native:cuda, current paired rule ($(date +%T))"
+  (cd /tmp/ab/a && PYTHONPATH=/tmp/ab/a/src timeout 230 python3 scripts/calibrate_verdicts.py \
+    --backend native:cuda --repeats 3 --max-time 0.5 --out /tmp/ab/calib > $L/calibration.log 2>&1)
+  echo "calibration rc=$?"; tail -14 $L/calibration.log
+fi
+(cd /tmp/ab && tar czf $OUT/combine-last-logs.tgz logs calib 2>/dev/null); ls $OUT

@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Experiments on the combine=last split kernels (docs/cuda.md, "Why `combine=last` is slower"):
+patch a source tree in place, for scripts/device_combine_last.sh to build beside the original.
+
+    python3 scripts/patch_combine_last.py noinline TREE   # merge_splits __noinline__
+    python3 scripts/patch_combine_last.py relive TREE     # slice re-derived after the main loop
+
+``relive``: the combine=last kernels (cp.async and register-load tensor-core kernels) re-derive
+their slice after the main loop from fresh (volatile) reads of blockIdx, so that split, hk, g0
+and gcount need not live through the loop; the combine=separate kernels are unchanged (their
+PTX instruction counts are equal, nvcc 13). Neither patch is part of the product: both were
+measured and did not help.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def noinline(root: str) -> None:
+    path = f"{root}/csrc/cuda/attention_common.cuh"
+    s = open(path).read()
+    old = "__device__ __forceinline__ void merge_splits"
+    assert old in s, "merge_splits changed: update the patch"
+    open(path, "w").write(s.replace(old, "__device__ __noinline__ void merge_splits", 1))
+
+
+def relive(root: str) -> None:
+    common = f"{root}/csrc/cuda/attention_common.cuh"
+    s = open(common).read()
+    anchor = "__device__ __forceinline__ float warp_max(float x) {"
+    assert anchor in s, "attention_common.cuh changed: update the patch"
+    open(common, "w").write(s.replace(anchor, SLICE_AFTER_LOOP + anchor, 1))
+    for name in ("attention_async.cuh", "attention_mma.cuh"):
+        path = f"{root}/csrc/cuda/{name}"
+        t = open(path).read()
+        assert CALL in t, f"{name} changed: update the patch"
+        open(path, "w").write(t.replace(CALL, CALL_AFTER_LOOP, 1))
+
+
+SLICE_AFTER_LOOP = """\
+// combine=last: the slice again, from fresh reads of blockIdx (volatile: the compiler may not
+// reuse the values read before the main loop, so none of them has to live through it).
+template <int GT>
+__device__ __forceinline__ SplitSlice slice_after_loop(const AttnArgs& a) {
+  unsigned x, y, z;
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(x));
+  asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(y));
+  asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(z));
+  SplitSlice w;
+  w.split = (int)x;
+  w.hk = (int)y / a.head_tiles;
+  w.g0 = ((int)y % a.head_tiles) * GT;
+  w.b = (int)z;
+  w.gcount = min(GT, a.group - w.g0);
+  w.start = w.end = 0;  // not needed after the loop
+  return w;
+}
+
+"""
+CALL = ("  write_block_result<T, D, kMmaHeads, NW, kLast>"
+        "(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);\n")
+CALL_AFTER_LOOP = ("  if constexpr (kLast) {\n"
+                   "    const SplitSlice w = slice_after_loop<kMmaHeads>(a);\n"
+                   "    write_block_result<T, D, kMmaHeads, NW, kLast>"
+                   "(a, s_acc, s_m, s_l, w.b, w.hk, w.g0, w.gcount, w.split);\n"
+                   "  } else {\n  " + CALL + "  }\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in ("noinline", "relive"):
+        sys.exit(__doc__)
+    {"noinline": noinline, "relive": relive}[sys.argv[1]](sys.argv[2])
+    print(f"patched {sys.argv[2]}: {sys.argv[1]}")

@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""The loops of paged attention kernels in a `cuobjdump -sass` listing (scripts/device_ab.sh and
+device_combine_last.sh run it on the GPU machine). A backward branch at address X to T < X
+closes a loop of (X - T) / 16 + 1 instructions; for the three largest of each kernel it counts
+global loads (LDG, LDGSTS), tensor-core mmas (HMMA) and float ops (FFMA, FMUL, MUFU) in that
+address range. The range can also hold code that runs once (the compiler lays blocks out as it
+likes), so these are counts of the listing, not of what runs: ncu's instruction counts say that.
+
+    python3 scripts/sass_loops.py SASS.txt PATTERN...   (kernels naming a PATTERN and PagedSrc)
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+FUNCTION = re.compile(r"\s*Function : (\S+)")
+INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
+BRANCH_TARGET = re.compile(r"BRA\S*\s.*?0x([0-9a-f]+)")
+
+
+def loops(listing: list[tuple[int, str]]) -> list[tuple[int, int, int, int]]:
+    """(instructions, global loads, HMMA, float ops) of each backward branch's range."""
+    found = []
+    for addr, text in listing:
+        target = BRANCH_TARGET.search(text)
+        if not target or int(target.group(1), 16) >= addr:
+            continue
+        start = int(target.group(1), 16)
+        body = [x for a, x in listing if start <= a <= addr]
+        found.append(((addr - start) // 16 + 1,
+                      sum("LDG" in x for x in body),  # LDG and LDGSTS
+                      sum("HMMA" in x for x in body),
+                      sum(any(op in x for op in ("FFMA", "FMUL", "MUFU")) for x in body)))
+    return sorted(found, reverse=True)[:3]
+
+
+def kernels(path: str, patterns: list[str]) -> dict[str, list[tuple[int, str]]]:
+    out: dict[str, list[tuple[int, str]]] = {}
+    name = None
+    with open(path, errors="replace") as listing:
+        for line in listing:
+            m = FUNCTION.match(line)
+            if m:
+                name = m.group(1)
+                keep = "PagedSrc" in name and any(p in name for p in patterns)
+                if keep:
+                    out[name] = []
+                else:
+                    name = None
+                continue
+            m = INSTRUCTION.match(line)
+            if m and name:
+                out[name].append((int(m.group(1), 16), m.group(2)))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print(__doc__)
+        return 2
+    for name, listing in sorted(kernels(argv[0], argv[1:]).items()):
+        print(f"{len(listing):6d} instr; largest loops (instr, loads, HMMA, fp): "
+              f"{loops(listing)}  {name[:100]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
