@@ -52,7 +52,6 @@ def order(pairs: int) -> list[tuple[int, str]]:
 def analyse(out: Path, pairs: int, threshold: float, plant: float = 1.0) -> list[dict[str, Any]]:
     """Per case, the paired verdict of B against A over the process pairs; ``plant``: B's medians
     multiplied by it first (a planted slowdown, to calibrate the rule on an A/A run)."""
-    sys.path.insert(0, str(ROOT / "src"))
     from kvmicro.record import record_key
     from kvmicro.results import read_results
     from kvmicro.verdict import compare_paired
@@ -135,4 +134,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # the analysis reads records with this checkout's kvmicro (pure Python; no extension needed)
+    # unless one is importable already
+    try:
+        import kvmicro  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(ROOT / "src"))
     sys.exit(main())

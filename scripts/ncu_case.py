@@ -25,7 +25,10 @@ prepared = get_backend(spec).prepare(case, data)
 print(prepared.kernel)
 prepared.run()
 prepared.sync()
-print(compare(case, data, prepared.output()))
+checked = compare(case, data, prepared.output())
+print(checked)
+if not checked.passed:
+    sys.exit(f"{spec} {ctx}/{batch}: the oracle check failed, nothing to profile")
 for _ in range(4):
     prepared.run()
 prepared.sync()
