@@ -8,8 +8,8 @@
 #      code cannot shape the split kernel's main loop;
 #   r  the slice re-derived after the main loop (patch_combine_last.py relive), so that no
 #      value of it has to live through the loop.
-# Then: the loops of each build's fp16 D128 split kernels (scripts/sass_loops.py, and the
-# smallest loop holding the cp.async kernel's 16 HMMA: its main loop), one sweep per build of
+# Then: the loops of each build's fp16 D128 split kernels, main loops included
+# (scripts/sass_loops.py), one sweep per build of
 # combine=separate and combine=last (paged_sdpa, graph timer, hot), and with CALIBRATE=1 (the
 # default) the verdict calibration on native:cuda with build a. Records and logs go to $OUT.
 set -uo pipefail
@@ -28,27 +28,11 @@ for side in $trees; do
 done
 wait
 pats="mma_kernelI6__halfLi128ELi0E async_kernelI6__halfLi128ELi2E"
-last=_ZN7kvmicro4cuda28attention_split_async_kernelI6__halfLi128ELi2ENS0_8PagedSrcELb1EEEvNS0_8AttnArgsET2_
 for side in $trees; do
   so=$(ls /tmp/ab/$side/src/kvmicro/_native*.so)
   cuobjdump -sass "$so" > /tmp/ab/sass-$side.txt 2>/dev/null
   echo "--- SASS loops, build $side"
   python3 scripts/sass_loops.py /tmp/ab/sass-$side.txt $pats | tee $L/loops-$side.txt
-  cuobjdump -sass -fun "$last" "$so" > /tmp/ab/sass-last-$side.txt 2>/dev/null
-  python3 - /tmp/ab/sass-last-$side.txt <<'PY'
-import re, sys
-ins = [(int(m.group(1), 16), m.group(2)) for m in
-       (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in open(sys.argv[1])) if m]
-loops = []
-for a, t in ins:
-    m = re.search(r"BRA\S*\s.*?0x([0-9a-f]+)", t)
-    if m and int(m.group(1), 16) < a:
-        s = int(m.group(1), 16)
-        if sum("HMMA" in x for b, x in ins if s <= b <= a) >= 16:
-            loops.append(((a - s) // 16 + 1, hex(s), hex(a)))
-print(f"combine=last cp.async kernel: {len(ins)} instr; loops holding its 16 HMMA "
-      f"(instructions, from, to; smallest = the main loop): {sorted(loops)[:3]}")
-PY
 done
 echo "=== sweeps: combine=separate and last per build ($(date +%T))"
 args="--op paged_sdpa --ctx 1024,4096,16384,32768 --batch 1,4 --heads 32:8 --head-dim 128

@@ -5,6 +5,7 @@ closes a loop of (X - T) / 16 + 1 instructions; for the three largest of each ke
 global loads (LDG, LDGSTS), tensor-core mmas (HMMA) and float ops (FFMA, FMUL, MUFU) in that
 address range. The range can also hold code that runs once (the compiler lays blocks out as it
 likes), so these are counts of the listing, not of what runs: ncu's instruction counts say that.
+The main loop of a tensor-core kernel is the smallest such range that holds all its HMMA.
 
     python3 scripts/sass_loops.py SASS.txt PATTERN...   (kernels naming a PATTERN and PagedSrc)
 """
@@ -17,6 +18,23 @@ import sys
 FUNCTION = re.compile(r"\s*Function : (\S+)")
 INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
 BRANCH_TARGET = re.compile(r"BRA\S*\s.*?0x([0-9a-f]+)")
+
+
+def main_loop(listing: list[tuple[int, str]]) -> tuple[int, str, str] | None:
+    """(instructions, from, to) of the smallest backward-branch range holding every HMMA of the
+    kernel: a tensor-core kernel's main loop (None without HMMA)."""
+    hmma = sum("HMMA" in x for _, x in listing)
+    best = None
+    for addr, text in listing:
+        target = BRANCH_TARGET.search(text)
+        if not hmma or not target or int(target.group(1), 16) >= addr:
+            continue
+        start = int(target.group(1), 16)
+        if sum("HMMA" in x for a, x in listing if start <= a <= addr) == hmma:
+            span = (addr - start) // 16 + 1
+            if best is None or span < best[0]:
+                best = (span, hex(start), hex(addr))
+    return best
 
 
 def loops(listing: list[tuple[int, str]]) -> list[tuple[int, int, int, int]]:
@@ -61,7 +79,8 @@ def main(argv: list[str]) -> int:
         return 2
     for name, listing in sorted(kernels(argv[0], argv[1:]).items()):
         print(f"{len(listing):6d} instr; largest loops (instr, loads, HMMA, fp): "
-              f"{loops(listing)}  {name[:100]}")
+              f"{loops(listing)}; main loop (instr, from, to): {main_loop(listing)}  "
+              f"{name[:100]}")
     return 0
 
 
