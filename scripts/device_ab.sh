@@ -16,7 +16,7 @@
 #          combine=last) to place the fixed cost per op;
 #   ncu    Nsight Compute (--clock-control none) of combine=separate and combine=last at 1024/1
 #          and 32768/4: kernel durations, DRAM throughput, occupancy, stall reasons.
-# Logs and records go to $OUT; the last lines printed are the summary.
+# Records go to $OUT, logs into $OUT/ab-logs.tgz; the last lines printed are the summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kvmicro-ab}
@@ -159,4 +159,8 @@ if want ncu && (( $(limit 150) > 0 )); then
     done
   fi
 fi
+# The device tool brings back only a few files from $OUT: everything but the results files and
+# the caller's own log goes into one tarball.
+(cd "$OUT" && keep=$(ls | grep -v -e '\.jsonl$' -e '^device_ab\.log$' -e '^ab-logs\.tgz$') \
+  && [[ -n $keep ]] && tar czf ab-logs.tgz --remove-files $keep)
 echo "done, $((deadline - SECONDS)) s of the budget left"
