@@ -7,7 +7,9 @@
 #   n  merge_splits __noinline__ (scripts/patch_combine_last.py noinline), so that the merge's
 #      code cannot shape the split kernel's main loop;
 #   r  the slice re-derived after the main loop (patch_combine_last.py relive), so that no
-#      value of it has to live through the loop.
+#      value of it has to live through the loop;
+#   l  __launch_bounds__(128, 2) on the combine=last tensor-core kernels (... bounds_last);
+#   m  the same on both modes' tensor-core kernels (... bounds).
 # Then: the loops of each build's fp16 D128 split kernels, main loops included
 # (scripts/sass_loops.py), one sweep per build of
 # combine=separate and combine=last (paged_sdpa, graph timer, hot), and with CALIBRATE=1 (the
@@ -22,6 +24,8 @@ for side in $trees; do
   case $side in
     n) python3 scripts/patch_combine_last.py noinline /tmp/ab/$side ;;
     r) python3 scripts/patch_combine_last.py relive /tmp/ab/$side ;;
+    l) python3 scripts/patch_combine_last.py bounds_last /tmp/ab/$side ;;
+    m) python3 scripts/patch_combine_last.py bounds /tmp/ab/$side ;;
   esac
   (cd /tmp/ab/$side && KVMICRO_CUDA=ON scripts/dev-build.sh /tmp/ab/$side/build \
     -DCMAKE_CUDA_ARCHITECTURES=90 > $L/build-$side.log 2>&1; echo "build $side rc=$?") &
