@@ -29,15 +29,12 @@ want() { [[ " $stages " == *" $1 "* ]]; }
 step() { echo "=== $* ($(date +%T), $((deadline - SECONDS)) s left)"; }
 limit() { local left=$((deadline - SECONDS - 5)); ((left > $1)) && left=$1; ((left < 15)) && left=0; echo $left; }
 AB=/tmp/ab
+source scripts/device_trees.sh
 
 if want build; then
   step "build A and B (sm_90), side by side"
-  for side in a b; do
-    tarball=$A_TAR; [[ $side == b ]] && tarball=$B_TAR
-    rm -rf "${AB:?}/$side" && mkdir -p "$AB/$side" && tar -xf "$tarball" -C "$AB/$side"
-    (cd "$AB/$side" && KVMICRO_CUDA=ON scripts/dev-build.sh "$AB/$side/build" \
-      -DCMAKE_CUDA_ARCHITECTURES=90 >"$OUT/build-$side.log" 2>&1; echo "build $side rc=$?") &
-  done
+  build_tree "$AB/a" "$A_TAR" "" "$OUT/build-a.log" &
+  build_tree "$AB/b" "$B_TAR" "" "$OUT/build-b.log" &
   wait
   ls "$AB"/a/src/kvmicro/_native*.so "$AB"/b/src/kvmicro/_native*.so || { echo "BUILD FAILED"; exit 1; }
 fi
@@ -48,34 +45,7 @@ if want sass; then
     cuobjdump -sass "$AB/$side"/src/kvmicro/_native*.so >"$AB/sass-$side.txt" 2>/dev/null
     cuobjdump -res-usage "$AB/$side"/src/kvmicro/_native*.so >"$AB/res-$side.txt" 2>/dev/null
   done
-  python3 - "$AB" >"$OUT/sass.log" 2>&1 <<'EOF'
-import re, sys
-ab = sys.argv[1]
-def counts(side):
-    out, name = {}, None
-    for line in open(f"{ab}/sass-{side}.txt", errors="replace"):
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            name = m.group(1); out[name] = 0
-        elif name and re.match(r"\s*/\*[0-9a-f]{4}\*/\s+\S", line):
-            out[name] += 1
-    return {k: v for k, v in out.items() if "attention" in k}
-def regs(side):
-    out, name = {}, None
-    for line in open(f"{ab}/res-{side}.txt", errors="replace"):
-        m = re.search(r"Function (\S+):", line)
-        if m: name = m.group(1)
-        m = re.search(r"REG:(\d+)", line)
-        if m and name: out[name] = int(m.group(1))
-    return out
-a, b, ra, rb = counts("a"), counts("b"), regs("a"), regs("b")
-same = [k for k in a if b.get(k) == a[k]]
-print(f"attention kernels: A {len(a)}, B {len(b)}; same SASS instruction count: {len(same)}; "
-      f"same registers: {sum(1 for k in ra if rb.get(k) == ra[k] and 'attention' in k)}")
-for k in sorted(a):
-    if b.get(k) != a[k] or rb.get(k) != ra.get(k):
-        print(f"  {a[k]:6d} -> {b.get(k, -1):6d} instr, {ra.get(k)} -> {rb.get(k)} regs  {k}")
-EOF
+  python3 scripts/sass_compare.py "$AB"/sass-{a,b}.txt "$AB"/res-{a,b}.txt >"$OUT/sass.log" 2>&1
   head -1 "$OUT/sass.log"
   grep -E "mma_kernelI6__halfLi128ELi0E|async_kernelI6__halfLi128ELi2E|combine_kernelI6__half" \
     "$OUT/sass.log" | grep -v "Lb1E" | head -6
@@ -109,20 +79,7 @@ if want floor && (( $(limit 60) > 0 )); then
     --max-time 0.2 --out "$OUT/floor.jsonl" -q >"$OUT/floor.log" 2>&1
   echo "floor rc=$?"
   PYTHONPATH="$AB/a/src" python3 -m kvmicro report "$OUT/floor.jsonl" >>"$OUT/floor.log" 2>&1
-  python3 - "$OUT/floor.jsonl" <<'EOF'
-import json, sys
-rows = {}
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    if r.get("type") == "case" and r.get("status") == "ok":
-        spec = r["backend"] + ("[" + ",".join(f"{k}={v}" for k, v in r["options"].items()) + "]"
-                               if r.get("options") else "")
-        rows.setdefault(spec, {})[r["ctx"]] = r["stats"]["median_us"]
-ctxs = sorted({c for v in rows.values() for c in v})
-print(f"{'graph/hot median µs, ctx/1':<32}" + "".join(f"{c:>9}" for c in ctxs))
-for spec, v in sorted(rows.items()):
-    print(f"{spec:<32}" + "".join(f"{v.get(c, float('nan')):9.2f}" for c in ctxs))
-EOF
+  PYTHONPATH="$AB/a/src" python3 scripts/median_table.py "$OUT/floor.jsonl"
 fi
 
 if want ncu && (( $(limit 150) > 0 )); then

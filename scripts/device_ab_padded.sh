@@ -4,24 +4,17 @@
 #   run(command="bash scripts/device_ab_padded.sh", carry=[".carry/ab"])
 # with .carry/ab/a.tar as for device_combine_last.sh. Builds A and B' = A with two members that
 # no kernel reads appended to AttnArgs (an OpParams and a PartitionParams: B's argument size
-# without B's code change), A/B of the two (scripts/ab_builds.py), then ncu's instruction and
+# without B's code change; scripts/kernel_patches.py pad_args), A/B of the two (scripts/ab_builds.py), then ncu's instruction and
 # stall counts of A's split kernel under combine=separate and combine=last at 32768/4.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 L=/tmp/ab/logs; mkdir -p $L
-for side in a bp; do
+source scripts/device_trees.sh
+for side in a bp; do  # a warm machine keeps what an earlier call built
   [[ -f /tmp/ab/$side/src/kvmicro/_native.cpython-312-x86_64-linux-gnu.so ]] && continue
-  rm -rf /tmp/ab/$side; mkdir -p /tmp/ab/$side; tar -xf .carry/ab/a.tar -C /tmp/ab/$side
-  [[ $side == bp ]] && python3 - /tmp/ab/bp/csrc/cuda/kernels.h <<'PY'
-import sys
-path = sys.argv[1]
-text = open(path).read()
-end = "  float scale_log2;    // softmax scale * log2(e): scores live in the log2 domain (exp2f)\n};"
-assert end in text, "AttnArgs changed: update the padding"
-open(path, "w").write(text.replace(end, end[:-3] + "\n  OpParams unused_p;  // A/B probe\n"
-                                   "  PartitionParams unused_part;\n};", 1))
-PY
-  (cd /tmp/ab/$side && KVMICRO_CUDA=ON scripts/dev-build.sh /tmp/ab/$side/build -DCMAKE_CUDA_ARCHITECTURES=90 > $L/build-$side.log 2>&1; echo "build $side rc=$?") &
+  patch=""; [[ $side == bp ]] && patch=pad_args
+  build_tree /tmp/ab/$side .carry/ab/a.tar "$patch" $L/build-$side.log &
 done
 wait
 echo "=== A/B: A against B' ($(date +%T))"

@@ -4,9 +4,9 @@
 # with .carry/ab/a.tar = `git archive <commit> csrc src scripts tests cmake CMakeLists.txt
 # pyproject.toml`. TREES (default "a n") names the builds, side by side:
 #   a  that tree as it is;
-#   n  merge_splits __noinline__ (scripts/patch_combine_last.py noinline), so that the merge's
+#   n  merge_splits __noinline__ (scripts/kernel_patches.py noinline), so that the merge's
 #      code cannot shape the split kernel's main loop;
-#   r  the slice re-derived after the main loop (patch_combine_last.py relive), so that no
+#   r  the slice re-derived after the main loop (kernel_patches.py relive), so that no
 #      value of it has to live through the loop;
 #   l  __launch_bounds__(128, 2) on the combine=last tensor-core kernels (... bounds_last);
 #   m  the same on both modes' tensor-core kernels (... bounds).
@@ -15,20 +15,22 @@
 # combine=separate and combine=last (paged_sdpa, graph timer, hot), and with CALIBRATE=1 (the
 # default) the verdict calibration on native:cuda with build a. Records and logs go to $OUT.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 L=/tmp/ab/logs; mkdir -p $L
 trees=${TREES:-a n}
 echo "=== build: $trees ($(date +%T))"
+source scripts/device_trees.sh
 for side in $trees; do
-  rm -rf /tmp/ab/$side; mkdir -p /tmp/ab/$side; tar -xf .carry/ab/a.tar -C /tmp/ab/$side
   case $side in
-    n) python3 scripts/patch_combine_last.py noinline /tmp/ab/$side ;;
-    r) python3 scripts/patch_combine_last.py relive /tmp/ab/$side ;;
-    l) python3 scripts/patch_combine_last.py bounds_last /tmp/ab/$side ;;
-    m) python3 scripts/patch_combine_last.py bounds /tmp/ab/$side ;;
+    a) patch="" ;;
+    n) patch=noinline ;;
+    r) patch=relive ;;
+    l) patch=bounds_last ;;
+    m) patch=bounds ;;
+    *) echo "TREES: unknown tree $side (a n r l m)"; exit 2 ;;
   esac
-  (cd /tmp/ab/$side && KVMICRO_CUDA=ON scripts/dev-build.sh /tmp/ab/$side/build \
-    -DCMAKE_CUDA_ARCHITECTURES=90 > $L/build-$side.log 2>&1; echo "build $side rc=$?") &
+  build_tree /tmp/ab/$side .carry/ab/a.tar "$patch" $L/build-$side.log &
 done
 wait
 pats="mma_kernelI6__halfLi128ELi0E async_kernelI6__halfLi128ELi2E"
@@ -49,18 +51,7 @@ for side in $trees; do
     --out "$OUT/h200-combine-last-$side.jsonl" > $L/sweep-$side.log 2>&1
   echo "sweep $side rc=$?"
 done
-python3 - $trees <<PY
-import json, sys
-rows = {}
-for side in sys.argv[1:]:
-    for line in open(f"$OUT/h200-combine-last-{side}.jsonl"):
-        r = json.loads(line)
-        if r.get("type") == "case" and r.get("status") == "ok":
-            mode = "last" if r.get("options") else "separate"
-            rows.setdefault(f"{r['ctx']}/{r['batch']}", {})[f"{side} {mode}"] = r["stats"]["median_us"]
-for k, v in rows.items():
-    print(f"{k:>9} " + "  ".join(f"{t} {u:8.2f}" for t, u in sorted(v.items())))
-PY
+python3 scripts/median_table.py $(for side in $trees; do echo "$OUT/h200-combine-last-$side.jsonl=$side"; done)
 if [[ ${CALIBRATE:-1} == 1 && " $trees " == *" a "* ]]; then
   echo "=== verdict calibration on native:cuda, current paired rule ($(date +%T))"
   (cd /tmp/ab/a && PYTHONPATH=/tmp/ab/a/src timeout 230 python3 scripts/calibrate_verdicts.py \

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 
 FUNCTION = re.compile(r"\s*Function : (\S+)")
 INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
@@ -53,19 +54,18 @@ def loops(listing: list[tuple[int, str]]) -> list[tuple[int, int, int, int]]:
     return sorted(found, reverse=True)[:3]
 
 
-def kernels(path: str, patterns: list[str]) -> dict[str, list[tuple[int, str]]]:
+def kernels(path: str, keep: Callable[[str], bool]) -> dict[str, list[tuple[int, str]]]:
+    """The (address, instruction) listing of every function of a `cuobjdump -sass` file whose
+    name ``keep`` accepts."""
     out: dict[str, list[tuple[int, str]]] = {}
     name = None
     with open(path, errors="replace") as listing:
         for line in listing:
             m = FUNCTION.match(line)
             if m:
-                name = m.group(1)
-                keep = "PagedSrc" in name and any(p in name for p in patterns)
-                if keep:
+                name = m.group(1) if keep(m.group(1)) else None
+                if name:
                     out[name] = []
-                else:
-                    name = None
                 continue
             m = INSTRUCTION.match(line)
             if m and name:
@@ -73,11 +73,16 @@ def kernels(path: str, patterns: list[str]) -> dict[str, list[tuple[int, str]]]:
     return out
 
 
+def paged_kernels(path: str, patterns: list[str]) -> dict[str, list[tuple[int, str]]]:
+    """The paged (PagedSrc) kernels whose name holds one of ``patterns``."""
+    return kernels(path, lambda n: "PagedSrc" in n and any(p in n for p in patterns))
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print(__doc__)
         return 2
-    for name, listing in sorted(kernels(argv[0], argv[1:]).items()):
+    for name, listing in sorted(paged_kernels(argv[0], argv[1:]).items()):
         print(f"{len(listing):6d} instr; largest loops (instr, loads, HMMA, fp): "
               f"{loops(listing)}; main loop (instr, from, to): {main_loop(listing)}  "
               f"{name[:100]}")

@@ -1,4 +1,4 @@
-"""The kernel-experiment scripts: the SASS loop scan and the combine=last patches still fit the
+"""The kernel-experiment scripts: the SASS loop scan, and the kernel patches still fit the
 sources they patch (a source change that breaks a patch fails here, not on the GPU machine)."""
 
 from __future__ import annotations
@@ -40,28 +40,31 @@ def test_the_main_loop_is_the_smallest_range_holding_every_hmma(tmp_path: Path) 
     sass = load("sass_loops")
     path = tmp_path / "k.sass"
     path.write_text(LISTING)
-    kernels = sass.kernels(str(path), ["mma"])
+    kernels = sass.paged_kernels(str(path), ["mma"])
     assert list(kernels) == ["_Z3fooPagedSrc_mma"]  # DenseSrc kernels are left out
     listing = kernels["_Z3fooPagedSrc_mma"]
     assert sass.main_loop(listing) == (4, "0x10", "0x40")
     assert sass.loops(listing) == [(7, 1, 2, 1), (4, 1, 2, 0)]
 
 
-@pytest.mark.parametrize("mode", ["noinline", "relive", "bounds_last", "bounds"])
+@pytest.mark.parametrize("mode", ["pad_args", "noinline", "relive", "bounds_last", "bounds"])
 def test_the_combine_last_patches_apply_to_the_current_sources(tmp_path: Path, mode: str) -> None:
-    patch = load("patch_combine_last")
+    patch = load("kernel_patches")
     shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
-    before = {p: p.read_text() for p in (tmp_path / "csrc" / "cuda").glob("attention_*.cuh")}
+    before = {p: p.read_text() for p in (tmp_path / "csrc" / "cuda").glob("*.[ch]*")}
     patch.PATCHES[mode](str(tmp_path))
     changed = [p.name for p, text in before.items() if p.read_text() != text]
-    expected = {"noinline": ["attention_common.cuh"],
+    expected = {"pad_args": ["kernels.h"],
+                "noinline": ["attention_common.cuh"],
                 "relive": ["attention_async.cuh", "attention_common.cuh", "attention_mma.cuh"],
                 "bounds_last": ["attention_async.cuh", "attention_mma.cuh"],
                 "bounds": ["attention_async.cuh", "attention_mma.cuh"]}
     assert sorted(changed) == expected[mode]
     common = (tmp_path / "csrc" / "cuda" / "attention_common.cuh").read_text()
     async_kernel = (tmp_path / "csrc" / "cuda" / "attention_async.cuh").read_text()
-    if mode == "noinline":
+    if mode == "pad_args":
+        assert "OpParams unused_p;" in (tmp_path / "csrc" / "cuda" / "kernels.h").read_text()
+    elif mode == "noinline":
         assert "__device__ __noinline__ void merge_splits" in common
     elif mode == "relive":
         assert "slice_after_loop" in common

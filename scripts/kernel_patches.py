@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
-"""Experiments on the combine=last split kernels (docs/cuda.md, "Why `combine=last` is slower"):
-patch a source tree in place, for scripts/device_combine_last.sh to build beside the original.
+"""Experimental patches to the CUDA kernel sources (docs/cuda.md, "Kernel arguments, the fixed
+cost and `combine=last`"): each patches a source tree in place, for scripts/device_trees.sh to
+build beside the original. None is part of the product.
 
-    python3 scripts/patch_combine_last.py noinline TREE     # merge_splits __noinline__
-    python3 scripts/patch_combine_last.py relive TREE       # slice re-derived after the main loop
-    python3 scripts/patch_combine_last.py bounds_last TREE  # combine=last kernels: >= 2 blocks/SM
-    python3 scripts/patch_combine_last.py bounds TREE       # both modes: the same
+    python3 scripts/kernel_patches.py pad_args TREE     # AttnArgs padded, the padding unread
+    python3 scripts/kernel_patches.py noinline TREE     # merge_splits __noinline__
+    python3 scripts/kernel_patches.py relive TREE       # slice re-derived after the main loop
+    python3 scripts/kernel_patches.py bounds_last TREE  # combine=last kernels: >= 2 blocks/SM
+    python3 scripts/kernel_patches.py bounds TREE       # both modes: the same
+
+``pad_args``: an ``OpParams`` and a ``PartitionParams`` that no kernel reads appended to
+``AttnArgs``: the argument size of kernels that take ``OpParams``, without their code change
+(measured: as slow as taking ``OpParams``).
 
 ``relive``: the combine=last kernels (cp.async and register-load tensor-core kernels) re-derive
 their slice after the main loop from fresh (volatile) reads of blockIdx, so that split, hk, g0
@@ -25,6 +31,16 @@ bytes of spills, to 130 (3 stages), the register-load kernel from 151 to 158. No
 from __future__ import annotations
 
 import sys
+
+
+def pad_args(root: str) -> None:
+    path = f"{root}/csrc/cuda/kernels.h"
+    s = open(path).read()
+    end = ("  float scale_log2;    // softmax scale * log2(e): scores live in the log2 domain "
+           "(exp2f)\n};")
+    assert end in s, "AttnArgs changed: update the patch"
+    open(path, "w").write(s.replace(end, end[:-3] + "\n  OpParams unused_p;  // A/B probe\n"
+                                    "  PartitionParams unused_part;\n};", 1))
 
 
 def noinline(root: str) -> None:
@@ -95,7 +111,8 @@ def bounds(root: str) -> None:
     _bounds(root, "2")
 
 
-PATCHES = {"noinline": noinline, "relive": relive, "bounds_last": bounds_last, "bounds": bounds}
+PATCHES = {"pad_args": pad_args, "noinline": noinline, "relive": relive,
+           "bounds_last": bounds_last, "bounds": bounds}
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in PATCHES:
