@@ -7,7 +7,10 @@ planted slowdown.
    native:cpu cases, one kernel thread, host timer, hot cache, rounds interleaved across the
    cases), or ``--engine cli``: ``kvmicro sweep --sweep-args ...`` as a user runs it.
 2. A/A: compare every pair of those identical sweeps case by case (``compare_records``; "across",
-   the unpaired rule: nothing pairs the rounds of two sweeps), and, for the inline sweep, the two
+   the unpaired rule: nothing pairs the rounds of two sweeps; allowing, as ``kvmicro compare
+   BASE NEW`` does, for the drift between the two sweeps that their matched cases show,
+   ``between_runs_sd``, after each NEW record is adjusted to its BASE's host speed by their
+   host-speed references; "across_without_drift": neither), and, for the inline sweep, the two
    interleaved arms of each sweep ("within": their records share a ``rounds.group``, so
    ``compare_records`` applies the paired rule where they share 3 rounds or more;
    "within_unpaired": the same pairs under the unpaired rule, for comparison): any faster or
@@ -45,26 +48,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from kvmicro.compare import between_runs, verdict  # noqa: E402
 from kvmicro.record import record_key  # noqa: E402
 from kvmicro.results import read_results  # noqa: E402
-from kvmicro.verdict import compare_records, interleaved_rounds, untrusted_reason  # noqa: E402
+from kvmicro.verdict import (  # noqa: E402
+    interleaved_rounds,
+    scaled_record,
+    untrusted_reason,
+)
 
 DEFAULT_SWEEP = ("--backend native:cpu --preset quick --dtype float32 --cache hot")
-_SCALED_STATS = ("min_us", "max_us", "mean_us", "median_us", "trimmed_mean_us", "stdev_us",
-                 "mad_us", "p05_us", "p95_us", "ci95_lo_us", "ci95_hi_us")
-
-
 def plant(record: dict[str, Any], factor: float) -> dict[str, Any]:
-    """``record`` as if every sample had taken ``factor`` times as long."""
-    out = dict(record)
-    out["samples_us"] = [s * factor for s in record.get("samples_us") or []]
-    if record.get("stats"):
-        out["stats"] = {k: (v * factor if k in _SCALED_STATS and v is not None else v)
-                        for k, v in record["stats"].items()}
-    rounds = record.get("rounds")
-    if isinstance(rounds, dict) and rounds.get("medians_us"):
-        out["rounds"] = {**rounds, "medians_us": [m * factor for m in rounds["medians_us"]]}
-    return out
+    """``record`` as if every sample had taken ``factor`` times as long (its host-speed
+    reference kept: a planted slowdown is the code's, not the host's)."""
+    return scaled_record(record, factor)
 
 
 def inline_cases(backend: str = "native:cpu") -> list[Any]:
@@ -194,24 +191,34 @@ def unpaired(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "rounds": {k: v for k, v in rounds.items() if k != "group"}}
 
 
+#: per pair of two runs, what ``compare BASE NEW`` allows for: (A/A host factor, A/A drift,
+#: planted host factor, planted drift) - compare.between_runs
+RunAllowance = tuple[float | None, float | None, float | None, float | None]
+
+
 def _tally(pairs: list[tuple[dict[str, Any], dict[str, Any]]], threshold: float,
-           factor: float, pairing: bool = True) -> dict[str, Any]:
+           factor: float, pairing: bool = True,
+           allowances: list[RunAllowance] | None = None) -> dict[str, Any]:
     """A/A and planted verdicts over (base, new) record pairs; ``pairing`` False: under the
-    unpaired rule even where the records' rounds were interleaved."""
+    unpaired rule even where the records' rounds were interleaved. ``allowances``: per pair,
+    the host factor and drift between the two runs that ``compare BASE NEW`` allows for."""
     aa: Counter[str] = Counter()
     planted: Counter[str] = Counter()
     both_ok = trusted = paired = by_paired = eligible = found_eligible = 0
-    for b, n in pairs:
+    for i, (b, n) in enumerate(pairs):
         if not pairing:
             b, n = unpaired(b), unpaired(n)
-        aa[compare_records(n, b, threshold=threshold).verdict] += 1
-        found = compare_records(plant(n, factor), b, threshold=threshold)
+        aa_host, aa_drift, planted_host, planted_drift = \
+            allowances[i] if allowances else (None, None, None, None)
+        aa[verdict(b, n, threshold * 100.0, aa_drift, aa_host).verdict] += 1
+        found = verdict(b, plant(n, factor), threshold * 100.0, planted_drift, planted_host)
         planted[found.verdict] += 1
         both_ok += n.get("status") == "ok" and b.get("status") == "ok"
         trusted += not untrusted_reason(n) and not untrusted_reason(b)
         pair = interleaved_rounds(n, b) is not None
         paired += pair
-        by_paired += found.verdict == "slower" and found.paired_rounds > 0
+        by_paired += found.verdict == "slower" and found.detail is not None \
+            and found.detail.paired_rounds > 0
         # eligible: the pair passes the gates of the rule that applies to it
         ok = not untrusted_reason(n, paired=pair) and not untrusted_reason(b, paired=pair)
         eligible += ok
@@ -235,8 +242,17 @@ def analyse(paths: list[Path], threshold: float, factor: float) -> dict[str, Any
     for path in paths:
         _, records = read_results(path)
         sweeps.append({record_key(r): r for r in records})
-    across = [(base[k], new[k]) for base, new in itertools.combinations(sweeps, 2)
-              for k in new if k in base]
+    across: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    allowances: list[RunAllowance] = []
+    for base, new in itertools.combinations(sweeps, 2):
+        matched = [(base[k], new[k]) for k in new if k in base]
+        # what compare BASE NEW allows for between these two sweeps, from their matched cases
+        # as compare sees them (A/A, and with NEW planted)
+        aa_hosts, aa_drift = between_runs([(n, b) for b, n in matched])
+        planted_hosts, planted_drift = between_runs([(plant(n, factor), b) for b, n in matched])
+        across += matched
+        allowances += [(h, aa_drift, p, planted_drift)
+                       for h, p in zip(aa_hosts, planted_hosts, strict=True)]
     within = []
     for path, sweep in zip(paths, sweeps, strict=True):
         twin = path.with_name(path.stem + "-b.jsonl")
@@ -251,7 +267,9 @@ def analyse(paths: list[Path], threshold: float, factor: float) -> dict[str, Any
             flags[f"status {r.get('status')}"] += 1
     out: dict[str, Any] = {"files": [str(p) for p in paths], "threshold": threshold,
                            "factor": factor, "record_flags": dict(flags),
-                           "across": _tally(across, threshold, factor)}
+                           "across": _tally(across, threshold, factor,
+                                            allowances=allowances),
+                           "across_without_drift": _tally(across, threshold, factor)}
     if within:
         out["within"] = _tally(within, threshold, factor)
         out["within_unpaired"] = _tally(within, threshold, factor, pairing=False)
@@ -263,7 +281,9 @@ def describe(label: str, s: dict[str, Any]) -> str:
              f"planted {s['factor']:g}x"]
     for scope, what in (("within", "two interleaved arms of one sweep, paired rule"),
                         ("within_unpaired", "the same pairs under the unpaired rule"),
-                        ("across", "pairs of sweeps run one after the other, unpaired rule")):
+                        ("across", "pairs of sweeps run one after the other, unpaired rule "
+                                   "allowing for the drift between them (compare BASE NEW)"),
+                        ("across_without_drift", "the same pairs, the drift not allowed for")):
         t = s.get(scope)
         if not t:
             continue

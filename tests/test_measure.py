@@ -138,9 +138,10 @@ class FakeDevice(Fake):
 
 
 def quick(**kw) -> MeasureConfig:
-    # the host-noise guard reads this (shared, busy) machine: off unless a test is about it
+    # the host-noise guard reads this (shared, busy) machine and the host-speed reference costs
+    # ~1 ms a round: both off unless a test is about them
     return MeasureConfig(**{"warmup_count": 2, "warmup_time_s": 0.0, "max_time_s": 2.0,
-                            "host_guard": False, **kw})
+                            "host_guard": False, "host_reference": False, **kw})
 
 
 # ----------------------------------------------------------------------------- registries

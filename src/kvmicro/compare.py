@@ -16,6 +16,15 @@ rule instead: the 99% t-interval of their round-by-round ratios beyond or inside
 with what the round ratios already carry (``noisy``, ``not-converged``, ``host-busy``,
 ``rounds-disagree``) no longer gating (kvmicro.verdict).
 
+Between two result files each NEW record is first adjusted to its BASE's host speed where both
+carry the host-speed reference, by the run's host factor
+(:func:`kvmicro.verdict.between_runs_host_factor`), and every verdict also
+allows for the drift between the two runs left after that: its
+spread is estimated from all the matched cases at once (:func:`kvmicro.verdict.between_runs_sd`:
+how much more their median ratios scatter than their own CIs explain; a change that moves every
+case alike does not count as scatter) and widens each case's interval, so that a case the host
+happened to run 20% faster in one run is not called faster. ``render`` prints the estimate.
+
 A case that was ok in BASE and is an error in NEW is ``broken`` (ok in NEW only: ``fixed``;
 neither ok: ``n/a``). The exit status (:attr:`CompareResult.exit_code`) is 2 when nothing matched,
 1 when any case is ``slower`` or ``broken``, else 0; a backend named with ``--new-backend`` or
@@ -28,14 +37,21 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidCase
 from .report import cache_of, ctx_label, fmt_number, stat, timer_of
-from .verdict import Verdict
+from .verdict import (
+    MIN_DRIFT_CASES,
+    Verdict,
+    between_runs_host_factor,
+    between_runs_sd,
+    host_reference,
+    scaled_record,
+)
 from .verdict import compare_records as verdict_of_records
 
 DEFAULT_THRESHOLD_PCT = 5.0
@@ -72,6 +88,9 @@ class Comparison:
     verdict: str
     #: verdict.py's verdict (None for a status change: broken, fixed, n/a)
     detail: Verdict | None = None
+    #: two runs: how much slower the host ran for NEW's run than for BASE's by the runs'
+    #: host-speed references, divided out of ``ratio`` (None: no reference, or one run)
+    host_factor: float | None = None
 
     @property
     def label(self) -> str:
@@ -90,8 +109,13 @@ class Comparison:
 
 
 def verdict(base: dict[str, Any], new: dict[str, Any],
-            threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> Comparison:
-    """The comparison of one matched pair of records."""
+            threshold_pct: float = DEFAULT_THRESHOLD_PCT,
+            drift_sd: float | None = None, host_factor: float | None = None) -> Comparison:
+    """The comparison of one matched pair of records. For records of two runs: ``drift_sd``,
+    the spread of the drift between them (:func:`kvmicro.verdict.between_runs_sd`), and
+    ``host_factor``, how much slower the host ran for ``new``'s run than for ``base``'s (their
+    host-speed references: :func:`kvmicro.verdict.between_runs_host_factor`), which the
+    verdict divides out."""
     from .results import record_key
 
     if not 0 <= threshold_pct < 100:
@@ -101,10 +125,12 @@ def verdict(base: dict[str, Any], new: dict[str, Any],
     if not (base_ok and new_ok):
         v = "broken" if base_ok else ("fixed" if new_ok else "n/a")
         return Comparison(key, base, new, math.nan, math.nan, math.nan, v)
-    detail = verdict_of_records(new, base, threshold=threshold_pct / 100.0)
+    judged = scaled_record(new, 1.0 / host_factor) if host_factor else new
+    detail = verdict_of_records(judged, base, threshold=threshold_pct / 100.0,
+                                drift_sd=drift_sd or 0.0)
     noise = max(noise_pct(base), noise_pct(new))
     return Comparison(key, base, new, detail.ratio, (detail.ratio - 1.0) * 100.0, noise,
-                      detail.verdict, detail)
+                      detail.verdict, detail, host_factor)
 
 
 @dataclass
@@ -113,6 +139,11 @@ class CompareResult:
     only_base: list[dict[str, Any]]
     only_new: list[dict[str, Any]]
     warnings: list[str]
+    #: the drift between the two runs the verdicts allowed for (log spread; None: not
+    #: estimated - one pool of records, or fewer than MIN_DRIFT_CASES usable matched cases)
+    run_drift_sd: float | None = None
+    #: whether the records came from two runs (compare BASE NEW), so that drift applies
+    across_runs: bool = False
 
     @property
     def counts(self) -> Counter[str]:
@@ -139,6 +170,21 @@ def provenance_warnings(base_runs: Sequence[dict[str, Any]],
     return provenance_differences(base_runs[0], new_runs[0])
 
 
+def between_runs(matched: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]
+                 ) -> tuple[list[float | None], float | None]:
+    """What a comparison of two runs allows for, from their matched ``(new, base)`` records:
+    per pair the host factor (the run's, :func:`kvmicro.verdict.between_runs_host_factor`, for
+    the pairs that carry host-speed references; None for the others, or with too few), and the
+    drift between the runs left once it is divided out (:func:`kvmicro.verdict.between_runs_sd`,
+    None with too few cases)."""
+    host = between_runs_host_factor(matched)
+    factors = [host if host is not None and host_reference(n) and host_reference(b) else None
+               for n, b in matched]
+    drift = between_runs_sd([(scaled_record(n, 1.0 / f) if f else n, b)
+                             for (n, b), f in zip(matched, factors, strict=True)])
+    return factors, drift
+
+
 def compare_records(base_runs: Sequence[dict[str, Any]], base: Sequence[dict[str, Any]],
                     new_runs: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]],
                     threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> CompareResult:
@@ -146,12 +192,14 @@ def compare_records(base_runs: Sequence[dict[str, Any]], base: Sequence[dict[str
 
     base_by_key = {record_key(r): r for r in base}
     new_by_key = {record_key(r): r for r in new}
-    comparisons = [verdict(base_by_key[k], r, threshold_pct) for k, r in new_by_key.items()
-                   if k in base_by_key]
+    matched = [(r, base_by_key[k]) for k, r in new_by_key.items() if k in base_by_key]
+    factors, drift = between_runs(matched)
+    comparisons = [verdict(b, r, threshold_pct, drift, f)
+                   for (r, b), f in zip(matched, factors, strict=True)]
     only_base = [r for k, r in base_by_key.items() if k not in new_by_key]
     only_new = [r for k, r in new_by_key.items() if k not in base_by_key]
     return CompareResult(comparisons, only_base, only_new,
-                         provenance_warnings(base_runs, new_runs))
+                         provenance_warnings(base_runs, new_runs), drift, across_runs=True)
 
 
 def _faster(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
@@ -221,12 +269,13 @@ def compare_files(base: str | Path, new: str | Path,
     result = compare_records(base_runs, base_recs, new_runs, new_recs, threshold_pct)
     decided = sum(1 for c in result.comparisons if c.verdict in ("faster", "slower")
                   and not (c.detail is not None and c.detail.paired_rounds))
-    if decided:
+    if decided and result.run_drift_sd is None:
         result.warnings.append(
-            f"{decided} faster/slower verdict(s) compare two runs: they include whatever the "
-            "machine did between the runs, which no record shows (on a shared 2-core VM ~1% of "
-            "identical cases; docs/methodology.md, Calibration). Before acting on one, alternate "
-            "the two builds (scripts/ab_builds.py) or measure both in one sweep")
+            f"{decided} faster/slower verdict(s) compare two runs, and with fewer than "
+            f"{MIN_DRIFT_CASES} matched ok cases the drift between the runs could not be "
+            "estimated: they include whatever the machine did between the runs, which no "
+            "record shows. Before acting on one, alternate the two builds "
+            "(scripts/ab_builds.py) or measure both in one sweep")
     return result
 
 
@@ -288,6 +337,17 @@ def render(result: CompareResult, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
                  "the ratio's 95% CI beyond it"
                  + ("; records of one sweep's interleaved rounds: the 99% t-interval of their "
                     "round-by-round ratios beyond it" if paired else "") + ")")
+    factors = [c.host_factor for c in result.comparisons if c.host_factor]
+    if result.across_runs and factors:
+        lines.append(f"host speed between the runs (host-speed reference, NEW's run over "
+                     f"BASE's): {factors[0]:.3f}, divided out of the ratios of the "
+                     f"{len(factors)} cases that carry the reference")
+    if result.across_runs and result.run_drift_sd is not None:
+        pct = (math.exp(1.959964 * result.run_drift_sd) - 1.0) * 100.0
+        lines.append(f"drift between the two runs: identical cases would differ by up to "
+                     f"±{pct:.1f}% (95%; tau {result.run_drift_sd:.3f} in log, from the "
+                     f"{len(result.comparisons)} matched cases' median ratios); every interval "
+                     "above includes it")
     if explain and counts["unsure"]:
         why: Counter[str] = Counter(_reason_kind(c.reason) for c in result.comparisons
                                     if c.verdict == "unsure")
@@ -322,6 +382,6 @@ def _reason_kind(reason: str) -> str:
 
 
 __all__ = ["DEFAULT_THRESHOLD_PCT", "EXIT_NOTHING_MATCHED", "EXIT_OK", "EXIT_SLOWER", "VERDICTS",
-           "CompareResult", "Comparison", "compare_backends",
+           "CompareResult", "Comparison", "between_runs", "compare_backends",
            "compare_files", "compare_records", "noise_pct", "provenance_warnings", "render",
            "verdict"]

@@ -67,9 +67,23 @@ round (a blocked design) instead of being charged to both records:
   2 degrees of freedom and flips within passes).
 
 Records of different sweeps or files, of chunks measured apart, or sharing fewer than
-:data:`MIN_PAIRED_ROUNDS` rounds get the unpaired rule, unchanged: across sweeps nothing pairs
-a round of one with a round of the other, so no rule can tell a code change from the machine's
-drift between the two runs.
+:data:`MIN_PAIRED_ROUNDS` rounds get the unpaired rule: across sweeps nothing pairs a round of
+one with a round of the other, so no record can tell a code change from the machine's drift
+between the two runs. Two things can: a CPU record's host-speed reference
+(harness/reference.py: a fixed workload timed after each of its rounds), whose median ratio
+over two runs' matched records (:func:`between_runs_host_factor`) is the host's change of
+speed between them, divided out of every case that carries one; and the records of *many*
+cases, which tell how large the drift left is:
+**between two runs** (``kvmicro compare BASE NEW``) identical code still moves each case by a
+drift of its own (on the development VM 2-18% in log, case by case: the host's speed when
+each record was taken), and :func:`between_runs_sd` estimates its spread ``tau`` from the
+matched cases as a random effect: the robust spread of their log median ratios
+(1.4826 x MAD around their median) with the cases' own sampling variance taken out. A shift
+that moves every case alike (a real regression) does not widen that spread. The unpaired rule
+then widens its interval by it (``drift_sd``: each side's log half-width combined with
+``1.96 tau`` in quadrature), so faster, slower and same must hold beyond the drift too. With
+fewer than :data:`MIN_DRIFT_CASES` usable cases no estimate is made (``None``) and the rule is
+applied without it; ``kvmicro compare`` says so.
 
 ``threshold`` is the smallest change worth naming (pyperf's ``--min-speed``), a fraction: 0.05
 means 5%. docs/methodology.md reports both rules' false-verdict and detection rates measured on
@@ -79,7 +93,7 @@ the development machine (``scripts/calibrate_verdicts.py``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +132,13 @@ MIN_ROUND_SAMPLES = 2
 #: the round ratios, which the paired t-interval is computed from (module docstring)
 PAIRED_EXCUSED_FLAGS: tuple[str, ...] = ("noisy", "not-converged", "host-busy",
                                          "rounds-disagree")
+#: fewest matched cases (both ok, not interleaved) from which :func:`between_runs_sd`
+#: estimates the drift between two runs: a MAD of fewer is too loose a scale to widen by
+MIN_DRIFT_CASES = 8
+#: the normal quantile of a two-sided 95% interval (the ratio CI's level)
+_Z95 = 1.959963984540054
+#: the MAD's factor that makes it estimate a normal distribution's standard deviation
+_MAD_TO_SD = 1.482602218505602
 
 
 @dataclass(frozen=True)
@@ -297,6 +318,117 @@ def ratio_interval(new_us: Sequence[float], base_us: Sequence[float], *,
     return lo, hi
 
 
+def widen_by_drift(ratio: float, interval: tuple[float, float],
+                   drift_sd: float) -> tuple[float, float]:
+    """``interval`` (a 95% CI of ``ratio``) widened by a drift of spread ``drift_sd`` (log)
+    between the runs: on each side the log half-width and ``1.96 drift_sd`` are combined in
+    quadrature (independent errors add variances)."""
+    lo, hi = interval
+    if not (drift_sd > 0 and ratio > 0 and lo > 0 and hi > 0):
+        return lo, hi
+    c, extra = math.log(ratio), _Z95 * drift_sd
+    down = math.hypot(max(c - math.log(lo), 0.0), extra)
+    up = math.hypot(max(math.log(hi) - c, 0.0), extra)
+    return math.exp(c - down), math.exp(c + up)
+
+
+#: a record's statistics that scale with its samples (scaled_record)
+_SCALED_STATS = ("min_us", "max_us", "mean_us", "median_us", "trimmed_mean_us", "stdev_us",
+                 "mad_us", "p05_us", "p95_us", "ci95_lo_us", "ci95_hi_us")
+
+
+def scaled_record(rec: Mapping[str, Any], factor: float) -> dict[str, Any]:
+    """``rec`` as if every sample had taken ``factor`` times as long: samples, time statistics
+    and round medians scaled alike; flags, convergence and everything else kept (spread and
+    convergence do not change with the scale)."""
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+        raise InvalidCase(f"[verdict] scale factor {factor!r} must be a positive finite number")
+    out = dict(rec)
+    out["samples_us"] = [s * factor for s in rec.get("samples_us") or []]
+    stats = rec.get("stats")
+    if isinstance(stats, Mapping):
+        out["stats"] = {k: (v * factor if k in _SCALED_STATS and isinstance(v, (int, float))
+                            and not isinstance(v, bool) else v) for k, v in stats.items()}
+    rounds = rec.get("rounds")
+    if isinstance(rounds, Mapping) and rounds.get("medians_us"):
+        out["rounds"] = {**rounds, "medians_us": [m * factor for m in rounds["medians_us"]]}
+    return out
+
+
+def host_reference(rec: Mapping[str, Any]) -> tuple[str, float] | None:
+    """The host-speed reference a record was taken beside (harness/reference.py): its probe's
+    name and median µs, or None."""
+    host = rec.get("host")
+    ref = host.get("reference") if isinstance(host, Mapping) else None
+    if not isinstance(ref, Mapping):
+        return None
+    probe, value = ref.get("probe"), ref.get("median_us")
+    if not isinstance(probe, str) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return (probe, float(value)) if math.isfinite(value) and value > 0 else None
+
+
+def between_runs_host_factor(pairs: Iterable[tuple[Mapping[str, Any], Mapping[str, Any]]]
+                             ) -> float | None:
+    """How much slower the host ran for one run than for the other, by the host-speed
+    references of their matched records ``(new, base)``: ``exp(median log(ref_new / ref_base))``
+    over the ok pairs that both carry the same probe (harness/reference.py); None with fewer
+    than :data:`MIN_DRIFT_CASES` such pairs. The median over the run, not each pair's own
+    ratio: one record's probes are a few milliseconds of the host, as noisy as the record
+    (on the development VM a record's probe ratio between two runs correlated ~0.3
+    with its case's; the run's median tracked the cases' common shift)."""
+    logs = []
+    for new, base in pairs:
+        if new.get("status") != "ok" or base.get("status") != "ok":
+            continue
+        ref_new, ref_base = host_reference(new), host_reference(base)
+        if ref_new is None or ref_base is None or ref_new[0] != ref_base[0]:
+            continue
+        logs.append(math.log(ref_new[1]) - math.log(ref_base[1]))
+    if len(logs) < MIN_DRIFT_CASES:
+        return None
+    return math.exp(float(np.median(logs)))
+
+
+def _relative_halfwidth(rec: Mapping[str, Any]) -> float | None:
+    stats = rec.get("stats") or {}
+    try:
+        median = float(stats["median_us"])
+        lo, hi = float(stats["ci95_lo_us"]), float(stats["ci95_hi_us"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (median > 0 and 0 < lo <= hi and math.isfinite(hi)):
+        return None
+    return 0.5 * (math.log(hi) - math.log(lo))
+
+
+def between_runs_sd(pairs: Iterable[tuple[Mapping[str, Any], Mapping[str, Any]]]
+                    ) -> float | None:
+    """The spread ``tau`` (log) of the drift between two runs, from their matched records
+    ``(new, base)`` of many cases (module docstring): over the pairs with both records ok,
+    with a positive median and its 95% CI, and not interleaved with each other, ``tau^2 =
+    max(0, (1.4826 MAD(log ratio))^2 - median(se^2))``, ``se^2`` a case's sampling variance of
+    its log ratio (from the two medians' CIs). None with fewer than :data:`MIN_DRIFT_CASES`
+    such pairs."""
+    logs, variances = [], []
+    for new, base in pairs:
+        if new.get("status") != "ok" or base.get("status") != "ok":
+            continue
+        if paired_round_numbers(new, base) is not None:
+            continue
+        h_new, h_base = _relative_halfwidth(new), _relative_halfwidth(base)
+        if h_new is None or h_base is None:
+            continue
+        logs.append(math.log(float(new["stats"]["median_us"]))
+                    - math.log(float(base["stats"]["median_us"])))
+        variances.append((h_new / _Z95) ** 2 + (h_base / _Z95) ** 2)
+    if len(logs) < MIN_DRIFT_CASES:
+        return None
+    x = np.asarray(logs)
+    spread = _MAD_TO_SD * float(np.median(np.abs(x - np.median(x))))
+    return math.sqrt(max(0.0, spread ** 2 - float(np.median(variances))))
+
+
 # ---------------------------------------------------------------------------- the verdict
 
 
@@ -323,10 +455,15 @@ def _round_medians(x: np.ndarray, rounds: Sequence[int] | None) -> list[float]:
 def compare_samples(new_us: Sequence[float], base_us: Sequence[float], *,
                     threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA,
                     new_rounds: Sequence[int] | None = None,
-                    base_rounds: Sequence[int] | None = None) -> Verdict:
+                    base_rounds: Sequence[int] | None = None,
+                    drift_sd: float = 0.0) -> Verdict:
     """The verdict of two sets of samples (µs). ``new_rounds``/``base_rounds``: the sizes of the
-    consecutive rounds the samples were taken in, if any (see the module docstring)."""
+    consecutive rounds the samples were taken in, if any (see the module docstring).
+    ``drift_sd``: the spread of the drift between the two runs the samples come from, in log
+    (:func:`between_runs_sd`; 0 when they come from one run): the interval is widened by it."""
     _check_threshold(threshold, alpha)
+    if not (isinstance(drift_sd, (int, float)) and math.isfinite(drift_sd) and drift_sd >= 0):
+        raise InvalidCase(f"[verdict] drift_sd {drift_sd!r} must be a finite spread >= 0 (log)")
     new, base = _clean(new_us, "new"), _clean(base_us, "base")
     if new.size == 0 or base.size == 0:
         return Verdict("unsure", math.nan, (math.nan, math.nan), None,
@@ -335,6 +472,10 @@ def compare_samples(new_us: Sequence[float], base_us: Sequence[float], *,
     lo, hi = ratio_interval(new, base, new_rounds=new_rounds, base_rounds=base_rounds)
     _, p = mann_whitney_u(new, base)
     ci = f"ratio {ratio:.3f}, 95% CI [{lo:.3f}, {hi:.3f}]"
+    if drift_sd > 0:
+        lo, hi = widen_by_drift(ratio, (lo, hi), drift_sd)
+        ci = (f"ratio {ratio:.3f}, 95% CI with the drift between the runs "
+              f"(tau {drift_sd:.3f}) [{lo:.3f}, {hi:.3f}]")
     band = f"±{threshold * 100:g}%"
     if min(new.size, base.size) < MIN_SAMPLES:
         return Verdict("unsure", ratio, (lo, hi), p,
@@ -545,13 +686,15 @@ def _ci_box(new: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[float, flo
 
 def compare_records(new: Mapping[str, Any], base: Mapping[str, Any], *,
                     threshold: float = DEFAULT_THRESHOLD,
-                    alpha: float = DEFAULT_ALPHA) -> Verdict:
+                    alpha: float = DEFAULT_ALPHA, drift_sd: float = 0.0) -> Verdict:
     """The verdict of two case records (dicts as results files hold them). Records whose rounds
     were interleaved (:func:`interleaved_rounds`) get the paired rule, others the unpaired one
     (module docstring). Unsure whenever either record is not ok, did not converge, or carries a
     flag of :data:`UNTRUSTED_FLAGS` (paired: but for :data:`PAIRED_EXCUSED_FLAGS`);
     records without samples (pytest-benchmark files) can be "same" from their CIs, never
-    faster/slower."""
+    faster/slower. ``drift_sd``: for records of two runs, the drift between them
+    (:func:`between_runs_sd`), which widens the unpaired rule's interval (interleaved records
+    come from one run and are not widened)."""
     _check_threshold(threshold, alpha)
     new_x = np.asarray(new.get("samples_us") or [], dtype=np.float64)
     base_x = np.asarray(base.get("samples_us") or [], dtype=np.float64)
@@ -565,9 +708,13 @@ def compare_records(new: Mapping[str, Any], base: Mapping[str, Any], *,
         why = untrusted_reason(rec)
         if why:
             ci = _ci_box(new, base) if math.isfinite(ratio) else None
+            if ci and drift_sd > 0:
+                ci = widen_by_drift(ratio, ci, drift_sd)
             return Verdict("unsure", ratio, ci or nan_ci, None, f"{side} record {why}")
     if new_x.size == 0 or base_x.size == 0:
         box = _ci_box(new, base)
+        if box and drift_sd > 0:
+            box = widen_by_drift(ratio, box, drift_sd)
         if box and 1.0 - threshold <= box[0] and box[1] <= 1.0 + threshold:
             return Verdict("same", ratio, box, None,
                            f"no samples; the medians' CIs give ratio [{box[0]:.3f}, "
@@ -575,7 +722,8 @@ def compare_records(new: Mapping[str, Any], base: Mapping[str, Any], *,
         return Verdict("unsure", ratio, box or nan_ci, None,
                        "no samples in the records: no test can name a difference")
     return compare_samples(new_x, base_x, threshold=threshold, alpha=alpha,
-                           new_rounds=record_rounds(new), base_rounds=record_rounds(base))
+                           new_rounds=record_rounds(new), base_rounds=record_rounds(base),
+                           drift_sd=drift_sd)
 
 
 def _compare_interleaved(new: Mapping[str, Any], base: Mapping[str, Any], new_x: np.ndarray,
@@ -601,9 +749,35 @@ def _compare_interleaved(new: Mapping[str, Any], base: Mapping[str, Any], new_x:
                    f"{unpaired.reason}")
 
 
-__all__ = ["BOOTSTRAP_RESAMPLES", "DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "MIN_CROSSOVER_ROUNDS",
-           "MIN_PAIRED_ROUNDS", "MIN_ROUND_SAMPLES", "MIN_SAMPLES", "PAIRED_EXCUSED_FLAGS",
-           "UNTRUSTED_FLAGS", "VERDICTS", "Verdict", "compare_paired", "compare_records",
-           "compare_samples", "drift_halfwidth", "interleaved_rounds", "mann_whitney_u",
-           "paired_round_numbers", "ratio_interval", "record_round_medians", "record_rounds",
-           "t_quantile", "t_two_sided_p", "untrusted_reason"]
+__all__ = [
+    "BOOTSTRAP_RESAMPLES",
+    "DEFAULT_ALPHA",
+    "DEFAULT_THRESHOLD",
+    "MIN_CROSSOVER_ROUNDS",
+    "MIN_DRIFT_CASES",
+    "MIN_PAIRED_ROUNDS",
+    "MIN_ROUND_SAMPLES",
+    "MIN_SAMPLES",
+    "PAIRED_EXCUSED_FLAGS",
+    "UNTRUSTED_FLAGS",
+    "VERDICTS",
+    "Verdict",
+    "between_runs_host_factor",
+    "between_runs_sd",
+    "compare_paired",
+    "compare_records",
+    "compare_samples",
+    "drift_halfwidth",
+    "host_reference",
+    "interleaved_rounds",
+    "mann_whitney_u",
+    "paired_round_numbers",
+    "ratio_interval",
+    "record_round_medians",
+    "record_rounds",
+    "scaled_record",
+    "t_quantile",
+    "t_two_sided_p",
+    "untrusted_reason",
+    "widen_by_drift",
+]

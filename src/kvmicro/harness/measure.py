@@ -38,6 +38,7 @@ from .cache import CACHE_POLICIES, CachePolicy
 from .criteria import CRITERIA, Criterion, make_criterion
 from .noise import BUSY_DROP_FRACTION, HostGuard
 from .noise import REASONS as HOST_REASONS
+from .reference import reference_probe, reference_summary
 from .stats import Stats
 from .timers import make_timer
 
@@ -75,6 +76,9 @@ class MeasureConfig:
     min_round_samples: int = 4
     #: drop samples that other work on the host disturbed (harness/noise.py)
     host_guard: bool = True
+    #: CPU cases: time the host-speed reference after every round (harness/reference.py), so
+    #: that a comparison between two runs can tell the host's speed from the code's
+    host_reference: bool = True
 
     def __post_init__(self) -> None:
         if self.timer not in TIMERS:
@@ -231,6 +235,10 @@ class Sampler:
         #: clean (a record flagged host-busy beats no record on a saturated machine)
         self._disturbed: list[float] = []
         self._stop = ""
+        #: the host-speed reference after each round (CPU cases only: harness/reference.py)
+        self.reference_on = config.host_reference and \
+            str(getattr(prepared.case, "backend", "")).endswith(":cpu")
+        self._reference_us: list[float] = []
 
     @property
     def n(self) -> int:
@@ -341,6 +349,8 @@ class Sampler:
             self.round_sizes.append(self.n - before)
             self.round_index.append(self.rounds_taken)
         self.rounds_taken += 1
+        if self.reference_on:   # outside the sampling budget, like the re-warm
+            self._reference_us.append(reference_probe())
 
     def _rounds_summary(self) -> tuple[dict[str, Any], str]:
         """The rounds' sizes, medians and spread, and why they disagree ("" if they agree)."""
@@ -397,6 +407,9 @@ class Sampler:
         if rounds_why:
             flags.append("rounds-disagree")
         host["disturbed"] = disturbed
+        reference = reference_summary(self._reference_us)
+        if reference is not None:
+            host["reference"] = reference
         return Measurement(
             samples_us=list(self.samples),
             stats=Stats.from_samples(self.samples),
