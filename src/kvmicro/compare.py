@@ -49,7 +49,7 @@ from .verdict import (
     Verdict,
     between_runs_host_factor,
     between_runs_sd,
-    host_reference,
+    same_probe,
     scaled_record,
 )
 from .verdict import compare_records as verdict_of_records
@@ -178,8 +178,7 @@ def between_runs(matched: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]
     drift between the runs left once it is divided out (:func:`kvmicro.verdict.between_runs_sd`,
     None with too few cases)."""
     host = between_runs_host_factor(matched)
-    factors = [host if host is not None and host_reference(n) and host_reference(b) else None
-               for n, b in matched]
+    factors = [host if host is not None and same_probe(n, b) else None for n, b in matched]
     drift = between_runs_sd([(scaled_record(n, 1.0 / f) if f else n, b)
                              for (n, b), f in zip(matched, factors, strict=True)])
     return factors, drift
@@ -346,8 +345,7 @@ def render(result: CompareResult, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
         pct = (math.exp(1.959964 * result.run_drift_sd) - 1.0) * 100.0
         lines.append(f"drift between the two runs: identical cases would differ by up to "
                      f"±{pct:.1f}% (95%; tau {result.run_drift_sd:.3f} in log, from the "
-                     f"{len(result.comparisons)} matched cases' median ratios); every interval "
-                     "above includes it")
+                     "matched cases' median ratios); every interval above includes it")
     if explain and counts["unsure"]:
         why: Counter[str] = Counter(_reason_kind(c.reason) for c in result.comparisons
                                     if c.verdict == "unsure")

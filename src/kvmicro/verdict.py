@@ -75,9 +75,9 @@ over two runs' matched records (:func:`between_runs_host_factor`) is the host's 
 speed between them, divided out of every case that carries one; and the records of *many*
 cases, which tell how large the drift left is:
 **between two runs** (``kvmicro compare BASE NEW``) identical code still moves each case by a
-drift of its own (on the development VM 2-18% in log, case by case: the host's speed when
-each record was taken), and :func:`between_runs_sd` estimates its spread ``tau`` from the
-matched cases as a random effect: the robust spread of their log median ratios
+drift of its own (on the development VM a spread of 0.02-0.23 in log between two sweeps: the
+host's speed when each record was taken), and :func:`between_runs_sd` estimates its spread
+``tau`` from the matched cases as a random effect: the robust spread of their log median ratios
 (1.4826 x MAD around their median) with the cases' own sampling variance taken out. A shift
 that moves every case alike (a real regression) does not widen that spread. The unpaired rule
 then widens its interval by it (``drift_sd``: each side's log half-width combined with
@@ -368,6 +368,15 @@ def host_reference(rec: Mapping[str, Any]) -> tuple[str, float] | None:
     return (probe, float(value)) if math.isfinite(value) and value > 0 else None
 
 
+def same_probe(new: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The two records' host-speed references (median µs, new's then base's) when both carry
+    one of the same probe, else None."""
+    ref_new, ref_base = host_reference(new), host_reference(base)
+    if ref_new is None or ref_base is None or ref_new[0] != ref_base[0]:
+        return None
+    return ref_new[1], ref_base[1]
+
+
 def between_runs_host_factor(pairs: Iterable[tuple[Mapping[str, Any], Mapping[str, Any]]]
                              ) -> float | None:
     """How much slower the host ran for one run than for the other, by the host-speed
@@ -379,12 +388,10 @@ def between_runs_host_factor(pairs: Iterable[tuple[Mapping[str, Any], Mapping[st
     with its case's; the run's median tracked the cases' common shift)."""
     logs = []
     for new, base in pairs:
-        if new.get("status") != "ok" or base.get("status") != "ok":
+        refs = same_probe(new, base)
+        if refs is None or new.get("status") != "ok" or base.get("status") != "ok":
             continue
-        ref_new, ref_base = host_reference(new), host_reference(base)
-        if ref_new is None or ref_base is None or ref_new[0] != ref_base[0]:
-            continue
-        logs.append(math.log(ref_new[1]) - math.log(ref_base[1]))
+        logs.append(math.log(refs[0]) - math.log(refs[1]))
     if len(logs) < MIN_DRIFT_CASES:
         return None
     return math.exp(float(np.median(logs)))
@@ -775,6 +782,7 @@ __all__ = [
     "ratio_interval",
     "record_round_medians",
     "record_rounds",
+    "same_probe",
     "scaled_record",
     "t_quantile",
     "t_two_sided_p",
