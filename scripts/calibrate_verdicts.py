@@ -9,10 +9,11 @@ planted slowdown.
 2. A/A: compare every pair of those identical sweeps case by case (``compare_records``; "across",
    the unpaired rule: nothing pairs the rounds of two sweeps; allowing, as ``kvmicro compare
    BASE NEW`` does, for the drift between the two sweeps that their matched cases show,
-   ``between_runs_sd``, after each NEW record is adjusted to its BASE's host speed by their
-   host-speed references; "across_without_drift": neither), and, for the inline sweep, the two
-   interleaved arms of each sweep ("within": their records share a ``rounds.group``, so
-   ``compare_records`` applies the paired rule where they share 3 rounds or more;
+   ``between_runs_sd``, after the run's host factor from the records' host-speed references,
+   ``between_runs_host_factor``, is divided out; "across_without_drift": neither), and, for the
+   inline sweep, the two interleaved arms of each sweep ("within": their records share a
+   ``rounds.group``, so ``compare_records`` applies the paired rule where they share 3 rounds or
+   more;
    "within_unpaired": the same pairs under the unpaired rule, for comparison): any faster or
    slower verdict is false. The target is at most 1% of the matched cases.
 3. Planted slowdown: the same pairs, with every sample of the NEW record multiplied by
@@ -58,6 +59,8 @@ from kvmicro.verdict import (  # noqa: E402
 )
 
 DEFAULT_SWEEP = ("--backend native:cpu --preset quick --dtype float32 --cache hot")
+
+
 def plant(record: dict[str, Any], factor: float) -> dict[str, Any]:
     """``record`` as if every sample had taken ``factor`` times as long (its host-speed
     reference kept: a planted slowdown is the code's, not the host's)."""

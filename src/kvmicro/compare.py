@@ -46,6 +46,7 @@ from .errors import InvalidCase
 from .report import cache_of, ctx_label, fmt_number, stat, timer_of
 from .verdict import (
     MIN_DRIFT_CASES,
+    Z95,
     Verdict,
     between_runs_host_factor,
     between_runs_sd,
@@ -342,7 +343,7 @@ def render(result: CompareResult, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
                      f"BASE's): {factors[0]:.3f}, divided out of the ratios of the "
                      f"{len(factors)} cases that carry the reference")
     if result.across_runs and result.run_drift_sd is not None:
-        pct = (math.exp(1.959964 * result.run_drift_sd) - 1.0) * 100.0
+        pct = (math.exp(Z95 * result.run_drift_sd) - 1.0) * 100.0
         lines.append(f"drift between the two runs: identical cases would differ by up to "
                      f"±{pct:.1f}% (95%; tau {result.run_drift_sd:.3f} in log, from the "
                      "matched cases' median ratios); every interval above includes it")

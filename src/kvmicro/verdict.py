@@ -136,7 +136,7 @@ PAIRED_EXCUSED_FLAGS: tuple[str, ...] = ("noisy", "not-converged", "host-busy",
 #: estimates the drift between two runs: a MAD of fewer is too loose a scale to widen by
 MIN_DRIFT_CASES = 8
 #: the normal quantile of a two-sided 95% interval (the ratio CI's level)
-_Z95 = 1.959963984540054
+Z95 = 1.959963984540054
 #: the MAD's factor that makes it estimate a normal distribution's standard deviation
 _MAD_TO_SD = 1.482602218505602
 
@@ -326,7 +326,7 @@ def widen_by_drift(ratio: float, interval: tuple[float, float],
     lo, hi = interval
     if not (drift_sd > 0 and ratio > 0 and lo > 0 and hi > 0):
         return lo, hi
-    c, extra = math.log(ratio), _Z95 * drift_sd
+    c, extra = math.log(ratio), Z95 * drift_sd
     down = math.hypot(max(c - math.log(lo), 0.0), extra)
     up = math.hypot(max(math.log(hi) - c, 0.0), extra)
     return math.exp(c - down), math.exp(c + up)
@@ -428,7 +428,7 @@ def between_runs_sd(pairs: Iterable[tuple[Mapping[str, Any], Mapping[str, Any]]]
             continue
         logs.append(math.log(float(new["stats"]["median_us"]))
                     - math.log(float(base["stats"]["median_us"])))
-        variances.append((h_new / _Z95) ** 2 + (h_base / _Z95) ** 2)
+        variances.append((h_new / Z95) ** 2 + (h_base / Z95) ** 2)
     if len(logs) < MIN_DRIFT_CASES:
         return None
     x = np.asarray(logs)
@@ -768,6 +768,7 @@ __all__ = [
     "PAIRED_EXCUSED_FLAGS",
     "UNTRUSTED_FLAGS",
     "VERDICTS",
+    "Z95",
     "Verdict",
     "between_runs_host_factor",
     "between_runs_sd",
