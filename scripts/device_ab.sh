@@ -9,11 +9,13 @@
 #   build  both trees, side by side, into /tmp/ab/{a,b}/src/kvmicro (sm_90);
 #   sass   the SASS instruction count and registers of every attention kernel of both builds
 #          (cuobjdump), and how many kernels differ;
-#   test   the native CUDA tests of B;
+#   test   the native CUDA tests of B (those matching TEST_FIRST, a pytest -k expression, first
+#          when it is set; then the whole files in what is left of the stage's time);
 #   ab     scripts/ab_builds.py: alternating A/B `kvmicro sweep` processes over paged_sdpa
 #          (graph timer, hot), paired verdicts;
 #   floor  one sweep of build A's paged_sdpa variants at small contexts (one launch, splits, PDL,
-#          combine=last) to place the fixed cost per op;
+#          combine=last) to place the fixed cost per op; FLOOR_SIDE=b sweeps build B instead,
+#          FLOOR_SPECS, FLOOR_CTX, FLOOR_BATCH and FLOOR_LIMIT (seconds) replace the defaults;
 #   ncu    Nsight Compute (--clock-control none) of combine=separate and combine=last at 1024/1
 #          and 32768/4: kernel durations, DRAM throughput, occupancy, stall reasons.
 # Records go to $OUT, logs into $OUT/ab-logs.tgz; the last lines printed are the summary.
@@ -53,10 +55,19 @@ fi
 
 if want test && (( $(limit 130) > 0 )); then
   step "native CUDA tests of B"
-  (cd "$AB/b" && PYTHONPATH="$AB/b/src" timeout "$(limit 130)" python3 -m pytest -q \
-    -p no:cacheprovider -o addopts="" tests/test_native_cuda.py tests/test_native_capabilities.py \
-    >"$OUT/tests-b.log" 2>&1; echo "B native tests rc=$?: $(tail -1 "$OUT/tests-b.log")")
-  grep -E "^(FAILED|ERROR)" "$OUT/tests-b.log" | head -8
+  test_end=$((SECONDS + $(limit 130)))
+  if [[ -n ${TEST_FIRST:-} ]]; then
+    (cd "$AB/b" && PYTHONPATH="$AB/b/src" timeout "$((test_end - SECONDS))" python3 -m pytest -q \
+      -p no:cacheprovider -o addopts="" tests/test_native_cuda.py -k "$TEST_FIRST" \
+      >"$OUT/tests-b-first.log" 2>&1; echo "B tests -k '$TEST_FIRST' rc=$?: $(tail -1 "$OUT/tests-b-first.log")")
+    grep -E "^(FAILED|ERROR)" "$OUT/tests-b-first.log" | head -8
+  fi
+  if ((test_end - SECONDS > 15)); then
+    (cd "$AB/b" && PYTHONPATH="$AB/b/src" timeout "$((test_end - SECONDS))" python3 -m pytest -q \
+      -p no:cacheprovider -o addopts="" tests/test_native_cuda.py tests/test_native_capabilities.py \
+      >"$OUT/tests-b.log" 2>&1; echo "B native tests rc=$?: $(tail -1 "$OUT/tests-b.log")")
+    grep -E "^(FAILED|ERROR)" "$OUT/tests-b.log" | head -8
+  fi
 fi
 
 if want ab && (( $(limit 150) > 0 )); then
@@ -69,17 +80,21 @@ if want ab && (( $(limit 150) > 0 )); then
   echo "ab rc=$?"; grep -A12 "^B against A" "$OUT/ab.log"
 fi
 
-if want floor && (( $(limit 60) > 0 )); then
-  step "the fixed cost: build A's paged_sdpa variants at small contexts"
+floor_limit=${FLOOR_LIMIT:-60}
+if want floor && (( $(limit "$floor_limit") > 0 )); then
+  side=${FLOOR_SIDE:-a}
+  step "the fixed cost: build ${side^^}'s paged_sdpa variants"
   specs="native:cuda,native:cuda[pdl=false],native:cuda[combine=last],native:cuda[splits=1]"
   specs="$specs,native:cuda[splits=4],native:cuda[splits=8],native:cuda[splits=32]"
-  PYTHONPATH="$AB/a/src" timeout "$(limit 60)" python3 -m kvmicro sweep --backend "$specs" \
-    --op paged_sdpa --ctx 16,256,1024,4096 --batch 1 --heads 32:8 --head-dim 128 \
+  specs=${FLOOR_SPECS:-$specs}
+  PYTHONPATH="$AB/$side/src" timeout "$(limit "$floor_limit")" python3 -m kvmicro sweep \
+    --backend "$specs" --op paged_sdpa --ctx "${FLOOR_CTX:-16,256,1024,4096}" \
+    --batch "${FLOOR_BATCH:-1}" --heads 32:8 --head-dim 128 \
     --dtype float16 --layout NSHD --block 16 --placement reverse --timer graph --cache hot \
     --max-time 0.2 --out "$OUT/floor.jsonl" -q >"$OUT/floor.log" 2>&1
   echo "floor rc=$?"
-  PYTHONPATH="$AB/a/src" python3 -m kvmicro report "$OUT/floor.jsonl" >>"$OUT/floor.log" 2>&1
-  PYTHONPATH="$AB/a/src" python3 scripts/median_table.py "$OUT/floor.jsonl"
+  PYTHONPATH="$AB/$side/src" python3 -m kvmicro report "$OUT/floor.jsonl" >>"$OUT/floor.log" 2>&1
+  PYTHONPATH="$AB/$side/src" python3 scripts/median_table.py "$OUT/floor.jsonl"
 fi
 
 if want ncu && (( $(limit 150) > 0 )); then

@@ -3,10 +3,11 @@
 #
 #   run(command="scripts/device_byte_floor.sh", carry=[".whl"])
 #
-# build (sm_90, build/device), tests/test_native_cuda.py, compute-sanitizer memcheck / racecheck
-# / synccheck over scripts/sanitize_cuda.py's combine=last variants (skipped when the tool is
-# absent), then one paged_sdpa sweep of native:cuda (combine=separate, the default),
-# native:cuda[combine=last], cuDNN and FlashInfer: Hq 32 Hkv 8 D 128 fp16, ctx/batch 1024/1,
+# build (sm_90, build/device), tests/test_native_cuda.py (TEST_LIMIT seconds at most, default
+# 150), compute-sanitizer memcheck / racecheck / synccheck over scripts/sanitize_cuda.py's
+# variants with option VARIANT (default combine=cluster; skipped when the tool is absent), then
+# one paged_sdpa sweep of native:cuda (the default: combine=separate), native:cuda[VARIANT],
+# cuDNN and FlashInfer: Hq 32 Hkv 8 D 128 fp16, ctx/batch 1024/1,
 # 4096/1, 4096/4, 16384/1, 16384/4, 32768/1, 32768/4, NSHD/NHSD x block 16/32/64, reverse
 # placement (random placement at block 16 after it when time is left), graph timer, hot and
 # cold. Everything stays inside BUDGET seconds (default 550; a device call may run 600): each
@@ -53,7 +54,8 @@ else
 fi
 python3 -c "import kvmicro._native as n; print(n.build_info()['cuda'], 'devices', n.cuda_device_count())"
 
-t=$(limit 150 330)
+variant=${VARIANT:-combine=cluster}
+t=$(limit "${TEST_LIMIT:-150}" 330)
 if ((t > 0)); then
   step "tests/test_native_cuda.py (${t} s at most)"
   timeout "$t" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
@@ -65,7 +67,7 @@ else
   echo "tests skipped: not enough of BUDGET left"
 fi
 
-step "compute-sanitizer over the combine=last variants (scripts/sanitize_cuda.py --only combine=last)"
+step "compute-sanitizer over the $variant variants (scripts/sanitize_cuda.py --only $variant)"
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer \
   /usr/local/cuda-*/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer \
   2>/dev/null | head -1)
@@ -75,7 +77,7 @@ if [ -n "$sanitizer" ]; then
     t=$(limit "${spec##*:}" 230)
     if ((t == 0)); then echo "$tool: skipped, no time left"; continue; fi
     timeout "$t" "$sanitizer" --tool "$tool" --error-exitcode 3 \
-      python3 scripts/sanitize_cuda.py --only combine=last >"$OUT/sanitize-$tool.log" 2>&1
+      python3 scripts/sanitize_cuda.py --only "$variant" >"$OUT/sanitize-$tool.log" 2>&1
     rc=$?
     summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_cuda:" "$OUT/sanitize-$tool.log" | tr '\n' ' ')
     echo "$tool rc=$rc$([ $rc = 124 ] && echo ' (TIMED OUT: incomplete)'): $summary"
@@ -86,7 +88,7 @@ else
 fi
 
 # One file for every record; the second and third commands resume into it.
-backends="native:cuda,native:cuda[combine=last],cudnn:cuda,flashinfer:cuda"
+backends="native:cuda,native:cuda[$variant],cudnn:cuda,flashinfer:cuda"
 common=(--preset cuda-table --op paged_sdpa --heads 32:8 --head-dim 128 --dtype float16
         --layout NSHD,NHSD --timer graph --cache hot,cold --backend "$backends"
         --out "$OUT/h200-byte-floor.jsonl" -q)
@@ -144,11 +146,11 @@ for shape in sorted({k[:3] for k in best}):
         f"{c[0]:7.2f} {c[1]:>13}" if c else f"{'-':>21}" for c in cells))
 PY
 python3 scripts/cuda_table.py "$OUT/h200-byte-floor.jsonl" >"$OUT/cuda-table.txt" 2>&1
-python3 -m kvmicro compare "$OUT/h200-byte-floor.jsonl" --new-backend "native:cuda[combine=last]" \
-  --base-backend native:cuda >"$OUT/last-vs-separate.txt" 2>&1
-echo "combine=last vs combine=separate (rc=$?): $(grep -m1 -i matched "$OUT/last-vs-separate.txt")"
-python3 -m kvmicro compare "$OUT/h200-byte-floor.jsonl" --new-backend "native:cuda[combine=last]" \
-  --base-backend cudnn:cuda,flashinfer:cuda >"$OUT/last-vs-peers.txt" 2>&1
-echo "combine=last vs the fastest peer (rc=$?): $(grep -m1 -i matched "$OUT/last-vs-peers.txt")"
+python3 -m kvmicro compare "$OUT/h200-byte-floor.jsonl" --new-backend "native:cuda[$variant]" \
+  --base-backend native:cuda >"$OUT/variant-vs-default.txt" 2>&1
+echo "$variant vs the default (rc=$?): $(grep -m1 -i matched "$OUT/variant-vs-default.txt")"
+python3 -m kvmicro compare "$OUT/h200-byte-floor.jsonl" --new-backend native:cuda \
+  --base-backend cudnn:cuda,flashinfer:cuda >"$OUT/default-vs-peers.txt" 2>&1
+echo "the default vs the fastest peer (rc=$?): $(grep -m1 -i matched "$OUT/default-vs-peers.txt")"
 cat "$OUT/cuda-table.txt"
 echo "done in $((SECONDS)) s; files in $OUT"

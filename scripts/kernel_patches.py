@@ -84,11 +84,11 @@ __device__ __forceinline__ SplitSlice slice_after_loop(const AttnArgs& a) {
 }
 
 """
-CALL = ("  write_block_result<T, D, kMmaHeads, NW, kLast>"
+CALL = ("  write_block_result<T, D, kMmaHeads, NW, C>"
         "(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);\n")
-CALL_AFTER_LOOP = ("  if constexpr (kLast) {\n"
+CALL_AFTER_LOOP = ("  if constexpr (C == AttnCombine::kLast) {\n"
                    "    const SplitSlice w = slice_after_loop<kMmaHeads>(a);\n"
-                   "    write_block_result<T, D, kMmaHeads, NW, kLast>"
+                   "    write_block_result<T, D, kMmaHeads, NW, C>"
                    "(a, s_acc, s_m, s_l, w.b, w.hk, w.g0, w.gcount, w.split);\n"
                    "  } else {\n  " + CALL + "  }\n")
 
@@ -104,7 +104,8 @@ def _bounds(root: str, minimum: str) -> None:
 
 
 def bounds_last(root: str) -> None:
-    _bounds(root, "kLast ? 2 : 0")  # 0: no minimum, the same PTX as without the argument
+    # 0: no minimum, the same PTX as without the argument
+    _bounds(root, "C == AttnCombine::kLast ? 2 : 0")
 
 
 def bounds(root: str) -> None:

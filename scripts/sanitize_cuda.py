@@ -3,7 +3,9 @@ every op over the kernel variants that matter (tensor-core and SIMT attention, 1
 paths, 1/4/8 q heads per block, two head tiles, one and many splits with and without programmatic
 dependent launch, block sizes 1/7/16/128, three dtypes), each checked against the float64 oracle.
 The combine=last variants (one launch, the last split block merges) run with the planner's split
-count and with splits forced to 8 and 48, so short sequences leave most splits empty. Exit 1 on a
+count and with splits forced to 8 and 48, so short sequences leave most splits empty; the
+combine=cluster variants (one launch, the splits merge in a thread block cluster through
+distributed shared memory) with the planner's count and with 3 and 16 forced. Exit 1 on a
 mismatch.
 
     compute-sanitizer --tool memcheck --error-exitcode 3 python scripts/sanitize_cuda.py
@@ -54,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         (("kernel", "async"), ("pdl", "false"), ("stages", "3")), (("kernel", "simt"),),
         (("combine", "last"),), (("combine", "last"), ("kernel", "mma"), ("splits", "8")),
         (("combine", "last"), ("kernel", "async"), ("splits", "48")),
-        (("combine", "last"), ("kernel", "simt"), ("splits", "48")))
+        (("combine", "last"), ("kernel", "simt"), ("splits", "48")),
+        (("combine", "cluster"),), (("combine", "cluster"), ("kernel", "mma"), ("splits", "16")),
+        (("combine", "cluster"), ("kernel", "async"), ("splits", "3")))
     if only is not None:
         variants = tuple(v for v in variants if only in v)
         if not variants:

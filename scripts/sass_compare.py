@@ -36,12 +36,19 @@ def attention(name: str) -> bool:
     return "attention" in name
 
 
+def canonical(name: str) -> str:
+    """The kernel's name with the combine mode spelled as before it became an enum (the split
+    kernels' last template argument was bool kLast, mangled Lb0E / Lb1E; now AttnCombine, mangled
+    LNS_11AttnCombineE0E / 1E / 2E): builds on either side of that change then match by name."""
+    return re.sub(r"LNS_11AttnCombineE([01])E", r"Lb\1E", name)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 4:
         print(__doc__)
         return 2
-    a, b = (kernels(p, attention) for p in argv[:2])
-    ra, rb = (registers(p) for p in argv[2:])
+    a, b = ({canonical(k): v for k, v in kernels(p, attention).items()} for p in argv[:2])
+    ra, rb = ({canonical(k): v for k, v in registers(p).items()} for p in argv[2:])
     same_count = sum(1 for k in a if k in b and len(b[k]) == len(a[k]))
     same_regs = sum(1 for k in ra if attention(k) and rb.get(k) == ra[k])
     print(f"attention kernels: A {len(a)}, B {len(b)}; same SASS instruction count: "

@@ -70,5 +70,5 @@ def test_the_combine_last_patches_apply_to_the_current_sources(tmp_path: Path, m
         assert "slice_after_loop" in common
         assert "slice_after_loop<kMmaHeads>(a)" in async_kernel
     else:
-        minimum = "kLast ? 2 : 0" if mode == "bounds_last" else "2"
+        minimum = "C == AttnCombine::kLast ? 2 : 0" if mode == "bounds_last" else "2"
         assert f"__launch_bounds__(kAttnThreads, {minimum})" in async_kernel

@@ -410,7 +410,8 @@ def test_bad_scalars(base: Any) -> None:
     ("cuda", {"min_chunk": "0"}, "option min_chunk=0 is outside 1..2147483647"),
     ("cuda", {"blocks_per_sm": ""}, "option blocks_per_sm='' is not an integer"),
     ("cuda", {"pdl": "yes please"}, "option pdl='yes please' is not a boolean"),
-    ("cuda", {"combine": "foo"}, "option combine='foo' is not one of separate, last"),
+    ("cuda", {"combine": "foo"},
+     "option combine='foo' is not one of separate, last, cluster"),
     ("cuda", {"simd": "1"}, "unknown option 'simd' for device cuda; expected one of kernel, "
                             "splits, min_chunk, blocks_per_sm, stages, l2_prefetch, pdl, combine"),
 ])
@@ -445,7 +446,7 @@ def test_options_of_the_native_backends() -> None:
         NativeCudaBackend.parse_options({"stages": "4"})
     with pytest.raises(InvalidCase,
                        match="option combine value 'first' is not valid; expected one of "
-                             "separate, last"):
+                             "separate, last, cluster"):
         NativeCudaBackend.parse_options({"combine": "first"})
 
 

@@ -3,7 +3,8 @@
 On a machine with a GPU: every op in every dtype matches the float64 oracle over the odd-shape
 matrix and beyond it (head_dim 96, GQA groups wider than one thread block, block sizes 1/7/128,
 many splits, every layout); the kernels really read through the block table; the split count, the
-combine mode (a second kernel, with or without PDL, or the last split block) and the stream
+combine mode (a second kernel, with or without PDL, the last split block, or a thread block
+cluster) and the stream
 priority never change the answer; the device and graph timers return per-op samples. Without a
 GPU (CI) only the module-level checks run: a CUDA build must load and say "no device" rather than
 fail.
@@ -374,8 +375,9 @@ def test_a_graph_without_rotation_runs_on_the_current_copy_only() -> None:
 
 
 @needs_gpu
-@pytest.mark.parametrize("combine", ["separate", "last"])
-@pytest.mark.parametrize("variant", ["auto", "simt", "mma", "async"])
+@pytest.mark.parametrize(("variant", "combine"), [
+    (variant, combine) for variant in ("auto", "simt", "mma", "async")
+    for combine in ("separate", "last", "cluster") if (variant, combine) != ("simt", "cluster")])
 @pytest.mark.parametrize("op", ["paged_sdpa", "sdpa_contiguous"])
 def test_a_nan_in_one_key_row_poisons_exactly_the_heads_that_read_it(op: str, variant: str,
                                                                      combine: str) -> None:
@@ -595,5 +597,115 @@ def test_combine_is_separate_unless_asked() -> None:
     assert "combine with PDL" in kernel_of(case.with_(options=(("combine", "separate"),)))
     last = kernel_of(case.with_(options=(("combine", "last"),)))
     assert "combine by the last block (one launch)" in last and "PDL" not in last
+    cluster = kernel_of(case.with_(options=(("combine", "cluster"),)))
+    assert "combine in a cluster of 16 blocks (one launch)" in cluster and "PDL" not in cluster
     with pytest.raises(InvalidCase, match="option combine value 'foo'"):
         kernel_of(case.with_(options=(("combine", "foo"),)))
+
+
+# ---- combine=cluster: one launch, the splits of a sequence merge in a thread block cluster -------
+#
+# The tensor-core cases of the odd-shape matrix and of the extra shapes (head_dim 64/96/128, GQA
+# 1-16, ragged contexts that do not fill their last block, block sizes 1/7/16/32/128), with the
+# planner's split count and with 3 and 16 forced: at 16 most splits of the short sequences hold
+# no tokens, and those blocks must still take part in their cluster's barriers and contribute
+# nothing (a wrong empty state is NaN or a wrong weight; an unwritten output stays NaN).
+def tensor_core_case(case: Case) -> bool:
+    return (case.dtype in ("float16", "bfloat16") and case.head_dim in (64, 96, 128)
+            and case.layout.endswith("D"))
+
+
+COMBINE_CLUSTER = [
+    case.with_(options=(("combine", "cluster"), ("splits", splits)))
+    for case in MATRIX + EXTRA if case.op in ATTENTION_OPS and tensor_core_case(case)
+    for splits in ("0", "3", "16")
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", COMBINE_CLUSTER, ids=combine_last_id)
+def test_combine_in_a_cluster_matches_the_oracle(case: Case) -> None:
+    assert_matches(case)
+
+
+@needs_gpu
+@pytest.mark.parametrize("variant", ["mma", "async"])
+@pytest.mark.parametrize("case", BOTH_KERNELS, ids=case_id)
+def test_combine_in_a_cluster_on_both_tensor_core_kernels(case: Case, variant: str) -> None:
+    case, described = with_variant(case, variant, ("combine", "cluster"), ("splits", "16"))
+    kernel = kernel_of(case)
+    assert described in kernel and "combine in a cluster of " in kernel
+    assert "PDL" not in kernel  # nothing to overlap: one launch
+    assert_matches(case)
+
+
+@needs_gpu
+@pytest.mark.parametrize("variant", ["mma", "async"])
+@pytest.mark.parametrize("splits", ["0", "2", "16"])
+def test_combine_in_a_cluster_writes_every_output_on_every_run(variant: str, splits: str) -> None:
+    # Three runs in a row, then a graph of 7 ops over 2 copies, each checked against the oracle
+    # after the output was poisoned, and bitwise equal run to run (the merge order is fixed).
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=4, q_heads=28, kv_heads=4,
+                head_dim=128, ctx=(2000, 33, 700, 1), block_size=16, placement="random",
+                dtype="float16", seed=31)
+    case, _ = with_variant(case, variant, ("combine", "cluster"), ("splits", splits))
+    arrays = kv.materialize(case)
+    prepared = NativeCudaBackend().prepare(case, arrays, copies=2)
+    try:
+        outputs = []
+        for repeat in range(3):
+            prepared.poison_outputs()
+            prepared.run()
+            out = prepared.output()
+            assert compare(case, arrays, out).passed, f"run {repeat}"
+            outputs.append(out)
+        for out in outputs[1:]:
+            np.testing.assert_array_equal(out, outputs[0])
+        for copy in (0, 1):
+            prepared.select(copy)
+            prepared.poison_outputs()
+        graph = prepared.graph_times(3, 7)
+        assert len(graph) == 3 and all(0 < t < 1e5 for t in graph)
+        for copy in (0, 1):
+            prepared.select(copy)
+            assert compare(case, arrays, prepared.output()).passed, f"graph, copy {copy}"
+    finally:
+        prepared.release()
+
+
+@needs_gpu
+@pytest.mark.parametrize("op", ["sdpa_contiguous", "gather_sdpa"])
+def test_combine_in_a_cluster_on_the_dense_ops(op: str) -> None:
+    case = Case(op=op, backend="native:cuda", batch=3, q_heads=32, kv_heads=8, head_dim=128,
+                ctx=(4096, 17, 1500), block_size=16, placement="reverse", dtype="bfloat16",
+                seed=33, options=(("combine", "cluster"),))
+    assert "combine in a cluster of " in kernel_of(case)
+    arrays = kv.materialize(case)
+    prepared = NativeCudaBackend().prepare(case, arrays, copies=3)
+    try:
+        assert len(prepared.graph_times(2, 5)) == 2
+        for copy in (0, 1, 2):
+            prepared.select(copy)
+            assert compare(case, arrays, prepared.output()).passed
+    finally:
+        prepared.release()
+
+
+@needs_gpu
+def test_combine_in_a_cluster_is_refused_where_it_cannot_run() -> None:
+    # The SIMT kernel has no cluster merge, and a cluster holds at most 16 blocks: asking for
+    # either is refused by name, never run as something else.
+    cluster = (("combine", "cluster"),)
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=1, q_heads=8, kv_heads=1,
+                head_dim=128, ctx=4096, dtype="float16", options=cluster)
+    assert "combine in a cluster of 16 blocks (one launch)" in kernel_of(case)
+    for bad, why in ((case.with_(dtype="float32"), "this case is float32"),
+                     (case.with_(layout="SDNH"), "D not innermost"),
+                     (case.with_(head_dim=80), "head_dim 80"),
+                     (case.with_(options=(("combine", "cluster"), ("kernel", "simt"))),
+                      "kernel=simt")):
+        only = "option combine=cluster runs on the tensor-core kernels only"
+        with pytest.raises(Unsupported, match=f"{only}.*{why}"):
+            kernel_of(bad)
+    with pytest.raises(Unsupported, match="option splits=17 exceeds the 16 blocks a cluster holds"):
+        kernel_of(case.with_(options=(("combine", "cluster"), ("splits", "17"))))

@@ -480,14 +480,16 @@ inline Variant parse_variant(const char* op, const std::string& device,
     } else if (key == "pdl") {
       v.pdl = detail::parse_bool_option(op, key, text);
     } else if (key == "combine") {
-      const AttnCombine all[] = {AttnCombine::kSeparate, AttnCombine::kLast};
+      const AttnCombine all[] = {AttnCombine::kSeparate, AttnCombine::kLast,
+                                 AttnCombine::kCluster};
       bool found = false;
       for (AttnCombine c : all)
         if (text == attn_combine_name(c)) {
           v.combine = c;
           found = true;
         }
-      if (!found) invalid(op, "option combine=", quoted(text), " is not one of separate, last");
+      if (!found)
+        invalid(op, "option combine=", quoted(text), " is not one of separate, last, cluster");
     } else if (key == "simd") {
       v.simd = detail::parse_bool_option(op, key, text);
     }

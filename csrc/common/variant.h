@@ -36,12 +36,15 @@ inline const char* attn_kernel_name(AttnKernel k) {
 enum class AttnCombine : int32_t {
   kSeparate = 0,  // a second kernel merges them (under programmatic dependent launch on sm_90+)
   kLast = 1,      // one launch: the last split block of a (sequence, kv head, head tile) merges
+  kCluster = 2,   // one launch: the splits of a (sequence, kv head, head tile) form a thread block
+                  // cluster (sm_90+) and merge through distributed shared memory
 };
 
 inline const char* attn_combine_name(AttnCombine c) {
   switch (c) {
     case AttnCombine::kSeparate: return "separate";
     case AttnCombine::kLast: return "last";
+    case AttnCombine::kCluster: return "cluster";
   }
   return "unknown";
 }
@@ -58,7 +61,7 @@ struct Variant {
   int32_t stages = 2;         // cp.async pipeline depth of the async kernel (2 or 3)
   int32_t l2_prefetch = 128;  // L2 prefetch hint of the mma kernel's loads, bytes (0 or 128)
   bool pdl = true;            // combine pass under programmatic dependent launch (sm_90+)
-  AttnCombine combine = AttnCombine::kSeparate;  // separate combine kernel, or the last block
+  AttnCombine combine = AttnCombine::kSeparate;  // combine kernel, last block, or cluster
   // ---- CPU ----
   bool simd = true;           // AVX2/F16C/FMA kernels where the CPU has them (else portable)
 };

@@ -40,8 +40,8 @@ __host__ __device__ constexpr int async_smem_bytes(int d, int stages, int esize)
 // tile by lanes 0-15 and shuffled), independent of the fragment layout. Where a row is a multiple
 // of 128 bytes, odd rows store their 16-byte chunks XOR 4, so the fragment reads (rows gr and
 // gr+1 in one phase) hit distinct banks. Every warp syncs only itself (__syncwarp): a stage is
-// private to its warp. kLast: combine=last (write_block_result).
-template <typename T, int D, int S, class Src, bool kLast>
+// private to its warp. C: the combine mode (write_block_result).
+template <typename T, int D, int S, class Src, AttnCombine C>
 __global__ void __launch_bounds__(kAttnThreads)
     attention_split_async_kernel(AttnArgs a, Src src) {
   static_assert(D % 32 == 0, "16-byte fragment loads cover 32 elements of d per lane quad");
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   __shared__ float s_l[NW][kMmaHeads];
 
   SplitSlice slice;
-  if (!split_slice<kMmaHeads>(a, slice)) return;
+  if (!split_slice<kMmaHeads, C>(a, slice)) return;
   const int split = slice.split, hk = slice.hk, g0 = slice.g0, b = slice.b;
   const int gcount = slice.gcount, start = slice.start, end = slice.end;
 
@@ -125,13 +125,11 @@ __global__ void __launch_bounds__(kAttnThreads)
   }
   cp_async_wait<0>();
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
+  allow_dependent_launch();
   __syncthreads();  // s_acc aliases every warp's stages
   st.store(s_acc, s_m, s_l, warp, gr, tq);
   __syncthreads();
-  write_block_result<T, D, kMmaHeads, NW, kLast>(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);
+  write_block_result<T, D, kMmaHeads, NW, C>(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);
 }
 
 }  // namespace cuda

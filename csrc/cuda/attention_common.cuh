@@ -15,6 +15,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include <cooperative_groups.h>
+
 #include "common/variant.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/kernels.h"
@@ -38,8 +40,9 @@ struct SplitSlice {
 
 // The block's slice; false for a split that starts past its (short) sequence's end: that block
 // does nothing and the combine pass never reads it. Uniform across the block, so the caller
-// returns before any barrier.
-template <int GT>
+// returns before any barrier. Under combine=cluster such a block must stay for its cluster's
+// barriers: it gets an empty slice (start == end) and true.
+template <int GT, AttnCombine C = AttnCombine::kSeparate>
 __device__ __forceinline__ bool split_slice(const AttnArgs& a, SplitSlice& w) {
   w.split = blockIdx.x;
   w.hk = blockIdx.y / a.head_tiles;
@@ -48,9 +51,24 @@ __device__ __forceinline__ bool split_slice(const AttnArgs& a, SplitSlice& w) {
   w.gcount = min(GT, a.group - w.g0);
   const int ctx_b = a.ctx[w.b];
   w.start = w.split * a.chunk;
-  if (w.start >= ctx_b) return false;
+  if (w.start >= ctx_b) {
+    if constexpr (C != AttnCombine::kCluster) return false;
+    w.start = ctx_b;
+  }
   w.end = min(w.start + a.chunk, ctx_b);
   return true;
+}
+
+// Programmatic dependent launch (sm_90+): once every block of the split grid has passed this (or
+// exited), the combine kernel may launch. It still waits (griddepcontrol.wait) for the grid's
+// completion and memory flush before it reads a partial state, so where the trigger sits
+// decides only when the combine blocks become resident, not what they read. The split kernels
+// call it after their main loop, when a block's K/V reads are done: as their first statement
+// it measured slower on the H200 (4096/1 +5.8%, 1024/1 +2%; docs/cuda.md).
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
 }
 
 __device__ __forceinline__ float warp_max(float x) {
@@ -186,19 +204,93 @@ __device__ __forceinline__ void merge_splits(const AttnArgs& a, float (&s_acc)[N
   }
 }
 
+// combine=cluster (sm_90+): the splits of one (batch entry, kv head, head tile) are the blocks of
+// one thread block cluster (cluster dims (splits, 1, 1), so a block's rank is its split), and
+// they merge through distributed shared memory, with no scratch in global memory and no second
+// launch. Each block merges its workers into a partial state in its own shared memory (the
+// output sums in s_acc[0], max and sum in s_pm / s_pl; a block whose split holds no tokens
+// stores max -inf, sum 0), the cluster barrier (arrive.release / wait.acquire: the partials are
+// visible cluster-wide after it) follows, then block r computes output elements r*threads + t,
+// stepping by (cluster blocks) x threads, reading every rank's partial with the combine kernel's
+// arithmetic in split order 0 .. n-1 (max over splits, weights exp2(m_s - M), sums of l and o,
+// one division), and a second barrier keeps every block's shared memory alive until the last
+// remote read. Split 0 always holds tokens (ctx >= 1), so M is finite.
+template <typename T, int D, int GT, int NW>
+__device__ __forceinline__ void merge_in_cluster(const AttnArgs& a, float (&s_acc)[NW][GT][D],
+                                                 float (&s_m)[NW][GT], float (&s_l)[NW][GT],
+                                                 int b, int hk, int g0, int gcount) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __shared__ float s_pm[GT];
+  __shared__ float s_pl[GT];
+  // In place: thread i alone reads s_acc[*][g][d] and writes s_acc[0][g][d].
+  for (int i = threadIdx.x; i < GT * D; i += kAttnThreads) {
+    const int g = i / D, d = i % D;
+    if (g >= gcount) break;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w][g]);
+    float L = 0.f, O = 0.f;
+    if (M != -INFINITY) {  // else no worker saw a key: the split holds none
+#pragma unroll
+      for (int w = 0; w < NW; ++w) {
+        const float c = exp2f(s_m[w][g] - M);
+        L = fmaf(s_l[w][g], c, L);
+        O = fmaf(s_acc[w][g][d], c, O);
+      }
+    }
+    s_acc[0][g][d] = O;
+    if (d == 0) {
+      s_pm[g] = M;
+      s_pl[g] = L;
+    }
+  }
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  const int n = (int)cluster.num_blocks();
+  const int rank = (int)cluster.block_rank();
+  const int64_t head0 = (int64_t)b * a.q_heads + hk * a.group + g0;
+  for (int i = rank * kAttnThreads + threadIdx.x; i < gcount * D; i += n * kAttnThreads) {
+    const int g = i / D, d = i % D;
+    float M = -INFINITY;
+#pragma unroll 8
+    for (int s = 0; s < n; ++s) M = fmaxf(M, *cluster.map_shared_rank(&s_pm[g], s));
+    float L = 0.f, O = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < n; ++s) {
+      const float w = exp2f(*cluster.map_shared_rank(&s_pm[g], s) - M);
+      L = fmaf(*cluster.map_shared_rank(&s_pl[g], s), w, L);
+      O = fmaf(*cluster.map_shared_rank(&s_acc[0][g][d], s), w, O);
+    }
+    static_cast<T*>(a.out)[(head0 + g) * D + d] = from_float<T>(O / L);
+  }
+  cluster.sync();
+#else
+  __trap();  // the planner refuses combine=cluster below sm_90
+#endif
+}
+
 // The block's last step, shared by the split kernels: merge the workers' states (in shared
 // memory, after a barrier) per query head and element, then write the output (one split, or
 // under combine=last the only split of its sequence that holds tokens) or this split's
 // unnormalised partial state; under combine=last the last block to finish then merges the
-// splits (arrive_last, merge_splits). s_acc, s_m and s_l are dead once this function has read
-// them, which merge_splits relies on.
+// splits (arrive_last, merge_splits), under combine=cluster the cluster does (merge_in_cluster).
+// s_acc, s_m and s_l are dead once this function has read them, which merge_splits relies on.
 //
-// kLast (combine=last) is a template argument, not a runtime flag, so the combine=separate kernels
-// carry no trace of it (their -Xptxas -v registers, shared memory and spills are unchanged).
-template <typename T, int D, int GT, int NW, bool kLast>
+// The combine mode C is a template argument, not a runtime flag, so the combine=separate kernels
+// carry no trace of the others (their -Xptxas -v registers, shared memory and spills are
+// unchanged).
+template <typename T, int D, int GT, int NW, AttnCombine C>
 __device__ __forceinline__ void write_block_result(const AttnArgs& a, float (&s_acc)[NW][GT][D],
                                                    float (&s_m)[NW][GT], float (&s_l)[NW][GT],
                                                    int b, int hk, int g0, int gcount, int split) {
+  if constexpr (C == AttnCombine::kCluster) {
+    if (a.splits > 1) {  // uniform: with one split the block writes the output below
+      merge_in_cluster<T, D, GT, NW>(a, s_acc, s_m, s_l, b, hk, g0, gcount);
+      return;
+    }
+  }
+  constexpr bool kLast = C == AttnCombine::kLast;
   // Under kLast, a.arrivals is null only with one split (then no block counts).
   const int n = kLast ? splits_with_tokens(a, b) : a.splits;
   const bool direct = a.splits == 1 || (kLast && n == 1);  // uniform across the block

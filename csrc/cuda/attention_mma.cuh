@@ -199,8 +199,8 @@ __device__ __forceinline__ uint4 load16_prefetch(const void* p) {
 // Keys past the end read the last valid row instead (their scores are masked), so every load is
 // unconditional and all 4*NB of a step issue back to back; the next step's rows are looked up in
 // the table while this step's loads are in flight. P: L2 prefetch hint of the K/V loads;
-// kLast: combine=last (write_block_result).
-template <typename T, int D, int P, class Src, bool kLast>
+// C: the combine mode (write_block_result).
+template <typename T, int D, int P, class Src, AttnCombine C>
 __global__ void __launch_bounds__(kAttnThreads)
     attention_split_mma_kernel(AttnArgs a, Src src) {
   static_assert(D % 32 == 0, "16-byte fragment loads cover 32 elements of d per lane quad");
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   __shared__ float s_l[NW][kMmaHeads];
 
   SplitSlice slice;
-  if (!split_slice<kMmaHeads>(a, slice)) return;
+  if (!split_slice<kMmaHeads, C>(a, slice)) return;
   const int split = slice.split, hk = slice.hk, g0 = slice.g0, b = slice.b;
   const int gcount = slice.gcount, start = slice.start, end = slice.end;
 
@@ -247,12 +247,10 @@ __global__ void __launch_bounds__(kAttnThreads)
     }
   }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
+  allow_dependent_launch();
   st.store(s_acc, s_m, s_l, warp, gr, tq);
   __syncthreads();
-  write_block_result<T, D, kMmaHeads, NW, kLast>(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);
+  write_block_result<T, D, kMmaHeads, NW, C>(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);
 }
 
 }  // namespace cuda

@@ -31,33 +31,33 @@ template <class Src>
 using SplitFn = void (*)(AttnArgs, Src);
 using CombineFn = void (*)(AttnArgs, int);
 
-// Every picker takes kLast, the combine mode (true: combine=last, the split kernel merges; see
-// write_block_result): both modes are instantiated for every shape.
-template <class Src, typename T, int D, int GT, bool kLast>
+// Every picker takes C, the combine mode (write_block_result): separate and last are instantiated
+// for every shape, cluster for the tensor-core kernels only (pick_split_kernel).
+template <class Src, typename T, int D, int GT, AttnCombine C>
 SplitFn<Src> pick_split_fast(bool strided) {
   if constexpr (Src::kStrided) {
-    if (strided) return &attention_split_kernel<T, D, GT, false, Src, kLast>;
+    if (strided) return &attention_split_kernel<T, D, GT, false, Src, C>;
   }
-  return &attention_split_kernel<T, D, GT, true, Src, kLast>;
+  return &attention_split_kernel<T, D, GT, true, Src, C>;
 }
 
-template <class Src, typename T, int D, bool kLast>
+template <class Src, typename T, int D, AttnCombine C>
 SplitFn<Src> pick_split_gt(int gt, bool strided) {
   switch (gt) {
-    case 1: return pick_split_fast<Src, T, D, 1, kLast>(strided);
-    case 4: return pick_split_fast<Src, T, D, 4, kLast>(strided);
-    default: return pick_split_fast<Src, T, D, 8, kLast>(strided);
+    case 1: return pick_split_fast<Src, T, D, 1, C>(strided);
+    case 4: return pick_split_fast<Src, T, D, 4, C>(strided);
+    default: return pick_split_fast<Src, T, D, 8, C>(strided);
   }
 }
 
-template <class Src, typename T, bool kLast>
+template <class Src, typename T, AttnCombine C>
 SplitFn<Src> pick_split_d(int d, int gt, bool strided) {
   switch (d) {
-    case 64: return pick_split_gt<Src, T, 64, kLast>(gt, strided);
-    case 80: return pick_split_gt<Src, T, 80, kLast>(gt, strided);
-    case 96: return pick_split_gt<Src, T, 96, kLast>(gt, strided);
-    case 128: return pick_split_gt<Src, T, 128, kLast>(gt, strided);
-    case 256: return pick_split_gt<Src, T, 256, kLast>(gt, strided);
+    case 64: return pick_split_gt<Src, T, 64, C>(gt, strided);
+    case 80: return pick_split_gt<Src, T, 80, C>(gt, strided);
+    case 96: return pick_split_gt<Src, T, 96, C>(gt, strided);
+    case 128: return pick_split_gt<Src, T, 128, C>(gt, strided);
+    case 256: return pick_split_gt<Src, T, 256, C>(gt, strided);
     default: return nullptr;
   }
 }
@@ -102,41 +102,42 @@ inline int splits_for_blocks(int max_ctx, int64_t blocks_per_split, int64_t targ
   return (int)std::max<int64_t>(1, std::min<int64_t>(s, s_max));
 }
 
-template <class Src, typename T, int P, bool kLast>
+template <class Src, typename T, int P, AttnCombine C>
 SplitFn<Src> pick_mma_d(int d) {
   switch (d) {
-    case 64: return &attention_split_mma_kernel<T, 64, P, Src, kLast>;
-    case 96: return &attention_split_mma_kernel<T, 96, P, Src, kLast>;
-    case 128: return &attention_split_mma_kernel<T, 128, P, Src, kLast>;
+    case 64: return &attention_split_mma_kernel<T, 64, P, Src, C>;
+    case 96: return &attention_split_mma_kernel<T, 96, P, Src, C>;
+    case 128: return &attention_split_mma_kernel<T, 128, P, Src, C>;
     default: return nullptr;
   }
 }
 
-template <class Src, typename T, bool kLast>
+template <class Src, typename T, AttnCombine C>
 SplitFn<Src> pick_mma(int d, int prefetch) {
-  return prefetch == 0 ? pick_mma_d<Src, T, 0, kLast>(d) : pick_mma_d<Src, T, 128, kLast>(d);
+  return prefetch == 0 ? pick_mma_d<Src, T, 0, C>(d) : pick_mma_d<Src, T, 128, C>(d);
 }
 
-template <class Src, typename T, int S, bool kLast>
+template <class Src, typename T, int S, AttnCombine C>
 SplitFn<Src> pick_async_d(int d) {
   switch (d) {
-    case 64: return &attention_split_async_kernel<T, 64, S, Src, kLast>;
-    case 96: return &attention_split_async_kernel<T, 96, S, Src, kLast>;
-    case 128: return &attention_split_async_kernel<T, 128, S, Src, kLast>;
+    case 64: return &attention_split_async_kernel<T, 64, S, Src, C>;
+    case 96: return &attention_split_async_kernel<T, 96, S, Src, C>;
+    case 128: return &attention_split_async_kernel<T, 128, S, Src, C>;
     default: return nullptr;
   }
 }
 
-template <class Src, typename T, bool kLast>
+template <class Src, typename T, AttnCombine C>
 SplitFn<Src> pick_async(int d, int stages) {
-  return stages == 2 ? pick_async_d<Src, T, 2, kLast>(d) : pick_async_d<Src, T, 3, kLast>(d);
+  return stages == 2 ? pick_async_d<Src, T, 2, C>(d) : pick_async_d<Src, T, 3, C>(d);
 }
 
 // One split kernel by what plan_attention chose: family, dtype, head_dim, then the family's
 // knob (SIMT: heads per block and path; mma: L2 prefetch; async: stages). Null where no kernel is
-// instantiated. The combine=last (kLast) instantiations of the two sources are compiled in their
-// own translation units (paged_sdpa_last.cu, sdpa_contiguous_last.cu), so the two sets build in
-// parallel; pick_split_last() is their entry.
+// instantiated. The combine=last and combine=cluster instantiations of the two sources are
+// compiled in translation units of their own (paged_sdpa_last.cu, paged_sdpa_cluster.cu and their
+// sdpa_contiguous twins), so the sets build in parallel; pick_split_last() and
+// pick_split_cluster() are their entries.
 enum class SplitFamily { kSimt, kMma, kAsync };
 struct SplitKey {
   SplitFamily family;
@@ -148,41 +149,55 @@ struct SplitKey {
   int stages;           // async
 };
 
-template <class Src, bool kLast>
+template <class Src, AttnCombine C>
 SplitFn<Src> pick_split_kernel(const SplitKey& k) {
   const int d = k.head_dim;
   switch (k.family) {
     case SplitFamily::kSimt:
-      switch (k.dtype) {
-        case DType::kFloat16:
-          return pick_split_d<Src, __half, kLast>(d, k.heads_per_block, k.strided);
-        case DType::kBFloat16:
-          return pick_split_d<Src, __nv_bfloat16, kLast>(d, k.heads_per_block, k.strided);
-        case DType::kFloat32:
-          return pick_split_d<Src, float, kLast>(d, k.heads_per_block, k.strided);
-        default: return nullptr;
+      if constexpr (C == AttnCombine::kCluster) {
+        return nullptr;  // tensor-core kernels only
+      } else {
+        switch (k.dtype) {
+          case DType::kFloat16:
+            return pick_split_d<Src, __half, C>(d, k.heads_per_block, k.strided);
+          case DType::kBFloat16:
+            return pick_split_d<Src, __nv_bfloat16, C>(d, k.heads_per_block, k.strided);
+          case DType::kFloat32:
+            return pick_split_d<Src, float, C>(d, k.heads_per_block, k.strided);
+          default: return nullptr;
+        }
       }
     case SplitFamily::kMma:
-      if (k.dtype == DType::kFloat16) return pick_mma<Src, __half, kLast>(d, k.prefetch);
-      if (k.dtype == DType::kBFloat16) return pick_mma<Src, __nv_bfloat16, kLast>(d, k.prefetch);
+      if (k.dtype == DType::kFloat16) return pick_mma<Src, __half, C>(d, k.prefetch);
+      if (k.dtype == DType::kBFloat16) return pick_mma<Src, __nv_bfloat16, C>(d, k.prefetch);
       return nullptr;
     case SplitFamily::kAsync:
-      if (k.dtype == DType::kFloat16) return pick_async<Src, __half, kLast>(d, k.stages);
-      if (k.dtype == DType::kBFloat16) return pick_async<Src, __nv_bfloat16, kLast>(d, k.stages);
+      if (k.dtype == DType::kFloat16) return pick_async<Src, __half, C>(d, k.stages);
+      if (k.dtype == DType::kBFloat16) return pick_async<Src, __nv_bfloat16, C>(d, k.stages);
       return nullptr;
   }
   return nullptr;
 }
 
-// pick_split_kernel<Src, true>, compiled in paged_sdpa_last.cu / sdpa_contiguous_last.cu.
+// pick_split_kernel<Src, kLast>, compiled in paged_sdpa_last.cu / sdpa_contiguous_last.cu, and
+// <Src, kCluster>, compiled in paged_sdpa_cluster.cu / sdpa_contiguous_cluster.cu.
 SplitFn<PagedSrc> pick_split_last(const PagedSrc*, const SplitKey& k);
 SplitFn<DenseSrc> pick_split_last(const DenseSrc*, const SplitKey& k);
+SplitFn<PagedSrc> pick_split_cluster(const PagedSrc*, const SplitKey& k);
+SplitFn<DenseSrc> pick_split_cluster(const DenseSrc*, const SplitKey& k);
 
 template <class Src>
-SplitFn<Src> pick_split(const SplitKey& k, bool last) {
-  return last ? pick_split_last(static_cast<const Src*>(nullptr), k)
-              : pick_split_kernel<Src, false>(k);
+SplitFn<Src> pick_split(const SplitKey& k, AttnCombine combine) {
+  switch (combine) {
+    case AttnCombine::kLast: return pick_split_last(static_cast<const Src*>(nullptr), k);
+    case AttnCombine::kCluster: return pick_split_cluster(static_cast<const Src*>(nullptr), k);
+    default: return pick_split_kernel<Src, AttnCombine::kSeparate>(k);
+  }
 }
+
+// combine=cluster: the most blocks a cluster may hold (sm_90: 8 portable, 16 with the
+// non-portable opt-in, which the cluster kernels set at prepare).
+constexpr int kMaxClusterBlocks = 16;
 
 // Tensor-core kernel choice (docs/cuda.md): the cp.async pipeline pays off once every warp has
 // tiles to overlap, from kAsyncMinTiles tiles per warp per split; below that the register-load
@@ -190,6 +205,22 @@ SplitFn<Src> pick_split(const SplitKey& k, bool last) {
 constexpr int kAsyncMinTiles = 4;
 constexpr int kAsyncStages = 2;
 static_assert(Variant{}.stages == kAsyncStages, "the option's default is the measured best");
+
+// combine=cluster's launch: the split grid with cluster dims (splits, 1, 1).
+inline cudaLaunchConfig_t cluster_launch_config(const AttnPlan& plan, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = plan.grid;
+  cfg.blockDim = dim3(kAttnThreads);
+  cfg.dynamicSmemBytes = (size_t)plan.smem_bytes;
+  cfg.stream = stream;
+  return cfg;
+}
+inline void cluster_attribute(cudaLaunchAttribute& attr, int splits) {
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = (unsigned)splits;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+}
 
 template <class Src>
 AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& dev,
@@ -235,7 +266,23 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
   }
   plan.heads_per_block = plan.tensor_cores ? kMmaHeads : group == 1 ? 1 : group <= 4 ? 4 : 8;
   plan.head_tiles = ceil_div(group, plan.heads_per_block);
-  plan.combine_last = var.combine == AttnCombine::kLast;
+  plan.combine_mode = var.combine;
+  if (plan.combine_mode == AttnCombine::kCluster) {
+    if (dev.cc_major < 9)
+      throw UnsupportedError(op_message(op, "option combine=cluster needs thread block clusters "
+                                        "(compute capability 9.0+); this GPU is sm_",
+                                        dev.cc_major, dev.cc_minor));
+    if (!plan.tensor_cores)
+      throw UnsupportedError(op_message(
+          op, "option combine=cluster runs on the tensor-core kernels only (float16/bfloat16, ",
+          "D innermost, head_dim ", caps::list_string(caps::kCudaTensorCoreHeadDims),
+          "); this case is ", dtype_name(p.dtype), ", ", strided ? "D not innermost" : "D innermost",
+          ", head_dim ", D, kernel == AttnKernel::kSimt ? ", kernel=simt" : ""));
+    if (var.splits > kMaxClusterBlocks)
+      throw UnsupportedError(op_message(op, "option splits=", var.splits, " exceeds the ",
+                                        kMaxClusterBlocks, " blocks a cluster holds "
+                                        "(combine=cluster)"));
+  }
   SplitKey key{SplitFamily::kSimt, dt, D, plan.heads_per_block, strided, 0, 0};
   if (!plan.tensor_cores) switch (dt) {
     case DType::kFloat16:
@@ -252,7 +299,7 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
       throw UnsupportedError(std::string("[") + op + "] dtype id " + std::to_string(p.dtype) +
                              " is not supported by native:cuda");
   }
-  if (!plan.tensor_cores) split = pick_split<Src>(key, plan.combine_last);
+  if (!plan.tensor_cores) split = pick_split<Src>(key, plan.combine_mode);
   if (!plan.tensor_cores && !split)
     throw UnsupportedError(std::string("[") + op + "] no kernel for head_dim " + std::to_string(D));
   if (!plan.tensor_cores) plan.tile = row_shape(esize, D, plan.heads_per_block).tile;
@@ -283,6 +330,8 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
                                             min_chunk);
     };
     splits = splits_at(per_sm);
+    // combine=cluster: a cluster holds every split of a sequence and head group.
+    if (plan.combine_mode == AttnCombine::kCluster) splits = std::min(splits, kMaxClusterBlocks);
     const bool async = kernel == AttnKernel::kAsync ||
                        (kernel == AttnKernel::kAuto &&
                         chunk_for(splits) >= kAsyncMinTiles * plan.tile);
@@ -291,16 +340,17 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
       plan.prefetch = 128;  // cp_async16's hint
       key.family = SplitFamily::kAsync;
       key.stages = plan.stages;
-      split = pick_split<Src>(key, plan.combine_last);
+      split = pick_split<Src>(key, plan.combine_mode);
       plan.smem_bytes = async_smem_bytes(D, plan.stages, 2);
     } else {
       plan.prefetch = var.l2_prefetch;  // 0 or 128 (parse_variant)
       key.family = SplitFamily::kMma;
       key.prefetch = plan.prefetch;
-      split = pick_split<Src>(key, plan.combine_last);
+      split = pick_split<Src>(key, plan.combine_mode);
     }
     occupancy(split);
     if (plan.blocks_per_sm < per_sm) splits = splits_at(std::max(plan.blocks_per_sm, 1));
+    if (plan.combine_mode == AttnCombine::kCluster) splits = std::min(splits, kMaxClusterBlocks);
   } else {
     occupancy(split);
     const int64_t slots = (int64_t)dev.sm_count * std::max(plan.blocks_per_sm, 1);
@@ -315,8 +365,23 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
   plan.chunk = (int)chunk;
   plan.grid = dim3((unsigned)splits, (unsigned)(p.pool.kv_heads * plan.head_tiles), (unsigned)p.batch);
   plan.combine_blocks = p.batch * p.q_heads;
-  // One launch under combine=last: no second kernel whose launch PDL could overlap.
-  plan.pdl = dev.cc_major >= 9 && var.pdl && !plan.combine_last;
+  // One launch under combine=last and cluster: no second kernel whose launch PDL could overlap.
+  plan.pdl = dev.cc_major >= 9 && var.pdl && plan.combine_mode == AttnCombine::kSeparate;
+  if (plan.combine_mode == AttnCombine::kCluster && splits > 1) {
+    // The cluster is (splits, 1, 1): check that one fits this kernel's resources on an SM group.
+    KV_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(split),
+                                       cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    cudaLaunchConfig_t cfg = cluster_launch_config(plan, nullptr);
+    cudaLaunchAttribute attr[1];
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    cluster_attribute(attr[0], splits);
+    int clusters = 0;
+    KV_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, reinterpret_cast<const void*>(split), &cfg));
+    if (clusters < 1)
+      throw UnsupportedError(op_message(op, "combine=cluster: a cluster of ", splits,
+                                        " blocks of this kernel does not fit on this GPU"));
+  }
   return plan;
 }
 
@@ -328,7 +393,8 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
 template <class Src>
 void probe_dtype(DType dtype, std::vector<AttnInstance>& out) {
   auto both = [](const SplitKey& k) {
-    return pick_split<Src>(k, false) != nullptr && pick_split<Src>(k, true) != nullptr;
+    return pick_split<Src>(k, AttnCombine::kSeparate) != nullptr &&
+           pick_split<Src>(k, AttnCombine::kLast) != nullptr;
   };
   const int32_t id = (int32_t)dtype;
   for (int d = 1; d <= 512; ++d) {
@@ -359,9 +425,18 @@ template <class Src>
 void launch_attention(const AttnPlan& plan, const AttnArgs& args, const Src& src,
                       cudaStream_t stream) {
   auto split = reinterpret_cast<SplitFn<Src>>(plan.split);
+  if (plan.combine_mode == AttnCombine::kCluster && plan.splits > 1) {
+    cudaLaunchConfig_t cfg = cluster_launch_config(plan, stream);
+    cudaLaunchAttribute attr[1];
+    cluster_attribute(attr[0], plan.splits);
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    KV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, split, args, src));
+    return;  // the cluster wrote the output
+  }
   split<<<plan.grid, kAttnThreads, plan.smem_bytes, stream>>>(args, src);
   KV_CUDA_CHECK_LAUNCH("attention split");
-  if (plan.splits == 1 || plan.combine_last) return;  // the split kernel wrote the output
+  if (plan.splits == 1 || plan.combine_mode != AttnCombine::kSeparate) return;  // output written
   auto combine = reinterpret_cast<CombineFn>(plan.combine);
   if (plan.pdl) {
     cudaLaunchConfig_t cfg = {};

@@ -86,8 +86,8 @@ __device__ __forceinline__ void unpack(const uint4& v, float* out) {
   }
 }
 
-// kLast: combine=last (write_block_result).
-template <typename T, int D, int GT, bool kFast, class Src, bool kLast>
+// C: the combine mode (write_block_result).
+template <typename T, int D, int GT, bool kFast, class Src, AttnCombine C>
 __global__ void __launch_bounds__(kAttnThreads)
     attention_split_kernel(AttnArgs a, Src src) {
   constexpr RowShape S = row_shape((int)sizeof(T), D, GT);
@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   __shared__ float s_l[NW][GT];
 
   SplitSlice slice;
-  if (!split_slice<GT>(a, slice)) return;
+  if (!split_slice<GT, C>(a, slice)) return;
   const int split = slice.split, hk = slice.hk, g0 = slice.g0, b = slice.b;
   const int gcount = slice.gcount, start = slice.start, end = slice.end;
 
@@ -226,12 +226,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     }
   }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Every K/V read of this block is done: let the combine kernel's launch start (it still waits
-  // for this grid's completion before reading partial states).
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-
+  allow_dependent_launch();
   // Merge the block's workers.
 #pragma unroll
   for (int g = 0; g < GT; ++g) {
@@ -250,7 +245,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   }
   __syncthreads();
 
-  write_block_result<T, D, GT, NW, kLast>(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);
+  write_block_result<T, D, GT, NW, C>(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);
 }
 
 }  // namespace cuda

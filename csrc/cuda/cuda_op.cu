@@ -109,11 +109,13 @@ CudaOp::CudaOp(const OpInputs& in, const DeviceOptions& opt)
     }
     sets_.push_back(std::move(set));
   }
-  if (attn_plan_.split && attn_plan_.splits > 1) {
+  // combine=cluster merges in shared memory: no partial states in global memory.
+  if (attn_plan_.split && attn_plan_.splits > 1 &&
+      attn_plan_.combine_mode != AttnCombine::kCluster) {
     const int64_t heads = (int64_t)p_.batch * p_.q_heads * attn_plan_.splits;
     part_o_.allocate((size_t)(heads * p_.pool.head_dim * sizeof(float)));
     part_ml_.allocate((size_t)(heads * 2 * sizeof(float)));
-    if (attn_plan_.combine_last) {
+    if (attn_plan_.combine_mode == AttnCombine::kLast) {
       // One counter per split-kernel (batch entry, kv head x head tile); zero from here on: the
       // last block of each launch resets its own (attention_common.cuh, arrive_last).
       const int64_t counters = (int64_t)p_.batch * attn_plan_.grid.y;
@@ -259,9 +261,11 @@ std::string CudaOp::describe() const {
            ", splits " + std::to_string(a.splits) + " x " + std::to_string(a.chunk) + " tokens (tile " +
            std::to_string(a.tile) + "), " + std::to_string(a.blocks_per_sm) + " blocks/SM";
     if (a.splits > 1)
-      out += a.combine_last ? ", combine by the last block (one launch)"
-             : a.pdl        ? ", combine with PDL"
-                            : ", combine";
+      out += a.combine_mode == AttnCombine::kLast ? ", combine by the last block (one launch)"
+             : a.combine_mode == AttnCombine::kCluster
+                 ? ", combine in a cluster of " + std::to_string(a.splits) + " blocks (one launch)"
+             : a.pdl ? ", combine with PDL"
+                     : ", combine";
   }
   if (append_plan_.kernel)
     out += std::string("; append ") + dtype_label(p_.dtype) +

@@ -102,7 +102,9 @@ struct AttnPlan {
   int prefetch = 0;           // register loads: L2 prefetch hint in bytes (0, 128, 256)
   int smem_bytes = 0;         // dynamic shared memory of the split kernel
   bool pdl = false;       // combine launched with programmatic dependent launch (sm_90+)
-  bool combine_last = false;  // one launch: the last split block merges (AttnArgs::arrivals)
+  // separate: a second kernel merges the splits; last: the last split block does (one launch,
+  // AttnArgs::arrivals); cluster: the splits are one thread block cluster (one launch, sm_90+)
+  AttnCombine combine_mode = AttnCombine::kSeparate;
   int combine_blocks = 0;
   int head_dim = 0;
 };

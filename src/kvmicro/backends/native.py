@@ -282,10 +282,13 @@ class NativeCudaBackend(_NativeBackend):
                               help="L2 prefetch hint (bytes) of the mma kernel's loads"),
         "pdl": Option("bool", True,
                       help="launch the split combine with programmatic dependent launch (sm_90+)"),
-        "combine": Option("choice", "separate", ("separate", "last"),
-                          help="how the context splits are merged: separate (a second kernel) "
-                               "or last (one launch: the last split block of each sequence and "
-                               "head group merges them)"),
+        "combine": Option("choice", "separate", ("separate", "last", "cluster"),
+                          help="how the context splits are merged: separate (a second kernel), "
+                               "last (one launch: the last split block of each sequence and "
+                               "head group merges them) or cluster (one launch, sm_90+: the "
+                               "splits of a sequence and head group form a thread block cluster "
+                               "and merge through distributed shared memory; tensor-core "
+                               "kernels, at most 16 splits)"),
     }
     timers = ("host", "batched", "device", "graph")
 
