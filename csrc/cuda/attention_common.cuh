@@ -204,6 +204,29 @@ __device__ __forceinline__ void merge_splits(const AttnArgs& a, float (&s_acc)[N
   }
 }
 
+// The block's workers merged for query head g, element d: the max M of their running maxima, the
+// sum L and the unnormalised output O, each worker weighted by exp2(m_w - M) (0 for a worker that
+// saw no key). kMayBeEmpty: the block may hold no key at all (combine=cluster keeps such blocks
+// for its barriers); then M is -inf and L = O = 0 instead of NaN.
+template <int D, int GT, int NW, bool kMayBeEmpty>
+__device__ __forceinline__ void merge_workers(const float (&s_acc)[NW][GT][D],
+                                              const float (&s_m)[NW][GT],
+                                              const float (&s_l)[NW][GT], int g, int d, float& M,
+                                              float& L, float& O) {
+  M = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w][g]);
+  L = 0.f;
+  O = 0.f;
+  if (kMayBeEmpty && M == -INFINITY) return;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) {
+    const float c = exp2f(s_m[w][g] - M);
+    L = fmaf(s_l[w][g], c, L);
+    O = fmaf(s_acc[w][g][d], c, O);
+  }
+}
+
 // combine=cluster (sm_90+): the splits of one (batch entry, kv head, head tile) are the blocks of
 // one thread block cluster (cluster dims (splits, 1, 1), so a block's rank is its split), and
 // they merge through distributed shared memory, with no scratch in global memory and no second
@@ -226,18 +249,8 @@ __device__ __forceinline__ void merge_in_cluster(const AttnArgs& a, float (&s_ac
   for (int i = threadIdx.x; i < GT * D; i += kAttnThreads) {
     const int g = i / D, d = i % D;
     if (g >= gcount) break;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w][g]);
-    float L = 0.f, O = 0.f;
-    if (M != -INFINITY) {  // else no worker saw a key: the split holds none
-#pragma unroll
-      for (int w = 0; w < NW; ++w) {
-        const float c = exp2f(s_m[w][g] - M);
-        L = fmaf(s_l[w][g], c, L);
-        O = fmaf(s_acc[w][g][d], c, O);
-      }
-    }
+    float M, L, O;
+    merge_workers<D, GT, NW, true>(s_acc, s_m, s_l, g, d, M, L, O);
     s_acc[0][g][d] = O;
     if (d == 0) {
       s_pm[g] = M;
@@ -297,16 +310,8 @@ __device__ __forceinline__ void write_block_result(const AttnArgs& a, float (&s_
   for (int i = threadIdx.x; i < GT * D; i += kAttnThreads) {
     const int g = i / D, d = i % D;
     if (g >= gcount) break;  // g only grows with i
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) M = fmaxf(M, s_m[w][g]);
-    float L = 0.f, O = 0.f;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) {
-      const float c = exp2f(s_m[w][g] - M);  // 0 for a worker that saw no key
-      L = fmaf(s_l[w][g], c, L);
-      O = fmaf(s_acc[w][g][d], c, O);
-    }
+    float M, L, O;
+    merge_workers<D, GT, NW, false>(s_acc, s_m, s_l, g, d, M, L, O);
     const int64_t head = (int64_t)b * a.q_heads + hk * a.group + g0 + g;
     if (direct) {
       static_cast<T*>(a.out)[head * D + d] = from_float<T>(O / L);

@@ -206,20 +206,22 @@ constexpr int kAsyncMinTiles = 4;
 constexpr int kAsyncStages = 2;
 static_assert(Variant{}.stages == kAsyncStages, "the option's default is the measured best");
 
-// combine=cluster's launch: the split grid with cluster dims (splits, 1, 1).
-inline cudaLaunchConfig_t cluster_launch_config(const AttnPlan& plan, cudaStream_t stream) {
+// combine=cluster's launch: the split grid with cluster dims (plan.splits, 1, 1). The returned
+// config points at attr, which must outlive it.
+inline cudaLaunchConfig_t cluster_launch(const AttnPlan& plan, cudaStream_t stream,
+                                         cudaLaunchAttribute& attr) {
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = (unsigned)plan.splits;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = plan.grid;
   cfg.blockDim = dim3(kAttnThreads);
   cfg.dynamicSmemBytes = (size_t)plan.smem_bytes;
   cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
   return cfg;
-}
-inline void cluster_attribute(cudaLaunchAttribute& attr, int splits) {
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = (unsigned)splits;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
 }
 
 template <class Src>
@@ -371,11 +373,8 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
     // The cluster is (splits, 1, 1): check that one fits this kernel's resources on an SM group.
     KV_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(split),
                                        cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    cudaLaunchConfig_t cfg = cluster_launch_config(plan, nullptr);
-    cudaLaunchAttribute attr[1];
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    cluster_attribute(attr[0], splits);
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = cluster_launch(plan, nullptr, attr);
     int clusters = 0;
     KV_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, reinterpret_cast<const void*>(split), &cfg));
     if (clusters < 1)
@@ -426,11 +425,8 @@ void launch_attention(const AttnPlan& plan, const AttnArgs& args, const Src& src
                       cudaStream_t stream) {
   auto split = reinterpret_cast<SplitFn<Src>>(plan.split);
   if (plan.combine_mode == AttnCombine::kCluster && plan.splits > 1) {
-    cudaLaunchConfig_t cfg = cluster_launch_config(plan, stream);
-    cudaLaunchAttribute attr[1];
-    cluster_attribute(attr[0], plan.splits);
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = cluster_launch(plan, stream, attr);
     KV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, split, args, src));
     return;  // the cluster wrote the output
   }
