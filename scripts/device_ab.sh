@@ -56,18 +56,17 @@ fi
 if want test && (( $(limit 130) > 0 )); then
   step "native CUDA tests of B"
   test_end=$((SECONDS + $(limit 130)))
-  if [[ -n ${TEST_FIRST:-} ]]; then
+  b_tests() {  # b_tests LOG LABEL PYTEST-ARGS...: B's tests until the stage's end
+    local log=$1 label=$2
+    shift 2
     (cd "$AB/b" && PYTHONPATH="$AB/b/src" timeout "$((test_end - SECONDS))" python3 -m pytest -q \
-      -p no:cacheprovider -o addopts="" tests/test_native_cuda.py -k "$TEST_FIRST" \
-      >"$OUT/tests-b-first.log" 2>&1; echo "B tests -k '$TEST_FIRST' rc=$?: $(tail -1 "$OUT/tests-b-first.log")")
-    grep -E "^(FAILED|ERROR)" "$OUT/tests-b-first.log" | head -8
-  fi
-  if ((test_end - SECONDS > 15)); then
-    (cd "$AB/b" && PYTHONPATH="$AB/b/src" timeout "$((test_end - SECONDS))" python3 -m pytest -q \
-      -p no:cacheprovider -o addopts="" tests/test_native_cuda.py tests/test_native_capabilities.py \
-      >"$OUT/tests-b.log" 2>&1; echo "B native tests rc=$?: $(tail -1 "$OUT/tests-b.log")")
-    grep -E "^(FAILED|ERROR)" "$OUT/tests-b.log" | head -8
-  fi
+      -p no:cacheprovider -o addopts="" "$@" >"$log" 2>&1; echo "$label rc=$?: $(tail -1 "$log")")
+    grep -E "^(FAILED|ERROR)" "$log" | head -8
+  }
+  [[ -n ${TEST_FIRST:-} ]] && b_tests "$OUT/tests-b-first.log" "B tests -k '$TEST_FIRST'" \
+    tests/test_native_cuda.py -k "$TEST_FIRST"
+  ((test_end - SECONDS > 15)) && b_tests "$OUT/tests-b.log" "B native tests" \
+    tests/test_native_cuda.py tests/test_native_capabilities.py
 fi
 
 if want ab && (( $(limit 150) > 0 )); then

@@ -513,18 +513,26 @@ def test_combine_by_the_last_block_on_every_kernel(case: Case, variant: str) -> 
     assert_matches(case)
 
 
+# The two one-launch combine modes, the kernels each runs on, and the split counts to force.
+ONE_LAUNCH = [("last", variant, splits) for variant in ("mma", "async", "simt")
+              for splits in ("0", "2", "8", "48")] + [
+    ("cluster", variant, splits) for variant in ("mma", "async") for splits in ("0", "2", "16")]
+
+
 @needs_gpu
-@pytest.mark.parametrize("variant", ["mma", "async", "simt"])
-@pytest.mark.parametrize("splits", ["0", "2", "8", "48"])
-def test_combine_by_the_last_block_resets_its_counters(variant: str, splits: str) -> None:
-    # The arrival counters are zeroed once, at prepare; the last block of each launch resets its
-    # own. Three runs in a row, then a graph of 7 ops over 2 copies, each checked against the
-    # oracle after the output was poisoned: a counter left short or past its target makes the
-    # next launch merge too early or never, so some output stays NaN or goes wrong.
+@pytest.mark.parametrize(("combine", "variant", "splits"), ONE_LAUNCH)
+def test_one_launch_combine_writes_every_output_on_every_run(combine: str, variant: str,
+                                                             splits: str) -> None:
+    # Three runs in a row, then a graph of 7 ops over 2 copies, then a run after it, each checked
+    # against the oracle after the output was poisoned, and bitwise equal run to run (the merge
+    # order is fixed). combine=last: the arrival counters are zeroed once, at prepare, and the
+    # last block of each launch resets its own: a counter left short or past its target makes
+    # the next launch merge too early or never, so some output stays NaN or goes wrong.
+    # combine=cluster: a block whose split holds no tokens must still join its cluster's barriers.
     case = Case(op="paged_sdpa", backend="native:cuda", batch=4, q_heads=28, kv_heads=4,
                 head_dim=128, ctx=(2000, 33, 700, 1), block_size=16, placement="random",
                 dtype="float16", seed=31)
-    case, _ = with_variant(case, variant, ("combine", "last"), ("splits", splits))
+    case, _ = with_variant(case, variant, ("combine", combine), ("splits", splits))
     arrays = kv.materialize(case)
     prepared = NativeCudaBackend().prepare(case, arrays, copies=2)
     try:
@@ -547,7 +555,7 @@ def test_combine_by_the_last_block_resets_its_counters(variant: str, splits: str
             assert compare(case, arrays, prepared.output()).passed, f"graph, copy {copy}"
         prepared.select(0)
         prepared.poison_outputs()
-        prepared.run()  # after the graph: the counters are still at 0
+        prepared.run()  # after the graph (combine=last: the counters are still at 0)
         np.testing.assert_array_equal(prepared.output(), outputs[0])
     finally:
         prepared.release()
@@ -571,13 +579,14 @@ def test_combine_by_the_last_block_over_more_splits_than_one_weight_pass(
 
 
 @needs_gpu
+@pytest.mark.parametrize(("combine", "described"), [("last", "combine by the last block"),
+                                                    ("cluster", "combine in a cluster of ")])
 @pytest.mark.parametrize("op", ["sdpa_contiguous", "gather_sdpa"])
-def test_combine_by_the_last_block_on_the_dense_ops(op: str) -> None:
+def test_one_launch_combine_on_the_dense_ops(op: str, combine: str, described: str) -> None:
     case = Case(op=op, backend="native:cuda", batch=3, q_heads=32, kv_heads=8, head_dim=128,
                 ctx=(4096, 17, 1500), block_size=16, placement="reverse", dtype="bfloat16",
-                seed=33, options=(("combine", "last"),))
-    kernel = kernel_of(case)
-    assert "combine by the last block" in kernel
+                seed=33, options=(("combine", combine),))
+    assert described in kernel_of(case)
     arrays = kv.materialize(case)
     prepared = NativeCudaBackend().prepare(case, arrays, copies=3)
     try:
@@ -637,58 +646,6 @@ def test_combine_in_a_cluster_on_both_tensor_core_kernels(case: Case, variant: s
     assert described in kernel and "combine in a cluster of " in kernel
     assert "PDL" not in kernel  # nothing to overlap: one launch
     assert_matches(case)
-
-
-@needs_gpu
-@pytest.mark.parametrize("variant", ["mma", "async"])
-@pytest.mark.parametrize("splits", ["0", "2", "16"])
-def test_combine_in_a_cluster_writes_every_output_on_every_run(variant: str, splits: str) -> None:
-    # Three runs in a row, then a graph of 7 ops over 2 copies, each checked against the oracle
-    # after the output was poisoned, and bitwise equal run to run (the merge order is fixed).
-    case = Case(op="paged_sdpa", backend="native:cuda", batch=4, q_heads=28, kv_heads=4,
-                head_dim=128, ctx=(2000, 33, 700, 1), block_size=16, placement="random",
-                dtype="float16", seed=31)
-    case, _ = with_variant(case, variant, ("combine", "cluster"), ("splits", splits))
-    arrays = kv.materialize(case)
-    prepared = NativeCudaBackend().prepare(case, arrays, copies=2)
-    try:
-        outputs = []
-        for repeat in range(3):
-            prepared.poison_outputs()
-            prepared.run()
-            out = prepared.output()
-            assert compare(case, arrays, out).passed, f"run {repeat}"
-            outputs.append(out)
-        for out in outputs[1:]:
-            np.testing.assert_array_equal(out, outputs[0])
-        for copy in (0, 1):
-            prepared.select(copy)
-            prepared.poison_outputs()
-        graph = prepared.graph_times(3, 7)
-        assert len(graph) == 3 and all(0 < t < 1e5 for t in graph)
-        for copy in (0, 1):
-            prepared.select(copy)
-            assert compare(case, arrays, prepared.output()).passed, f"graph, copy {copy}"
-    finally:
-        prepared.release()
-
-
-@needs_gpu
-@pytest.mark.parametrize("op", ["sdpa_contiguous", "gather_sdpa"])
-def test_combine_in_a_cluster_on_the_dense_ops(op: str) -> None:
-    case = Case(op=op, backend="native:cuda", batch=3, q_heads=32, kv_heads=8, head_dim=128,
-                ctx=(4096, 17, 1500), block_size=16, placement="reverse", dtype="bfloat16",
-                seed=33, options=(("combine", "cluster"),))
-    assert "combine in a cluster of " in kernel_of(case)
-    arrays = kv.materialize(case)
-    prepared = NativeCudaBackend().prepare(case, arrays, copies=3)
-    try:
-        assert len(prepared.graph_times(2, 5)) == 2
-        for copy in (0, 1, 2):
-            prepared.select(copy)
-            assert compare(case, arrays, prepared.output()).passed
-    finally:
-        prepared.release()
 
 
 @needs_gpu
