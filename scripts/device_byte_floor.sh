@@ -5,7 +5,8 @@
 #
 # build (sm_90, build/device), tests/test_native_cuda.py (TEST_LIMIT seconds at most, default
 # 150), compute-sanitizer memcheck / racecheck / synccheck over scripts/sanitize_cuda.py's
-# variants with option VARIANT (default combine=cluster; skipped when the tool is absent), then
+# variants with option VARIANT (default combine=cluster; SANITIZE_ONLY replaces it there, e.g.
+# `default`; skipped when the tool is absent), then
 # one paged_sdpa sweep of native:cuda (the default: combine=separate), native:cuda[VARIANT],
 # cuDNN and FlashInfer: Hq 32 Hkv 8 D 128 fp16, ctx/batch 1024/1,
 # 4096/1, 4096/4, 16384/1, 16384/4, 32768/1, 32768/4, NSHD/NHSD x block 16/32/64, reverse
@@ -67,7 +68,8 @@ else
   echo "tests skipped: not enough of BUDGET left"
 fi
 
-step "compute-sanitizer over the $variant variants (scripts/sanitize_cuda.py --only $variant)"
+sanitize_only=${SANITIZE_ONLY:-$variant}
+step "compute-sanitizer over the $sanitize_only variants (scripts/sanitize_cuda.py --only $sanitize_only)"
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer \
   /usr/local/cuda-*/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer \
   2>/dev/null | head -1)
@@ -77,7 +79,7 @@ if [ -n "$sanitizer" ]; then
     t=$(limit "${spec##*:}" 230)
     if ((t == 0)); then echo "$tool: skipped, no time left"; continue; fi
     timeout "$t" "$sanitizer" --tool "$tool" --error-exitcode 3 \
-      python3 scripts/sanitize_cuda.py --only "$variant" >"$OUT/sanitize-$tool.log" 2>&1
+      python3 scripts/sanitize_cuda.py --only "$sanitize_only" >"$OUT/sanitize-$tool.log" 2>&1
     rc=$?
     summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_cuda:" "$OUT/sanitize-$tool.log" | tr '\n' ' ')
     echo "$tool rc=$rc$([ $rc = 124 ] && echo ' (TIMED OUT: incomplete)'): $summary"

@@ -5,8 +5,12 @@ dependent launch, block sizes 1/7/16/128, three dtypes), each checked against th
 The combine=last variants (one launch, the last split block merges) run with the planner's split
 count and with splits forced to 8 and 48, so short sequences leave most splits empty; the
 combine=cluster variants (one launch, the splits merge in a thread block cluster through
-distributed shared memory) with the planner's count and with 3 and 16 forced. Exit 1 on a
-mismatch.
+distributed shared memory) with the planner's count and with 3 and 16 forced; pdl_entry (the
+split kernel launched as a programmatic dependent of the kernel before it; the default, auto,
+chooses early or off per plan) at exit, early and off,
+and early under each one-launch combine mode, gather_sdpa included; spread (the split kernel's
+shared memory padded to one even wave) alone, under pdl_entry=early and on the cp.async and SIMT
+kernels. Exit 1 on a mismatch.
 
     compute-sanitizer --tool memcheck --error-exitcode 3 python scripts/sanitize_cuda.py
     compute-sanitizer --tool racecheck --error-exitcode 3 python scripts/sanitize_cuda.py \
@@ -41,11 +45,12 @@ SHAPES = [
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", metavar="KEY=VALUE", default=None,
-                        help="run only the variants holding this option (on the attention ops)")
+                        help="run only the variants holding this option (on the attention ops), "
+                             "or 'default': only the default options (every op)")
     args = parser.parse_args(argv)
     only = tuple(args.only.split("=", 1)) if args.only else None
-    if only is not None and len(only) != 2:
-        parser.error(f"--only {args.only!r} is not KEY=VALUE")
+    if only is not None and len(only) != 2 and args.only != "default":
+        parser.error(f"--only {args.only!r} is not KEY=VALUE or default")
     failures = 0
     skipped = 0
     n = 0
@@ -58,15 +63,27 @@ def main(argv: list[str] | None = None) -> int:
         (("combine", "last"), ("kernel", "async"), ("splits", "48")),
         (("combine", "last"), ("kernel", "simt"), ("splits", "48")),
         (("combine", "cluster"),), (("combine", "cluster"), ("kernel", "mma"), ("splits", "16")),
-        (("combine", "cluster"), ("kernel", "async"), ("splits", "3")))
-    if only is not None:
+        (("combine", "cluster"), ("kernel", "async"), ("splits", "3")),
+        (("pdl_entry", "early"),), (("pdl_entry", "exit"),), (("pdl_entry", "off"),),
+        (("combine", "last"), ("pdl_entry", "early")),
+        (("combine", "cluster"), ("pdl_entry", "early")),
+        (("spread", "true"),), (("pdl_entry", "early"), ("spread", "true")),
+        (("kernel", "async"), ("spread", "true")),
+        (("kernel", "simt"), ("splits", "8"), ("spread", "true")))
+    if args.only == "default":
+        variants = ((),)
+    elif only is not None:
         variants = tuple(v for v in variants if only in v)
         if not variants:
             parser.error(f"--only {args.only}: no variant of this matrix has that option")
     for options in variants:
         for shape in SHAPES:
             for op in OPS:
-                if options and op not in ("paged_sdpa", "sdpa_contiguous"):
+                # pdl_entry also on gather_sdpa, where the kernel before the split kernel
+                # (the gather) writes what it reads.
+                attention = ("paged_sdpa", "sdpa_contiguous") + (
+                    ("gather_sdpa",) if dict(options).get("pdl_entry") else ())
+                if options and op not in attention:
                     continue
                 case = Case(op=op, backend="native:cuda", seed=n, options=options, **shape)
                 arrays = kv.materialize(case)

@@ -12,6 +12,7 @@ fail.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -557,6 +558,115 @@ def test_one_launch_combine_writes_every_output_on_every_run(combine: str, varia
         prepared.poison_outputs()
         prepared.run()  # after the graph (combine=last: the counters are still at 0)
         np.testing.assert_array_equal(prepared.output(), outputs[0])
+    finally:
+        prepared.release()
+
+
+@needs_gpu
+@pytest.mark.parametrize(("entry", "combine"), [
+    ("exit", "separate"), ("early", "separate"), ("early", "last"), ("early", "cluster")])
+@pytest.mark.parametrize("op", ["paged_sdpa", "sdpa_contiguous", "gather_sdpa"])
+def test_split_kernel_launched_under_pdl_after_the_previous_kernel_keeps_every_answer(
+        op: str, entry: str, combine: str) -> None:
+    # pdl_entry: the split kernel's blocks may be scheduled before the kernel ahead of it in the
+    # stream ends (the gather of gather_sdpa, the previous op's combine or split in a graph), and
+    # must wait for it before their first read. The first run after prepare reads a gather
+    # buffer nothing has written yet; a graph of 7 ops over 2 copies chains split after combine.
+    case = Case(op=op, backend="native:cuda", batch=3, q_heads=28, kv_heads=4, head_dim=128,
+                ctx=(2000, 33, 700), block_size=16, placement="random", dtype="float16",
+                seed=37, options=(("combine", combine), ("pdl_entry", entry)))
+    described = "early" if entry == "early" else "at its exit"
+    assert f"split kernel under PDL after the previous kernel (waits for it; {described})" \
+        in kernel_of(case)
+    off = kernel_of(case.with_(options=(("combine", combine), ("pdl_entry", "off"))))
+    assert "split kernel under PDL" not in off
+    arrays = kv.materialize(case)
+    prepared = NativeCudaBackend().prepare(case, arrays, copies=2)
+    try:
+        for repeat in range(3):
+            prepared.poison_outputs()
+            prepared.run()
+            assert compare(case, arrays, prepared.output()).passed, f"run {repeat}"
+        for copy in (0, 1):
+            prepared.select(copy)
+            prepared.poison_outputs()
+        assert len(prepared.graph_times(3, 7)) == 3
+        for copy in (0, 1):
+            prepared.select(copy)
+            assert compare(case, arrays, prepared.output()).passed, f"graph, copy {copy}"
+    finally:
+        prepared.release()
+
+
+@needs_gpu
+def test_pdl_entry_auto_is_early_where_the_wave_cannot_be_unbalanced_and_off_elsewhere() -> None:
+    # pdl_entry=auto: early where the split grid has no more blocks than SMs, or for the cp.async
+    # kernel with its shared memory padded to one even wave; off for a wider register-load grid
+    # and for the one-launch combine modes; off everywhere before sm_90 (no PDL).
+    info = NATIVE.cuda_device_info(0)
+    sms, pdl = info["sm_count"], info["cc_major"] >= 9
+    wide = sms // 8 + 1  # splits x 8 kv heads: more blocks than SMs
+    base = Case(op="paged_sdpa", backend="native:cuda", batch=1, q_heads=32, kv_heads=8,
+                head_dim=128, ctx=wide * 256, block_size=16, dtype="float16", seed=43)
+    early, padded = "split kernel under PDL after the previous kernel (waits for it; early)", \
+        "(shared memory padded to"
+
+    def described(**options: str) -> str:
+        options.setdefault("pdl_entry", "auto")
+        return kernel_of(base.with_(options=tuple(sorted(options.items()))))
+
+    narrow = described(kernel="mma", splits="4")
+    assert (early in narrow) == pdl and padded not in narrow
+    register_loads = described(kernel="mma", splits=str(wide))
+    assert "split kernel under PDL" not in register_loads and padded not in register_loads
+    cp_async = described(kernel="async", splits=str(wide))
+    assert (early in cp_async) == pdl and (padded in cp_async) == pdl
+    assert "split kernel under PDL" not in described(combine="last")
+    forced = described(kernel="mma", splits=str(wide), pdl_entry="early")
+    assert (early in forced) == pdl and padded not in forced  # spread is not implied
+
+
+@needs_gpu
+@pytest.mark.parametrize(("kernel", "dtype"), [
+    ("mma", "float16"), ("async", "bfloat16"), ("simt", "float32")])
+@pytest.mark.parametrize("entry", ["off", "early"])
+def test_spread_caps_the_split_blocks_per_sm_at_one_even_wave_and_keeps_every_answer(
+        kernel: str, dtype: str, entry: str) -> None:
+    # spread=true pads the split kernel's dynamic shared memory until no more than
+    # ceil(blocks / SMs) of its blocks fit on an SM; the splits and the answers stay the same.
+    # 8 splits x 4 kv heads x 2 sequences: one block per SM at most on any GPU this runs on.
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=2, q_heads=16, kv_heads=4,
+                head_dim=128, ctx=(3000, 77), block_size=16, placement="random", dtype=dtype,
+                seed=41, options=(("kernel", kernel), ("pdl_entry", entry), ("splits", "8")))
+    plain = kernel_of(case)
+    spread_case = case.with_(options=tuple(sorted((*case.options, ("spread", "true")))))
+    spread = kernel_of(spread_case)
+    shape = r"x (\d+) tile\(s\).*splits (\d+) x \d+ tokens \(tile \d+\), (\d+) blocks/SM"
+    tiles, splits, per_sm = map(int, re.search(shape, plain).groups())
+    padded = re.search(shape + r" \(shared memory padded to (\d+) B: one even wave\)", spread)
+    assert padded, spread
+    assert (int(padded[1]), int(padded[2])) == (tiles, splits)
+    blocks = splits * case.kv_heads * tiles * case.batch
+    wave = -(-blocks // NATIVE.cuda_device_info(0)["sm_count"])
+    assert per_sm > wave, "the case must leave the plain plan more slots than one wave"
+    assert int(padded[3]) == wave
+    arrays = kv.materialize(spread_case)
+    prepared = NativeCudaBackend().prepare(spread_case, arrays, copies=2)
+    # A plain plan of the same kernel prepared after the padded one (as a sweep interleaves
+    # them) must leave the kernel's shared-memory limit where the padded plan can still launch.
+    NativeCudaBackend().prepare(case, kv.materialize(case)).release()
+    try:
+        for repeat in range(2):
+            prepared.poison_outputs()
+            prepared.run()
+            assert compare(spread_case, arrays, prepared.output()).passed, f"run {repeat}"
+        for copy in (0, 1):
+            prepared.select(copy)
+            prepared.poison_outputs()
+        assert len(prepared.graph_times(3, 7)) == 3
+        for copy in (0, 1):
+            prepared.select(copy)
+            assert compare(spread_case, arrays, prepared.output()).passed, f"graph, copy {copy}"
     finally:
         prepared.release()
 

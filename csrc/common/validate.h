@@ -479,6 +479,18 @@ inline Variant parse_variant(const char* op, const std::string& device,
         invalid(op, "option l2_prefetch=", v.l2_prefetch, " is not one of 0, 128");
     } else if (key == "pdl") {
       v.pdl = detail::parse_bool_option(op, key, text);
+    } else if (key == "pdl_entry") {
+      const PdlEntry all[] = {PdlEntry::kOff, PdlEntry::kExit, PdlEntry::kEarly, PdlEntry::kAuto};
+      bool found = false;
+      for (PdlEntry e : all)
+        if (text == pdl_entry_name(e)) {
+          v.pdl_entry = e;
+          found = true;
+        }
+      if (!found)
+        invalid(op, "option pdl_entry=", quoted(text), " is not one of off, exit, early, auto");
+    } else if (key == "spread") {
+      v.spread = detail::parse_bool_option(op, key, text);
     } else if (key == "combine") {
       const AttnCombine all[] = {AttnCombine::kSeparate, AttnCombine::kLast,
                                  AttnCombine::kCluster};

@@ -49,6 +49,26 @@ inline const char* attn_combine_name(AttnCombine c) {
   return "unknown";
 }
 
+// When the attention's split kernel may be scheduled relative to the kernel before it in the
+// stream (sm_90+; docs/cuda.md). Under exit and early it is a programmatic dependent of that
+// kernel and waits for it (griddepcontrol.wait) before its first read.
+enum class PdlEntry : int32_t {
+  kOff = 0,    // stream order: once the kernel before has completed
+  kExit = 1,   // as the blocks of the kernel before exit
+  kEarly = 2,  // as kExit, and the combine kernel allows it once its own wait is over
+  kAuto = 3,   // the planner's choice per plan (cuda/attention_plan.cuh: auto_pdl_entry)
+};
+
+inline const char* pdl_entry_name(PdlEntry e) {
+  switch (e) {
+    case PdlEntry::kOff: return "off";
+    case PdlEntry::kExit: return "exit";
+    case PdlEntry::kEarly: return "early";
+    case PdlEntry::kAuto: return "auto";
+  }
+  return "unknown";
+}
+
 // The most context splits a plan may use (the combine kernel's shared-memory bound).
 constexpr int kVariantMaxSplits = 512;
 
@@ -61,6 +81,9 @@ struct Variant {
   int32_t stages = 2;         // cp.async pipeline depth of the async kernel (2 or 3)
   int32_t l2_prefetch = 128;  // L2 prefetch hint of the mma kernel's loads, bytes (0 or 128)
   bool pdl = true;            // combine pass under programmatic dependent launch (sm_90+)
+  PdlEntry pdl_entry = PdlEntry::kOff;  // the split kernel under PDL after the previous kernel
+  // at most ceil(blocks / SMs) split blocks resident per SM (its shared memory padded)
+  bool spread = false;
   AttnCombine combine = AttnCombine::kSeparate;  // combine kernel, last block, or cluster
   // ---- CPU ----
   bool simd = true;           // AVX2/F16C/FMA kernels where the CPU has them (else portable)
@@ -69,7 +92,8 @@ struct Variant {
 // Option names each device takes, in the order messages list them.
 inline const std::vector<std::string>& variant_keys(const std::string& device) {
   static const std::vector<std::string> cuda{"kernel", "splits",      "min_chunk", "blocks_per_sm",
-                                             "stages", "l2_prefetch", "pdl",       "combine"};
+                                             "stages", "l2_prefetch", "pdl",       "pdl_entry",
+                                             "spread", "combine"};
   static const std::vector<std::string> cpu{"simd"};
   static const std::vector<std::string> none;
   if (device == "cuda") return cuda;

@@ -11,13 +11,18 @@ namespace cuda {
 // (V = head_dim / 4) for splits t / V, t / V + P, ... (P = threads / V phases), and the phases are
 // summed in shared memory at the end. Its first kPre partial rows are loaded before the softmax
 // statistics are reduced, so that latency overlaps the reductions.
-template <typename T>
+template <typename T, bool kAllowNextEarly>
 __global__ void __launch_bounds__(kCombineThreads)
     attention_combine_kernel(AttnArgs a, int head_dim) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched early under programmatic dependent launch: wait for the split kernel's writes.
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+  // pdl_entry=early: the next op's split kernel may be scheduled now (it waits for this grid
+  // before its first read). Measured faster where that grid fits one block per SM and up to 19%
+  // slower on the cp.async kernel without spread (docs/cuda.md), so it is its own instantiation,
+  // not the default's.
+  if constexpr (kAllowNextEarly) allow_dependent_launch();
   constexpr int kPre = 8;
   __shared__ float s_w[kMaxSplits];
   __shared__ float s_red[kCombineThreads / 32];

@@ -31,6 +31,16 @@ constexpr int kMaxSplits = kVariantMaxSplits;  // s_w of the combine kernel
 
 __host__ __device__ constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
 
+// Programmatic dependent launch of the op's first kernel (option pdl_entry, sm_90+): launched
+// so, its blocks are scheduled while the kernel before it in the stream finishes, and wait here
+// for that kernel's completion and memory flush before their first global read. Launched without
+// it (the default), this returns at once: no prerequisite grid is pending.
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // What a split kernel's thread block owns, from its place in the grid (context split, kv head x
 // head tile, batch entry): query heads g0 .. g0+gcount-1 of kv head hk, tokens [start, end) of
 // sequence b.
@@ -49,6 +59,7 @@ __device__ __forceinline__ bool split_slice(const AttnArgs& a, SplitSlice& w) {
   w.g0 = (blockIdx.y % a.head_tiles) * GT;
   w.b = blockIdx.z;
   w.gcount = min(GT, a.group - w.g0);
+  wait_for_prior_grids();  // before the first read: the kernel before may have written any input
   const int ctx_b = a.ctx[w.b];
   w.start = w.split * a.chunk;
   if (w.start >= ctx_b) {

@@ -31,6 +31,46 @@ template <class Src>
 using SplitFn = void (*)(AttnArgs, Src);
 using CombineFn = void (*)(AttnArgs, int);
 
+// The combine kernel for pdl_entry: only under early does it allow the next op's split kernel to
+// be scheduled before its blocks exit (so the default combine is unchanged).
+template <typename T>
+CombineFn combine_kernel(PdlEntry entry) {
+  return entry == PdlEntry::kEarly ? &attention_combine_kernel<T, true>
+                                   : &attention_combine_kernel<T, false>;
+}
+
+// A kernel's dynamic shared-memory limit is process-wide state that every live plan of it shares:
+// raise it to what this plan launches with, never lower it below what another plan launches with
+// (spread pads one plan of a kernel past another's need; lowering the limit made the padded
+// plan's launch fail with cudaErrorInvalidValue on the H200).
+inline void allow_dynamic_smem(const void* fn, int bytes) {
+  cudaFuncAttributes attributes;
+  KV_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fn));
+  if (attributes.maxDynamicSharedSizeBytes < bytes)
+    KV_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+inline CombineFn combine_for(DType dt, PdlEntry entry) {
+  switch (dt) {
+    case DType::kFloat16: return combine_kernel<__half>(entry);
+    case DType::kBFloat16: return combine_kernel<__nv_bfloat16>(entry);
+    default: return combine_kernel<float>(entry);
+  }
+}
+
+// pdl_entry=auto: early where being scheduled beside the previous combine cannot
+// unbalance the split kernel's one wave: its grid has no more blocks than the GPU has SMs, or it
+// is the cp.async kernel, whose shared memory is then padded to one even wave (spread_blocks;
+// its 64 KB of stages already take the shared-memory carveout, so the padding costs it nothing).
+// Elsewhere (the register-load kernel at two or more blocks per SM, and the one-launch combine
+// modes) off: early measured slower there on the H200 (docs/cuda.md, "The split kernel under PDL
+// after the previous kernel").
+inline PdlEntry auto_pdl_entry(const AttnPlan& plan, const DeviceProps& dev) {
+  if (plan.combine_mode != AttnCombine::kSeparate) return PdlEntry::kOff;
+  const int64_t blocks = (int64_t)plan.grid.x * plan.grid.y * plan.grid.z;
+  return blocks <= dev.sm_count || plan.stages > 0 ? PdlEntry::kEarly : PdlEntry::kOff;
+}
+
 // Every picker takes C, the combine mode (write_block_result): separate and last are instantiated
 // for every shape, cluster for the tensor-core kernels only (pick_split_kernel).
 template <class Src, typename T, int D, int GT, AttnCombine C>
@@ -208,20 +248,69 @@ static_assert(Variant{}.stages == kAsyncStages, "the option's default is the mea
 
 // combine=cluster's launch: the split grid with cluster dims (plan.splits, 1, 1). The returned
 // config points at attr, which must outlive it.
-inline cudaLaunchConfig_t cluster_launch(const AttnPlan& plan, cudaStream_t stream,
-                                         cudaLaunchAttribute& attr) {
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = (unsigned)plan.splits;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
+// The split kernel's launch: a thread block cluster of the splits under combine=cluster, and a
+// programmatic dependent of the stream's previous kernel under pdl_entry. `attr` holds the
+// attributes the config points at, so it must outlive the launch.
+inline cudaLaunchConfig_t split_launch(const AttnPlan& plan, cudaStream_t stream,
+                                       cudaLaunchAttribute (&attr)[2]) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = plan.grid;
   cfg.blockDim = dim3(kAttnThreads);
   cfg.dynamicSmemBytes = (size_t)plan.smem_bytes;
   cfg.stream = stream;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 0;
+  if (plan.combine_mode == AttnCombine::kCluster && plan.splits > 1) {
+    cudaLaunchAttribute& c = attr[cfg.numAttrs++];
+    c.id = cudaLaunchAttributeClusterDimension;
+    c.val.clusterDim.x = (unsigned)plan.splits;
+    c.val.clusterDim.y = 1;
+    c.val.clusterDim.z = 1;
+  }
+  if (plan.pdl_entry != PdlEntry::kOff) {
+    cudaLaunchAttribute& e = attr[cfg.numAttrs++];
+    e.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    e.val.programmaticStreamSerializationAllowed = 1;
+  }
   return cfg;
+}
+
+// spread=true: pad the split kernel's dynamic shared memory until at most ceil(blocks / SMs) of
+// its blocks fit on one SM, so that the grid is one even wave wherever it is dispatched. A kernel
+// of one wave takes as long as its most loaded SM, and blocks dispatched beside another kernel's
+// resident blocks (pdl_entry=early: the previous op's combine) may otherwise be placed three to
+// an SM on some and one on others. The padding leaves room for one combine block beside the
+// wave, so that the combine still launches early under PDL. A block's footprint is its shared
+// memory plus the 1 KB the runtime reserves per block; the occupancy query has the last word.
+template <class Fn>
+void spread_blocks(AttnPlan& plan, Fn split, const DeviceProps& dev) {
+  constexpr int kReservedPerBlock = 1024;
+  const auto fn = reinterpret_cast<const void*>(split);
+  const int64_t blocks = (int64_t)plan.grid.x * plan.grid.y * plan.grid.z;
+  const int wave = (int)std::min<int64_t>(ceil_div(blocks, (int64_t)dev.sm_count), 64);
+  if (wave >= plan.blocks_per_sm) return;  // already no more slots than one even wave needs
+  cudaFuncAttributes attributes;
+  KV_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fn));
+  const int static_bytes = (int)attributes.sharedSizeBytes;
+  int room = dev.smem_per_sm;
+  if (plan.splits > 1 && plan.combine_mode == AttnCombine::kSeparate) {
+    KV_CUDA_CHECK(cudaFuncGetAttributes(&attributes, plan.combine));
+    room -= (int)attributes.sharedSizeBytes + kReservedPerBlock;
+  }
+  const int ceiling = dev.smem_per_block_max - static_bytes;
+  int bytes = std::max(plan.smem_bytes,
+                       std::min(ceiling, room / wave - kReservedPerBlock - static_bytes) / 128 * 128);
+  int resident = 0;
+  for (;;) {  // where no size leaves room for the combine block, the wave alone decides
+    allow_dynamic_smem(fn, bytes);
+    KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, fn, kAttnThreads, bytes));
+    if (resident <= wave || bytes + 128 > ceiling) break;
+    bytes += 128;
+  }
+  if (resident < 1) return;  // cannot happen below the opt-in ceiling; keep the plan as it was
+  plan.smem_bytes = bytes;
+  plan.blocks_per_sm = resident;
+  plan.spread = true;
 }
 
 template <class Src>
@@ -244,7 +333,6 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
   const int group = p.group;
   const DType dt = (DType)p.dtype;
   SplitFn<Src> split = nullptr;
-  CombineFn combine = nullptr;
   int esize = 2;
   // Tensor cores where the 16-byte fragment loads apply: 16-bit dtypes, D-innermost rows, head_dim
   // a multiple of 32 up to 128 (256 would need more registers than it saves); the SIMT kernel
@@ -261,11 +349,7 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
         dtype_name(p.dtype), ", ", strided ? "D not innermost" : "D innermost", ", head_dim ", D,
         ", sm_", dev.cc_major, dev.cc_minor));
   plan.tensor_cores = mma_fits && kernel != AttnKernel::kSimt;
-  if (plan.tensor_cores) {
-    combine = dt == DType::kFloat16 ? &attention_combine_kernel<__half>
-                                    : &attention_combine_kernel<__nv_bfloat16>;
-    plan.tile = kAttnWarps * kMmaTileKeys;
-  }
+  if (plan.tensor_cores) plan.tile = kAttnWarps * kMmaTileKeys;
   plan.heads_per_block = plan.tensor_cores ? kMmaHeads : group == 1 ? 1 : group <= 4 ? 4 : 8;
   plan.head_tiles = ceil_div(group, plan.heads_per_block);
   plan.combine_mode = var.combine;
@@ -288,13 +372,9 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
   SplitKey key{SplitFamily::kSimt, dt, D, plan.heads_per_block, strided, 0, 0};
   if (!plan.tensor_cores) switch (dt) {
     case DType::kFloat16:
-      combine = &attention_combine_kernel<__half>;
-      break;
     case DType::kBFloat16:
-      combine = &attention_combine_kernel<__nv_bfloat16>;
       break;
     case DType::kFloat32:
-      combine = &attention_combine_kernel<float>;
       esize = 4;
       break;
     default:
@@ -313,10 +393,8 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
     return ceil_div(ceil_div(p.max_ctx, splits), plan.tile) * plan.tile;
   };
   auto occupancy = [&](SplitFn<Src> fn) {
-    if (plan.smem_bytes > 0)  // static + dynamic past 48 KB needs the opt-in
-      KV_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(fn),
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         plan.smem_bytes));
+    // static + dynamic past 48 KB needs the opt-in
+    if (plan.smem_bytes > 0) allow_dynamic_smem(reinterpret_cast<const void*>(fn), plan.smem_bytes);
     KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&plan.blocks_per_sm, fn,
                                                                 kAttnThreads, plan.smem_bytes));
   };
@@ -360,7 +438,6 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
                         : choose_splits(p.max_ctx, per_split, slots, plan.tile, min_chunk);
   }
   plan.split = reinterpret_cast<const void*>(split);
-  plan.combine = reinterpret_cast<const void*>(combine);
   const int64_t chunk = chunk_for(splits);
   splits = ceil_div(p.max_ctx, chunk);
   plan.splits = splits;
@@ -369,12 +446,19 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
   plan.combine_blocks = p.batch * p.q_heads;
   // One launch under combine=last and cluster: no second kernel whose launch PDL could overlap.
   plan.pdl = dev.cc_major >= 9 && var.pdl && plan.combine_mode == AttnCombine::kSeparate;
+  plan.pdl_entry = dev.cc_major < 9                   ? PdlEntry::kOff
+                  : var.pdl_entry == PdlEntry::kAuto ? auto_pdl_entry(plan, dev)
+                                                     : var.pdl_entry;
+  plan.combine = reinterpret_cast<const void*>(combine_for(dt, plan.pdl_entry));
+  const bool auto_spread = var.pdl_entry == PdlEntry::kAuto &&
+                           plan.pdl_entry == PdlEntry::kEarly && plan.stages > 0;
+  if (var.spread || auto_spread) spread_blocks(plan, split, dev);
   if (plan.combine_mode == AttnCombine::kCluster && splits > 1) {
     // The cluster is (splits, 1, 1): check that one fits this kernel's resources on an SM group.
     KV_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(split),
                                        cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    cudaLaunchAttribute attr;
-    const cudaLaunchConfig_t cfg = cluster_launch(plan, nullptr, attr);
+    cudaLaunchAttribute attr[2];
+    const cudaLaunchConfig_t cfg = split_launch(plan, nullptr, attr);
     int clusters = 0;
     KV_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, reinterpret_cast<const void*>(split), &cfg));
     if (clusters < 1)
@@ -424,15 +508,16 @@ template <class Src>
 void launch_attention(const AttnPlan& plan, const AttnArgs& args, const Src& src,
                       cudaStream_t stream) {
   auto split = reinterpret_cast<SplitFn<Src>>(plan.split);
-  if (plan.combine_mode == AttnCombine::kCluster && plan.splits > 1) {
-    cudaLaunchAttribute attr;
-    const cudaLaunchConfig_t cfg = cluster_launch(plan, stream, attr);
+  cudaLaunchAttribute attr[2];
+  const cudaLaunchConfig_t cfg = split_launch(plan, stream, attr);
+  if (cfg.numAttrs > 0) {
     KV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, split, args, src));
-    return;  // the cluster wrote the output
+  } else {
+    split<<<plan.grid, kAttnThreads, plan.smem_bytes, stream>>>(args, src);
+    KV_CUDA_CHECK_LAUNCH("attention split");
   }
-  split<<<plan.grid, kAttnThreads, plan.smem_bytes, stream>>>(args, src);
-  KV_CUDA_CHECK_LAUNCH("attention split");
-  if (plan.splits == 1 || plan.combine_mode != AttnCombine::kSeparate) return;  // output written
+  // One launch wrote the output: one split, or the splits merged by the last block or a cluster.
+  if (plan.splits == 1 || plan.combine_mode != AttnCombine::kSeparate) return;
   auto combine = reinterpret_cast<CombineFn>(plan.combine);
   if (plan.pdl) {
     cudaLaunchConfig_t cfg = {};

@@ -86,6 +86,8 @@ DeviceProps query_props(int index) {
   d.cc_major = device_attr(cudaDevAttrComputeCapabilityMajor, index);
   d.cc_minor = device_attr(cudaDevAttrComputeCapabilityMinor, index);
   d.l2_bytes = device_attr(cudaDevAttrL2CacheSize, index);
+  d.smem_per_sm = device_attr(cudaDevAttrMaxSharedMemoryPerMultiprocessor, index);
+  d.smem_per_block_max = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, index);
   return d;
 }
 

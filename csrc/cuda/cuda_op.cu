@@ -259,7 +259,9 @@ std::string CudaOp::describe() const {
                   (a.prefetch ? ", L2 prefetch " + std::to_string(a.prefetch) + " B), " : "), ")) +
            (a.strided ? "strided path (D not innermost)" : "16-byte path") +
            ", splits " + std::to_string(a.splits) + " x " + std::to_string(a.chunk) + " tokens (tile " +
-           std::to_string(a.tile) + "), " + std::to_string(a.blocks_per_sm) + " blocks/SM";
+           std::to_string(a.tile) + "), " + std::to_string(a.blocks_per_sm) + " blocks/SM" +
+           (a.spread ? " (shared memory padded to " + std::to_string(a.smem_bytes) + " B: one even wave)"
+                     : "");
     if (a.splits > 1)
       out += a.combine_mode == AttnCombine::kLast ? ", combine by the last block (one launch)"
              : a.combine_mode == AttnCombine::kCluster
@@ -267,6 +269,9 @@ std::string CudaOp::describe() const {
              : a.pdl ? ", combine with PDL"
                      : ", combine";
   }
+  if (attn_plan_.split && attn_plan_.pdl_entry != PdlEntry::kOff)
+    out += std::string(", split kernel under PDL after the previous kernel (waits for it; ") +
+           (attn_plan_.pdl_entry == PdlEntry::kEarly ? "early" : "at its exit") + ")";
   if (append_plan_.kernel)
     out += std::string("; append ") + dtype_label(p_.dtype) +
            (append_plan_.strided ? " strided elements (D not innermost)" : " 16-byte vectors");

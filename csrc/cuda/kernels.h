@@ -32,6 +32,8 @@ struct DeviceProps {
   int cc_major = 0;
   int cc_minor = 0;
   int l2_bytes = 0;
+  int smem_per_sm = 0;         // shared memory of one SM, bytes
+  int smem_per_block_max = 0;  // the most one block may opt in to, bytes
 };
 
 // Dense K/V [B, Hkv, T, D], D innermost: the layout of sdpa_contiguous inputs and of what gather
@@ -101,7 +103,11 @@ struct AttnPlan {
   int stages = 0;             // tensor cores: cp.async pipeline depth; 0 = register loads
   int prefetch = 0;           // register loads: L2 prefetch hint in bytes (0, 128, 256)
   int smem_bytes = 0;         // dynamic shared memory of the split kernel
+  bool spread = false;        // smem_bytes padded so that blocks_per_sm is one even wave
   bool pdl = false;       // combine launched with programmatic dependent launch (sm_90+)
+  // the split kernel launched as a programmatic dependent of the stream's previous kernel (sm_90+),
+  // and whether the combine kernel allows the next one early (resolved: never kAuto)
+  PdlEntry pdl_entry = PdlEntry::kOff;
   // separate: a second kernel merges the splits; last: the last split block does (one launch,
   // AttnArgs::arrivals); cluster: the splits are one thread block cluster (one launch, sm_90+)
   AttnCombine combine_mode = AttnCombine::kSeparate;
@@ -110,7 +116,7 @@ struct AttnPlan {
 };
 
 // `var`: the case's variant options (common/variant.h, docs/cuda.md): kernel, splits, min_chunk,
-// blocks_per_sm, stages, l2_prefetch, pdl, combine. The plans read no environment.
+// blocks_per_sm, stages, l2_prefetch, pdl, pdl_entry, spread, combine. The plans read no environment.
 AttnPlan plan_paged_sdpa(const char* op, const OpParams& p, const DeviceProps& dev,
                          const Variant& var);
 void launch_paged_sdpa(const AttnPlan& plan, const AttnArgs& args, const PagedSrc& src,
