@@ -58,6 +58,11 @@ inline CombineFn combine_for(DType dt, PdlEntry entry) {
   }
 }
 
+// Thread blocks of the split grid.
+inline int64_t split_blocks(const AttnPlan& plan) {
+  return (int64_t)plan.grid.x * plan.grid.y * plan.grid.z;
+}
+
 // pdl_entry=auto: early where being scheduled beside the previous combine cannot
 // unbalance the split kernel's one wave: its grid has no more blocks than the GPU has SMs, or it
 // is the cp.async kernel, whose shared memory is then padded to one even wave (spread_blocks;
@@ -67,8 +72,7 @@ inline CombineFn combine_for(DType dt, PdlEntry entry) {
 // after the previous kernel").
 inline PdlEntry auto_pdl_entry(const AttnPlan& plan, const DeviceProps& dev) {
   if (plan.combine_mode != AttnCombine::kSeparate) return PdlEntry::kOff;
-  const int64_t blocks = (int64_t)plan.grid.x * plan.grid.y * plan.grid.z;
-  return blocks <= dev.sm_count || plan.stages > 0 ? PdlEntry::kEarly : PdlEntry::kOff;
+  return split_blocks(plan) <= dev.sm_count || plan.stages > 0 ? PdlEntry::kEarly : PdlEntry::kOff;
 }
 
 // Every picker takes C, the combine mode (write_block_result): separate and last are instantiated
@@ -286,8 +290,7 @@ template <class Fn>
 void spread_blocks(AttnPlan& plan, Fn split, const DeviceProps& dev) {
   constexpr int kReservedPerBlock = 1024;
   const auto fn = reinterpret_cast<const void*>(split);
-  const int64_t blocks = (int64_t)plan.grid.x * plan.grid.y * plan.grid.z;
-  const int wave = (int)std::min<int64_t>(ceil_div(blocks, (int64_t)dev.sm_count), 64);
+  const int wave = (int)std::min<int64_t>(ceil_div(split_blocks(plan), (int64_t)dev.sm_count), 64);
   if (wave >= plan.blocks_per_sm) return;  // already no more slots than one even wave needs
   cudaFuncAttributes attributes;
   KV_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fn));
