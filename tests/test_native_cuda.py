@@ -297,6 +297,23 @@ KERNEL_VARIANTS: dict[str, tuple[tuple[tuple[str, str], ...], str]] = {
 }
 
 
+def assert_runs_and_a_graph_keep_the_answer(case: Case, arrays: Any, prepared: Any,
+                                            runs: int) -> None:
+    """``runs`` runs in a row, then a graph of 7 ops over ``prepared``'s 2 copies: each output
+    poisoned first and checked against the oracle after."""
+    for repeat in range(runs):
+        prepared.poison_outputs()
+        prepared.run()
+        assert compare(case, arrays, prepared.output()).passed, f"run {repeat}"
+    for copy in (0, 1):
+        prepared.select(copy)
+        prepared.poison_outputs()
+    assert len(prepared.graph_times(3, 7)) == 3
+    for copy in (0, 1):
+        prepared.select(copy)
+        assert compare(case, arrays, prepared.output()).passed, f"graph, copy {copy}"
+
+
 def with_variant(case: Case, variant: str, *extra: tuple[str, str]) -> tuple[Case, str]:
     """``case`` with the options of ``variant`` (plus ``extra``), and what describe() must say."""
     options, described = KERNEL_VARIANTS[variant]
@@ -583,17 +600,7 @@ def test_split_kernel_launched_under_pdl_after_the_previous_kernel_keeps_every_a
     arrays = kv.materialize(case)
     prepared = NativeCudaBackend().prepare(case, arrays, copies=2)
     try:
-        for repeat in range(3):
-            prepared.poison_outputs()
-            prepared.run()
-            assert compare(case, arrays, prepared.output()).passed, f"run {repeat}"
-        for copy in (0, 1):
-            prepared.select(copy)
-            prepared.poison_outputs()
-        assert len(prepared.graph_times(3, 7)) == 3
-        for copy in (0, 1):
-            prepared.select(copy)
-            assert compare(case, arrays, prepared.output()).passed, f"graph, copy {copy}"
+        assert_runs_and_a_graph_keep_the_answer(case, arrays, prepared, runs=3)
     finally:
         prepared.release()
 
@@ -656,17 +663,7 @@ def test_spread_caps_the_split_blocks_per_sm_at_one_even_wave_and_keeps_every_an
     # them) must leave the kernel's shared-memory limit where the padded plan can still launch.
     NativeCudaBackend().prepare(case, kv.materialize(case)).release()
     try:
-        for repeat in range(2):
-            prepared.poison_outputs()
-            prepared.run()
-            assert compare(spread_case, arrays, prepared.output()).passed, f"run {repeat}"
-        for copy in (0, 1):
-            prepared.select(copy)
-            prepared.poison_outputs()
-        assert len(prepared.graph_times(3, 7)) == 3
-        for copy in (0, 1):
-            prepared.select(copy)
-            assert compare(spread_case, arrays, prepared.output()).passed, f"graph, copy {copy}"
+        assert_runs_and_a_graph_keep_the_answer(spread_case, arrays, prepared, runs=2)
     finally:
         prepared.release()
 

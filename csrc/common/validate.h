@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 #include <string>
 #include <utility>
@@ -432,6 +433,18 @@ inline bool parse_bool_option(const char* op, const std::string& key, const std:
   invalid(op, "option ", key, "=", quoted(text), " is not a boolean (expected 1/0 or true/false)");
 }
 
+// One of `all`, by the name `name` gives it; the message lists the names in `all`'s order.
+template <typename E, typename NameFn>
+E parse_choice_option(const char* op, const std::string& key, const std::string& text,
+                      std::initializer_list<E> all, NameFn name) {
+  std::vector<std::string> names;
+  for (E e : all) {
+    if (text == name(e)) return e;
+    names.push_back(name(e));
+  }
+  invalid(op, "option ", key, "=", quoted(text), " is not one of ", join(names));
+}
+
 }  // namespace detail
 
 // Parse the (key, value) pairs given for `device` into a Variant; unknown keys, repeated keys and
@@ -453,16 +466,9 @@ inline Variant parse_variant(const char* op, const std::string& device,
       if (k == key) invalid(op, "option ", key, " given twice");
     seen.push_back(key);
     if (key == "kernel") {
-      const AttnKernel all[] = {AttnKernel::kAuto, AttnKernel::kSimt, AttnKernel::kMma,
-                                AttnKernel::kAsync};
-      bool found = false;
-      for (AttnKernel k : all)
-        if (text == attn_kernel_name(k)) {
-          v.kernel = k;
-          found = true;
-        }
-      if (!found)
-        invalid(op, "option kernel=", quoted(text), " is not one of auto, simt, mma, async");
+      v.kernel = detail::parse_choice_option(
+          op, key, text, {AttnKernel::kAuto, AttnKernel::kSimt, AttnKernel::kMma, AttnKernel::kAsync},
+          attn_kernel_name);
     } else if (key == "splits") {
       v.splits = detail::parse_int_option(op, key, text, 0, kVariantMaxSplits);
     } else if (key == "min_chunk") {
@@ -480,28 +486,15 @@ inline Variant parse_variant(const char* op, const std::string& device,
     } else if (key == "pdl") {
       v.pdl = detail::parse_bool_option(op, key, text);
     } else if (key == "pdl_entry") {
-      const PdlEntry all[] = {PdlEntry::kOff, PdlEntry::kExit, PdlEntry::kEarly, PdlEntry::kAuto};
-      bool found = false;
-      for (PdlEntry e : all)
-        if (text == pdl_entry_name(e)) {
-          v.pdl_entry = e;
-          found = true;
-        }
-      if (!found)
-        invalid(op, "option pdl_entry=", quoted(text), " is not one of off, exit, early, auto");
+      v.pdl_entry = detail::parse_choice_option(
+          op, key, text, {PdlEntry::kOff, PdlEntry::kExit, PdlEntry::kEarly, PdlEntry::kAuto},
+          pdl_entry_name);
     } else if (key == "spread") {
       v.spread = detail::parse_bool_option(op, key, text);
     } else if (key == "combine") {
-      const AttnCombine all[] = {AttnCombine::kSeparate, AttnCombine::kLast,
-                                 AttnCombine::kCluster};
-      bool found = false;
-      for (AttnCombine c : all)
-        if (text == attn_combine_name(c)) {
-          v.combine = c;
-          found = true;
-        }
-      if (!found)
-        invalid(op, "option combine=", quoted(text), " is not one of separate, last, cluster");
+      v.combine = detail::parse_choice_option(
+          op, key, text, {AttnCombine::kSeparate, AttnCombine::kLast, AttnCombine::kCluster},
+          attn_combine_name);
     } else if (key == "simd") {
       v.simd = detail::parse_bool_option(op, key, text);
     }
