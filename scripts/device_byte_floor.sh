@@ -149,9 +149,9 @@ for shape in sorted({k[:3] for k in best}):
 PY
 python3 scripts/cuda_table.py "$OUT/h200-byte-floor.jsonl" >"$OUT/cuda-table.txt" 2>&1
 python3 -m kvmicro compare "$OUT/h200-byte-floor.jsonl" --new-backend "native:cuda[$variant]" \
-  --base-backend native:cuda >"$OUT/variant-vs-default.txt" 2>&1
+  --base-backend "native:cuda[]" >"$OUT/variant-vs-default.txt" 2>&1
 echo "$variant vs the default (rc=$?): $(grep -m1 -i matched "$OUT/variant-vs-default.txt")"
-python3 -m kvmicro compare "$OUT/h200-byte-floor.jsonl" --new-backend native:cuda \
+python3 -m kvmicro compare "$OUT/h200-byte-floor.jsonl" --new-backend "native:cuda[]" \
   --base-backend cudnn:cuda,flashinfer:cuda >"$OUT/default-vs-peers.txt" 2>&1
 echo "the default vs the fastest peer (rc=$?): $(grep -m1 -i matched "$OUT/default-vs-peers.txt")"
 cat "$OUT/cuda-table.txt"

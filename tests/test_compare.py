@@ -22,10 +22,10 @@ from kvmicro.workload import Case
 
 def rec(median: float, rel_sd: float = 0.002, op: str = "gather", ctx: int = 1024,
         status: str = "ok", seed: int = 0, backend: str = "torch:cpu",
-        converged: bool = True) -> dict[str, Any]:
+        converged: bool = True, options: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
     """A record of 201 samples around ``median`` with relative spread ``rel_sd``."""
     case = Case(op=op, backend=backend, ctx=ctx, q_heads=8, kv_heads=2, head_dim=64,
-                dtype="float32", placement="reverse")
+                dtype="float32", placement="reverse", options=options)
     if status != "ok":
         return case_record(case, status=status, reason="boom",
                            extra={"timer": "batched", "cache": "hot"})
@@ -156,6 +156,25 @@ def test_a_backend_is_compared_with_the_fastest_of_its_peers_on_each_case() -> N
     assert result.exit_code == 1
     with pytest.raises(InvalidCase, match="native:cpu is on both sides"):
         compare_backends(records, ["native:cpu"], "native:cpu")
+
+
+def test_empty_brackets_name_a_backend_at_its_default_options_only() -> None:
+    # A plain name matches every variant, so "the default against a variant" needs the default
+    # named on its own: native:cpu[] is the option-less records only.
+    simd_off = (("simd", "false"),)
+    records = [rec(100.0, ctx=1024, backend="native:cpu"),
+               rec(150.0, ctx=1024, backend="native:cpu", options=simd_off, seed=1),
+               rec(90.0, ctx=2048, backend="native:cpu"),
+               rec(60.0, ctx=2048, backend="native:cpu", options=simd_off, seed=2)]
+    result = compare_backends(records, ["native:cpu[simd=false]"], "native:cpu[]")
+    by_ctx = {c.new["ctx"]: c for c in result.comparisons}
+    assert by_ctx[1024].verdict == "faster" and by_ctx[2048].verdict == "slower"
+    assert all(c.new["options"] == {} for c in result.comparisons)
+    # the plain name takes each case's fastest variant, and leaves no base of that backend
+    plain = compare_backends(records, ["native:cpu[simd=false]"], "native:cpu")
+    assert plain.comparisons == [] and len(plain.only_new) == 2
+    with pytest.raises(InvalidCase, match=r"--new-backend torch:cpu\[\] matches no record"):
+        compare_backends(records, ["native:cpu"], "torch:cpu[]")
 
 
 def test_compare_command_across_backends_pools_files_and_names_the_base(

@@ -512,7 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("files", nargs="+", metavar="FILE",
                       help="BASE NEW; or, with --new-backend, any files whose records are pooled")
     cmp_.add_argument("--new-backend", metavar="BACKEND",
-                      help="compare this backend's cases with --base-backend's on the same cases")
+                      help="compare this backend's cases with --base-backend's on the same "
+                           "cases; a plain name matches every variant of it, "
+                           "'native:cuda[splits=8]' that variant, 'native:cuda[]' the default "
+                           "options only")
     cmp_.add_argument("--base-backend", metavar="BACKENDS",
                       help="comma-separated; on each case the fastest of them is the base")
     cmp_.add_argument("--threshold", type=float, default=5.0,

@@ -216,7 +216,10 @@ def _faster(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
 
 def _matches(rec: dict[str, Any], name: str) -> bool:
     """A backend named plainly (``native:cuda``) matches every variant of it; a spec with options
-    (``native:cuda[splits=8]``) matches that variant only."""
+    (``native:cuda[splits=8]``) matches that variant only, and empty brackets (``native:cuda[]``)
+    the backend's default options only."""
+    if name.endswith("[]"):
+        return _label_of(rec) == name[:-2]
     return _label_of(rec) == name if "[" in name else rec.get("backend") == name
 
 
