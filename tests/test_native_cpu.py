@@ -441,7 +441,7 @@ def test_options_of_the_native_backends() -> None:
     cuda = NativeCudaBackend.parse_options({"kernel": "mma", "splits": "8", "pdl": "false"})
     assert cuda == {"priority": "normal", "kernel": "mma", "splits": 8, "min_chunk": 64,
                     "blocks_per_sm": 2, "stages": 2, "l2_prefetch": "128", "pdl": False,
-                    "pdl_entry": "off", "spread": False, "combine": "separate"}
+                    "pdl_entry": "auto", "spread": False, "combine": "separate"}
     assert NativeCudaBackend.parse_options({"combine": "last"})["combine"] == "last"
     with pytest.raises(InvalidCase, match="unknown option 'kernel'; valid options: simd"):
         NativeCpuBackend.parse_options({"kernel": "simt"})

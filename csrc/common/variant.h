@@ -81,7 +81,7 @@ struct Variant {
   int32_t stages = 2;         // cp.async pipeline depth of the async kernel (2 or 3)
   int32_t l2_prefetch = 128;  // L2 prefetch hint of the mma kernel's loads, bytes (0 or 128)
   bool pdl = true;            // combine pass under programmatic dependent launch (sm_90+)
-  PdlEntry pdl_entry = PdlEntry::kOff;  // the split kernel under PDL after the previous kernel
+  PdlEntry pdl_entry = PdlEntry::kAuto;  // the split kernel under PDL after the previous kernel
   // at most ceil(blocks / SMs) split blocks resident per SM (its shared memory padded)
   bool spread = false;
   AttnCombine combine = AttnCombine::kSeparate;  // combine kernel, last block, or cluster

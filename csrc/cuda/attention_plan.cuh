@@ -69,7 +69,8 @@ inline int64_t split_blocks(const AttnPlan& plan) {
 // its 64 KB of stages already take the shared-memory carveout, so the padding costs it nothing).
 // Elsewhere (the register-load kernel at two or more blocks per SM, and the one-launch combine
 // modes) off: early measured slower there on the H200 (docs/cuda.md, "The split kernel under PDL
-// after the previous kernel").
+// after the previous kernel"). The default; where it loses (hot, at batches whose K/V just fits
+// the L2, up to 11% on the H200) and wins (cold there, -2 to -3%): "pdl_entry=auto as the default".
 inline PdlEntry auto_pdl_entry(const AttnPlan& plan, const DeviceProps& dev) {
   if (plan.combine_mode != AttnCombine::kSeparate) return PdlEntry::kOff;
   return split_blocks(plan) <= dev.sm_count || plan.stages > 0 ? PdlEntry::kEarly : PdlEntry::kOff;

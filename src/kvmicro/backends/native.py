@@ -282,14 +282,15 @@ class NativeCudaBackend(_NativeBackend):
                               help="L2 prefetch hint (bytes) of the mma kernel's loads"),
         "pdl": Option("bool", True,
                       help="launch the split combine with programmatic dependent launch (sm_90+)"),
-        "pdl_entry": Option("choice", "off", ("off", "exit", "early", "auto"),
+        "pdl_entry": Option("choice", "auto", ("off", "exit", "early", "auto"),
                             help="launch the attention's split kernel as a programmatic dependent "
                                  "of the stream's previous kernel (sm_90+), its blocks waiting "
                                  "for it before their first read: off (stream order), exit "
                                  "(scheduled as that kernel's blocks exit), early (also allowed "
-                                 "by the combine kernel once its own wait is over) or auto (the "
-                                 "planner: early where the split grid fits one block per SM or "
-                                 "is the cp.async kernel, then padded as spread=true; else off)"),
+                                 "by the combine kernel once its own wait is over) or auto, the "
+                                 "default (the planner: early where the split grid fits one "
+                                 "block per SM or is the cp.async kernel, then padded as "
+                                 "spread=true; else off)"),
         "spread": Option("bool", False,
                          help="pad the split kernel's shared memory so that at most "
                               "ceil(blocks / SMs) of its blocks are resident per SM: one even "
