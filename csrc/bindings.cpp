@@ -270,7 +270,7 @@ py::dict capabilities() {
       continue;
     }
     py::dict e = entry(dtypes(caps::kAllDTypes), ints(caps::kCudaAttentionHeadDims),
-                       names({"simt", "mma", "async"}));
+                       names({"simt", "mma", "async", "bulk"}));
     py::dict kernels;
     kernels["simt"] = entry(dtypes(caps::kAllDTypes), ints(caps::kCudaAttentionHeadDims),
                             names({"gt1", "gt4", "gt8", "16-byte", "strided"}));
@@ -278,6 +278,8 @@ py::dict capabilities() {
                            names({"prefetch0", "prefetch128"}));
     kernels["async"] = entry(dtypes(caps::kTensorCoreDTypes), ints(caps::kCudaTensorCoreHeadDims),
                              names({"stages2", "stages3"}));
+    kernels["bulk"] = entry(dtypes(caps::kTensorCoreDTypes), ints(caps::kCudaTensorCoreHeadDims),
+                            names({"stages2", "stages3"}));
     e["kernels"] = kernels;
     cuda[op_name(op)] = e;
   }

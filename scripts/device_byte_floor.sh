@@ -4,7 +4,7 @@
 #   run(command="scripts/device_byte_floor.sh", carry=[".whl"])
 #
 # build (sm_90, build/device), tests/test_native_cuda.py (TEST_LIMIT seconds at most, default
-# 150), compute-sanitizer memcheck / racecheck / synccheck over scripts/sanitize_cuda.py's
+# 150; TEST_K: only the tests pytest -k selects), compute-sanitizer memcheck / racecheck / synccheck over scripts/sanitize_cuda.py's
 # variants with option VARIANT (default combine=cluster; SANITIZE_ONLY replaces it there, e.g.
 # `default`; skipped when the tool is absent), then
 # one paged_sdpa sweep of native:cuda (the default: combine=separate), native:cuda[VARIANT],
@@ -59,7 +59,7 @@ variant=${VARIANT:-combine=cluster}
 t=$(limit "${TEST_LIMIT:-150}" 330)
 if ((t > 0)); then
   step "tests/test_native_cuda.py (${t} s at most)"
-  timeout "$t" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+  timeout "$t" python3 -m pytest -q -p no:cacheprovider -o addopts="" ${TEST_K:+-k "$TEST_K"} \
     tests/test_native_cuda.py tests/test_native_capabilities.py >"$OUT/tests.log" 2>&1
   rc=$?
   echo "native tests rc=$rc$([ $rc = 124 ] && echo ' (TIMED OUT: incomplete)'): $(tail -1 "$OUT/tests.log")"

@@ -10,7 +10,8 @@ split kernel launched as a programmatic dependent of the kernel before it; the d
 chooses early or off per plan) at exit, early and off,
 and early under each one-launch combine mode, gather_sdpa included; spread (the split kernel's
 shared memory padded to one even wave) alone, under pdl_entry=early and on the cp.async and SIMT
-kernels. Exit 1 on a mismatch.
+kernels; the bulk-copy kernel (kernel=bulk, sm_90+) at 2 and 3 stages, with one split and under
+pdl_entry=off. Exit 1 on a mismatch.
 
     compute-sanitizer --tool memcheck --error-exitcode 3 python scripts/sanitize_cuda.py
     compute-sanitizer --tool racecheck --error-exitcode 3 python scripts/sanitize_cuda.py \
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         (("combine", "cluster"), ("pdl_entry", "early")),
         (("spread", "true"),), (("pdl_entry", "early"), ("spread", "true")),
         (("kernel", "async"), ("spread", "true")),
-        (("kernel", "simt"), ("splits", "8"), ("spread", "true")))
+        (("kernel", "simt"), ("splits", "8"), ("spread", "true")),
+        (("kernel", "bulk"),), (("kernel", "bulk"), ("splits", "1"), ("stages", "3")),
+        (("kernel", "bulk"), ("pdl_entry", "off")))
     if args.only == "default":
         variants = ((),)
     elif only is not None:

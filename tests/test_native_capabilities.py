@@ -33,8 +33,8 @@ def test_the_table_covers_every_op_on_both_devices() -> None:
     for op in ATTENTION_OPS:
         entry = TABLE["cuda"][op]
         assert entry["head_dims"] == [64, 80, 96, 128, 256]
-        assert entry["variants"] == ["simt", "mma", "async"] == list(entry["kernels"])
-        for kernel in ("mma", "async"):
+        assert entry["variants"] == ["simt", "mma", "async", "bulk"] == list(entry["kernels"])
+        for kernel in ("mma", "async", "bulk"):
             assert entry["kernels"][kernel]["dtypes"] == ["float16", "bfloat16"]
             assert set(entry["kernels"][kernel]["head_dims"]) <= set(entry["head_dims"])
 
@@ -47,7 +47,7 @@ def _expected_instances(op: str) -> set[tuple[str, str, int, str]]:
                 for dtype in kernels["simt"]["dtypes"] for d in kernels["simt"]["head_dims"]
                 for gt in (1, 4, 8) for path in paths}
     for kernel, variants in (("mma", ("prefetch0", "prefetch128")),
-                             ("async", ("stages2", "stages3"))):
+                             ("async", ("stages2", "stages3")), ("bulk", ("stages2", "stages3"))):
         expected |= {(kernel, dtype, d, variant)
                      for dtype in kernels[kernel]["dtypes"] for d in kernels[kernel]["head_dims"]
                      for variant in variants}

@@ -402,7 +402,7 @@ def test_bad_scalars(base: Any) -> None:
 @pytest.mark.parametrize(("device", "options", "message"), [
     ("cpu", {"simd": "maybe"}, "option simd='maybe' is not a boolean"),
     ("cpu", {"kernel": "mma"}, "unknown option 'kernel' for device cpu; expected one of simd"),
-    ("cuda", {"kernel": "fast"}, "option kernel='fast' is not one of auto, simt, mma, async"),
+    ("cuda", {"kernel": "fast"}, "option kernel='fast' is not one of auto, simt, mma, async, bulk"),
     ("cuda", {"stages": "5"}, "option stages=5 is not one of 2, 3"),
     ("cuda", {"l2_prefetch": "64"}, "option l2_prefetch=64 is not one of 0, 128"),
     ("cuda", {"splits": "513"}, "option splits=513 is outside 0..512"),

@@ -293,6 +293,8 @@ KERNEL_VARIANTS: dict[str, tuple[tuple[tuple[str, str], ...], str]] = {
     "async": ((("kernel", "async"),), "tensor cores (cp.async, 2 stages, L2 prefetch"),
     "async3": ((("kernel", "async"), ("stages", "3")),
                "tensor cores (cp.async, 3 stages, L2 prefetch"),
+    "bulk": ((("kernel", "bulk"),), "tensor cores (bulk copies, 2 stages), "),
+    "bulk3": ((("kernel", "bulk"), ("stages", "3")), "tensor cores (bulk copies, 3 stages), "),
     "simt": ((("kernel", "simt"),), "SIMT"),
 }
 
@@ -330,7 +332,7 @@ def test_every_attention_kernel_matches_the_oracle(case: Case, variant: str) -> 
 
 
 @needs_gpu
-@pytest.mark.parametrize("kernel", ["mma", "async"])
+@pytest.mark.parametrize("kernel", ["mma", "async", "bulk"])
 def test_a_tensor_core_kernel_is_never_silently_replaced(kernel: str) -> None:
     # float32, a strided layout, head_dim 80: the tensor-core kernels cannot run these; asking
     # for one is refused rather than recorded under a kernel that did not run.
@@ -344,8 +346,9 @@ def test_a_tensor_core_kernel_is_never_silently_replaced(kernel: str) -> None:
 
 
 @needs_gpu
-@pytest.mark.parametrize("combine", ["separate", "last"])
-@pytest.mark.parametrize("variant", ["mma", "async", "simt"])
+@pytest.mark.parametrize(("variant", "combine"), [
+    (variant, combine) for variant in ("mma", "async", "simt", "bulk")
+    for combine in ("separate", "last") if (variant, combine) != ("bulk", "last")])
 @pytest.mark.parametrize("splits", ["0", "3", "64"])
 def test_every_run_writes_the_whole_output(variant: str, splits: str, combine: str) -> None:
     # Poisoning the output before each run makes a result left over from an earlier run (a
@@ -394,8 +397,9 @@ def test_a_graph_without_rotation_runs_on_the_current_copy_only() -> None:
 
 @needs_gpu
 @pytest.mark.parametrize(("variant", "combine"), [
-    (variant, combine) for variant in ("auto", "simt", "mma", "async")
-    for combine in ("separate", "last", "cluster") if (variant, combine) != ("simt", "cluster")])
+    (variant, combine) for variant in ("auto", "simt", "mma", "async", "bulk")
+    for combine in ("separate", "last", "cluster")
+    if (variant, combine) not in (("simt", "cluster"), ("bulk", "last"), ("bulk", "cluster"))])
 @pytest.mark.parametrize("op", ["paged_sdpa", "sdpa_contiguous"])
 def test_a_nan_in_one_key_row_poisons_exactly_the_heads_that_read_it(op: str, variant: str,
                                                                      combine: str) -> None:
@@ -773,3 +777,54 @@ def test_combine_in_a_cluster_is_refused_where_it_cannot_run() -> None:
             kernel_of(bad)
     with pytest.raises(Unsupported, match="option splits=17 exceeds the 16 blocks a cluster holds"):
         kernel_of(case.with_(options=(("combine", "cluster"), ("splits", "17"))))
+
+
+@needs_gpu
+@pytest.mark.parametrize("variant", ["bulk", "bulk3"])
+@pytest.mark.parametrize("splits", ["1", "0", "5"])
+def test_the_bulk_pipeline_keeps_the_answer_through_many_barrier_phases(variant: str,
+                                                                        splits: str) -> None:
+    # Each warp's stage barriers complete one phase per tile: one split of 5000 tokens gives a
+    # warp 79 tiles, so every barrier's parity flips dozens of times within a launch, and the
+    # graph replays reuse the barriers of the launches before (initialised per launch). Ragged
+    # contexts end mid-tile and mid-block; the 1-token sequence has one partial tile.
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=3, q_heads=12, kv_heads=3,
+                head_dim=128, ctx=(5000, 1, 777), block_size=16, placement="random",
+                dtype="bfloat16", seed=43)
+    case, described = with_variant(case, variant, ("splits", splits))
+    arrays = kv.materialize(case)
+    prepared = NativeCudaBackend().prepare(case, arrays, copies=2)
+    try:
+        assert described in prepared.kernel
+        assert_runs_and_a_graph_keep_the_answer(case, arrays, prepared, runs=3)
+    finally:
+        prepared.release()
+
+
+@needs_gpu
+def test_the_bulk_kernel_is_refused_under_a_one_launch_combine() -> None:
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=1, q_heads=8, kv_heads=1,
+                head_dim=128, ctx=4096, dtype="float16")
+    for combine in ("last", "cluster"):
+        bad = case.with_(options=(("combine", combine), ("kernel", "bulk")))
+        with pytest.raises(Unsupported, match=f"option kernel=bulk runs under combine=separate "
+                                              f"only, not combine={combine}"):
+            NativeCudaBackend().prepare(bad, kv.materialize(bad))
+
+
+@needs_gpu
+def test_the_read_floor_times_one_streaming_read_per_op() -> None:
+    # scripts/read_floor.py: what one kernel that reads an op's bytes costs in the graph timer.
+    small = NATIVE.cuda_read_floor(0, 1 << 20, 1, 50, 5)
+    large = NATIVE.cuda_read_floor(0, 256 << 20, 2, 20, 5)
+    assert len(small) == len(large) == 5 and min(small) > 0
+    ceiling = NATIVE.cuda_bandwidth(0)["read_gbps"]
+    # 256 MB cannot be read faster than the measured ceiling allows (5% slack for its rounding),
+    # and costs more than 1 MB does.
+    assert min(large) > 0.95 * (256 << 20) / (ceiling * 1e3) > max(small)
+    for args, message in (((0, 15, 1, 1, 1), "bytes 15 must be a positive multiple of 16"),
+                          ((0, 1 << 20, 0, 1, 1), "copies 0 must be >= 1"),
+                          ((0, 1 << 20, 1, 0, 1), "k 0 must be >= 1"),
+                          ((0, 1 << 20, 1, 1, 0), "reps 0 must be >= 1")):
+        with pytest.raises(InvalidCase, match=re.escape(f"[cuda_read_floor] {message}")):
+            NATIVE.cuda_read_floor(*args)

@@ -22,11 +22,13 @@ constexpr DType kTensorCoreDTypes[] = {DType::kFloat16, DType::kBFloat16};
 // dtype, these head dims, 1/4/8 query heads per block, 16-byte and (paged) strided paths.
 constexpr int32_t kCudaAttentionHeadDims[] = {64, 80, 96, 128, 256};
 constexpr int32_t kCudaSimtHeadsPerBlock[] = {1, 4, 8};
-// Tensor-core kernels (mma: L2 prefetch 0 / 128 B; async: 2 / 3 stages): float16/bfloat16, D
-// innermost, head_dim a multiple of 32 up to 128, compute capability 8.0+.
+// Tensor-core kernels (mma: L2 prefetch 0 / 128 B; async and bulk: 2 / 3 stages): float16/bfloat16,
+// D innermost, head_dim a multiple of 32 up to 128, compute capability 8.0+ (bulk: 9.0+, and
+// combine=separate only).
 constexpr int32_t kCudaTensorCoreHeadDims[] = {64, 96, 128};
 constexpr int32_t kCudaMmaPrefetch[] = {0, 128};
 constexpr int32_t kCudaAsyncStages[] = {2, 3};
+constexpr int32_t kCudaBulkStages[] = {2, 3};
 
 template <class T, int32_t N>
 constexpr bool contains(const T (&list)[N], T value) {

@@ -467,7 +467,8 @@ inline Variant parse_variant(const char* op, const std::string& device,
     seen.push_back(key);
     if (key == "kernel") {
       v.kernel = detail::parse_choice_option(
-          op, key, text, {AttnKernel::kAuto, AttnKernel::kSimt, AttnKernel::kMma, AttnKernel::kAsync},
+          op, key, text, {AttnKernel::kAuto, AttnKernel::kSimt, AttnKernel::kMma, AttnKernel::kAsync,
+                           AttnKernel::kBulk},
           attn_kernel_name);
     } else if (key == "splits") {
       v.splits = detail::parse_int_option(op, key, text, 0, kVariantMaxSplits);

@@ -20,6 +20,7 @@ enum class AttnKernel : int32_t {
   kSimt = 1,   // CUDA cores, any dtype / head_dim / layout
   kMma = 2,    // tensor cores, register loads
   kAsync = 3,  // tensor cores, cp.async pipeline
+  kBulk = 4,   // tensor cores, bulk-copy pipeline (sm_90+)
 };
 
 inline const char* attn_kernel_name(AttnKernel k) {
@@ -28,6 +29,7 @@ inline const char* attn_kernel_name(AttnKernel k) {
     case AttnKernel::kSimt: return "simt";
     case AttnKernel::kMma: return "mma";
     case AttnKernel::kAsync: return "async";
+    case AttnKernel::kBulk: return "bulk";
   }
   return "unknown";
 }
@@ -78,7 +80,7 @@ struct Variant {
   int32_t splits = 0;         // context splits; 0 = the planner's choice, else forced (1..512)
   int32_t min_chunk = 64;     // fewest tokens per split the planner may choose
   int32_t blocks_per_sm = 2;  // tensor-core split rule: thread blocks per SM it aims at
-  int32_t stages = 2;         // cp.async pipeline depth of the async kernel (2 or 3)
+  int32_t stages = 2;         // pipeline depth of the async and bulk kernels (2 or 3)
   int32_t l2_prefetch = 128;  // L2 prefetch hint of the mma kernel's loads, bytes (0 or 128)
   bool pdl = true;            // combine pass under programmatic dependent launch (sm_90+)
   PdlEntry pdl_entry = PdlEntry::kAuto;  // the split kernel under PDL after the previous kernel

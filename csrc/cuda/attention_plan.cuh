@@ -17,6 +17,7 @@
 #include "common/capabilities.h"
 #include "common/validate.h"
 #include "cuda/attention_async.cuh"
+#include "cuda/attention_bulk.cuh"
 #include "cuda/attention_combine.cuh"
 #include "cuda/attention_mma.cuh"
 #include "cuda/attention_simt.cuh"
@@ -65,8 +66,9 @@ inline int64_t split_blocks(const AttnPlan& plan) {
 
 // pdl_entry=auto: early where being scheduled beside the previous combine cannot
 // unbalance the split kernel's one wave: its grid has no more blocks than the GPU has SMs, or it
-// is the cp.async kernel, whose shared memory is then padded to one even wave (spread_blocks;
-// its 64 KB of stages already take the shared-memory carveout, so the padding costs it nothing).
+// is a pipelined kernel (cp.async or bulk), whose shared memory is then padded to one even wave
+// (spread_blocks; its 64-80 KB of stages already take the shared-memory carveout, so the padding
+// costs it nothing).
 // Elsewhere (the register-load kernel at two or more blocks per SM, and the one-launch combine
 // modes) off: early measured slower there on the H200 (docs/cuda.md, "The split kernel under PDL
 // after the previous kernel"). The default; where it loses (hot, at batches whose K/V just fits
@@ -177,13 +179,30 @@ SplitFn<Src> pick_async(int d, int stages) {
   return stages == 2 ? pick_async_d<Src, T, 2, C>(d) : pick_async_d<Src, T, 3, C>(d);
 }
 
+// kernel=bulk: combine=separate only (its one-launch forms were not worth their compile time:
+// combine=last and cluster measured slower than separate on the cp.async kernel).
+template <class Src, typename T, int S>
+SplitFn<Src> pick_bulk_d(int d) {
+  switch (d) {
+    case 64: return &attention_split_bulk_kernel<T, 64, S, Src, AttnCombine::kSeparate>;
+    case 96: return &attention_split_bulk_kernel<T, 96, S, Src, AttnCombine::kSeparate>;
+    case 128: return &attention_split_bulk_kernel<T, 128, S, Src, AttnCombine::kSeparate>;
+    default: return nullptr;
+  }
+}
+
+template <class Src, typename T>
+SplitFn<Src> pick_bulk(int d, int stages) {
+  return stages == 2 ? pick_bulk_d<Src, T, 2>(d) : pick_bulk_d<Src, T, 3>(d);
+}
+
 // One split kernel by what plan_attention chose: family, dtype, head_dim, then the family's
-// knob (SIMT: heads per block and path; mma: L2 prefetch; async: stages). Null where no kernel is
+// knob (SIMT: heads per block and path; mma: L2 prefetch; async and bulk: stages). Null where no kernel is
 // instantiated. The combine=last and combine=cluster instantiations of the two sources are
 // compiled in translation units of their own (paged_sdpa_last.cu, paged_sdpa_cluster.cu and their
 // sdpa_contiguous twins), so the sets build in parallel; pick_split_last() and
 // pick_split_cluster() are their entries.
-enum class SplitFamily { kSimt, kMma, kAsync };
+enum class SplitFamily { kSimt, kMma, kAsync, kBulk };
 struct SplitKey {
   SplitFamily family;
   DType dtype;
@@ -191,7 +210,7 @@ struct SplitKey {
   int heads_per_block;  // SIMT
   bool strided;         // SIMT
   int prefetch;         // mma
-  int stages;           // async
+  int stages;           // async, bulk
 };
 
 template <class Src, AttnCombine C>
@@ -220,6 +239,14 @@ SplitFn<Src> pick_split_kernel(const SplitKey& k) {
       if (k.dtype == DType::kFloat16) return pick_async<Src, __half, C>(d, k.stages);
       if (k.dtype == DType::kBFloat16) return pick_async<Src, __nv_bfloat16, C>(d, k.stages);
       return nullptr;
+    case SplitFamily::kBulk:
+      if constexpr (C != AttnCombine::kSeparate) {
+        return nullptr;
+      } else {
+        if (k.dtype == DType::kFloat16) return pick_bulk<Src, __half>(d, k.stages);
+        if (k.dtype == DType::kBFloat16) return pick_bulk<Src, __nv_bfloat16>(d, k.stages);
+        return nullptr;
+      }
   }
   return nullptr;
 }
@@ -345,13 +372,21 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
   const bool mma_fits = caps::tensor_core_dtype(p.dtype) && !strided &&
                         caps::cuda_tensor_core_head_dim(D) && dev.cc_major >= 8;
   const AttnKernel kernel = var.kernel;
-  if (!mma_fits && (kernel == AttnKernel::kMma || kernel == AttnKernel::kAsync))
+  if (!mma_fits &&
+      (kernel == AttnKernel::kMma || kernel == AttnKernel::kAsync || kernel == AttnKernel::kBulk))
     throw UnsupportedError(op_message(
         op, "option kernel=", attn_kernel_name(kernel), " needs tensor cores: float16/bfloat16, ",
         "D innermost, head_dim ", caps::list_string(caps::kCudaTensorCoreHeadDims),
         " and compute capability 8.0+; this case is ",
         dtype_name(p.dtype), ", ", strided ? "D not innermost" : "D innermost", ", head_dim ", D,
         ", sm_", dev.cc_major, dev.cc_minor));
+  if (kernel == AttnKernel::kBulk && dev.cc_major < 9)
+    throw UnsupportedError(op_message(op, "option kernel=bulk needs bulk asynchronous copies "
+                                      "(compute capability 9.0+); this GPU is sm_",
+                                      dev.cc_major, dev.cc_minor));
+  if (kernel == AttnKernel::kBulk && var.combine != AttnCombine::kSeparate)
+    throw UnsupportedError(op_message(op, "option kernel=bulk runs under combine=separate only, "
+                                      "not combine=", attn_combine_name(var.combine)));
   plan.tensor_cores = mma_fits && kernel != AttnKernel::kSimt;
   if (plan.tensor_cores) plan.tile = kAttnWarps * kMmaTileKeys;
   plan.heads_per_block = plan.tensor_cores ? kMmaHeads : group == 1 ? 1 : group <= 4 ? 4 : 8;
@@ -419,7 +454,14 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
     const bool async = kernel == AttnKernel::kAsync ||
                        (kernel == AttnKernel::kAuto &&
                         chunk_for(splits) >= kAsyncMinTiles * plan.tile);
-    if (async) {
+    if (kernel == AttnKernel::kBulk) {
+      plan.stages = var.stages;  // 2 or 3 (parse_variant)
+      plan.bulk = true;
+      key.family = SplitFamily::kBulk;
+      key.stages = plan.stages;
+      split = pick_split<Src>(key, plan.combine_mode);
+      plan.smem_bytes = bulk_smem_bytes(D, plan.stages, 2);
+    } else if (async) {
       plan.stages = var.stages;  // 2 or 3 (parse_variant)
       plan.prefetch = 128;  // cp_async16's hint
       key.family = SplitFamily::kAsync;
@@ -475,7 +517,8 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
 // The instantiations the pickers above hold, probed over head_dim 1..512 (no device needed: a
 // pick returns a kernel's host-side address or null). One entry per (kernel family, dtype,
 // head_dim, variant): simt "gt<heads per block>/<16-byte|strided>", mma "prefetch<bytes>",
-// async "stages<n>", listed only where both combine modes (separate, last) are instantiated.
+// async "stages<n>", listed only where both combine modes (separate, last) are instantiated; bulk
+// "stages<n>" where combine=separate is (its only mode).
 // tests/test_native_capabilities.py compares them with common/capabilities.h.
 template <class Src>
 void probe_dtype(DType dtype, std::vector<AttnInstance>& out) {
@@ -496,6 +539,10 @@ void probe_dtype(DType dtype, std::vector<AttnInstance>& out) {
     for (int stages : caps::kCudaAsyncStages)
       if (both({SplitFamily::kAsync, dtype, d, 0, false, 0, stages}))
         out.push_back({"async", id, d, "stages" + std::to_string(stages)});
+    for (int stages : caps::kCudaBulkStages)
+      if (pick_split<Src>({SplitFamily::kBulk, dtype, d, 0, false, 0, stages},
+                          AttnCombine::kSeparate) != nullptr)
+        out.push_back({"bulk", id, d, "stages" + std::to_string(stages)});
   }
 }
 

@@ -1,6 +1,8 @@
 // The device's memory ceilings for provenance and % of peak (cuda_host.h measure_bandwidth): a
 // large reduction kernel (bytes read) and a large device-to-device copy (bytes read + written)
-// through cudaMemcpyAsync and a 16-byte copy kernel. Measured once per device and cached.
+// through cudaMemcpyAsync and a 16-byte copy kernel. Measured once per device and cached. And
+// the cost of one streaming read of a given size per op in the graph timer (read_floor_us): what
+// any one-kernel op that reads those bytes pays at least.
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -67,7 +69,82 @@ double best_ms(cudaStream_t s, cudaEvent_t e0, cudaEvent_t e1, int reps, F&& f) 
   return best;
 }
 
+// Thread blocks of the read kernel over n 16-byte vectors: 8 per SM (2048 threads), fewer where
+// the buffer has fewer vectors than that grid has threads.
+int read_blocks(const DeviceProps& props, size_t n) {
+  const size_t full = (size_t)props.sm_count * (2048 / kBwThreads);
+  return (int)std::max<size_t>(1, std::min(full, (n + kBwThreads - 1) / kBwThreads));
+}
+
 }  // namespace
+
+std::vector<double> read_floor_us(int index, int64_t bytes, int copies, int k, int reps) {
+  auto bad = [](const std::string& what) {
+    throw InvalidArgument("[cuda_read_floor] " + what);
+  };
+  if (bytes < 16 || bytes % 16 != 0)
+    bad("bytes " + std::to_string(bytes) + " must be a positive multiple of 16");
+  if (copies < 1) bad("copies " + std::to_string(copies) + " must be >= 1");
+  if (k < 1) bad("k " + std::to_string(k) + " must be >= 1");
+  if (reps < 1) bad("reps " + std::to_string(reps) + " must be >= 1");
+  check_index(index, "cuda_read_floor");
+  use_device(index);
+  const DeviceProps props = query_props(index);
+  size_t free_b = 0, total_b = 0;
+  KV_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  if ((double)bytes * copies > 0.5 * (double)free_b)
+    throw UnsupportedError("[cuda_read_floor] " + std::to_string(copies) + " copies of " +
+                           std::to_string(bytes) + " bytes exceed half the device's free memory (" +
+                           std::to_string(free_b) + " bytes)");
+  std::vector<DeviceBuffer> buffers((size_t)copies);
+  for (DeviceBuffer& b : buffers) {
+    b.allocate((size_t)bytes);
+    KV_CUDA_CHECK(cudaMemset(b.get(), 0x5A, (size_t)bytes));
+  }
+  DeviceBuffer sink;
+  sink.allocate(16);
+  struct GraphHandle {
+    cudaGraphExec_t exec = nullptr;
+    ~GraphHandle() {
+      if (exec) (void)cudaGraphExecDestroy(exec);
+    }
+  } graph_exec;
+  // Declared after the buffers and the graph: synchronised before either is freed.
+  StreamHandle stream;
+  EventHandle e0, e1;
+  KV_CUDA_CHECK(cudaStreamCreateWithFlags(&stream.s, cudaStreamNonBlocking));
+  KV_CUDA_CHECK(cudaEventCreate(&e0.e));
+  KV_CUDA_CHECK(cudaEventCreate(&e1.e));
+  cudaStream_t s = stream.s;
+  const size_t n = (size_t)bytes / 16;
+  const int blocks = read_blocks(props, n);
+  cudaGraph_t graph = nullptr;
+  KV_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < k; ++i)
+    read_kernel<<<blocks, kBwThreads, 0, s>>>(
+        static_cast<const uint4*>(buffers[(size_t)(i % copies)].get()), n,
+        static_cast<unsigned*>(sink.get()));
+  const cudaError_t launched = cudaGetLastError();
+  KV_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+  KV_CUDA_CHECK(launched);
+  const cudaError_t made = cudaGraphInstantiate(&graph_exec.exec, graph, 0);
+  (void)cudaGraphDestroy(graph);
+  KV_CUDA_CHECK(made);
+  KV_CUDA_CHECK(cudaGraphLaunch(graph_exec.exec, s));  // warm replay: the graph's first upload
+  KV_CUDA_CHECK(cudaStreamSynchronize(s));
+  std::vector<double> out;
+  out.reserve((size_t)reps);
+  for (int i = 0; i < reps; ++i) {
+    KV_CUDA_CHECK(cudaEventRecord(e0.e, s));
+    KV_CUDA_CHECK(cudaGraphLaunch(graph_exec.exec, s));
+    KV_CUDA_CHECK(cudaEventRecord(e1.e, s));
+    KV_CUDA_CHECK(cudaEventSynchronize(e1.e));
+    float ms = 0.f;
+    KV_CUDA_CHECK(cudaEventElapsedTime(&ms, e0.e, e1.e));
+    out.push_back(ms * 1000.0 / k);
+  }
+  return out;
+}
 
 Bandwidth measure_bandwidth(int index) {
   static std::mutex mutex;

@@ -78,6 +78,17 @@ void register_cuda(py::module_& m) {
       },
       py::arg("index") = 0,
       "Measured memory ceilings of CUDA device `index` in decimal GB/s (cached per device).");
+
+  m.def(
+      "cuda_read_floor",
+      [](int index, int64_t bytes, int copies, int k, int reps) {
+        py::gil_scoped_release release;
+        return cuda::read_floor_us(index, bytes, copies, k, reps);
+      },
+      py::arg("index"), py::arg("bytes"), py::arg("copies"), py::arg("k"), py::arg("reps"),
+      "µs per op of `reps` replays of a CUDA graph of k streaming-read kernels over `bytes` "
+      "each (op i reads copy i % copies): what one kernel that reads those bytes costs in the "
+      "graph timer's arithmetic, hot (copies=1) or cold (copies totalling several L2s).");
 }
 
 }  // namespace kvmicro

@@ -47,6 +47,12 @@ struct Bandwidth {
 
 Bandwidth measure_bandwidth(int index);
 
+// What reading `bytes` costs one kernel, per op, in the graph timer's arithmetic: `copies`
+// buffers of `bytes`, a CUDA graph of k launches of the read kernel (op i reads buffer
+// i % copies), replayed `reps` times between two events; µs per op of each replay. One copy
+// leaves the buffer in L2 where it fits (hot); copies totalling several L2s evict it (cold).
+std::vector<double> read_floor_us(int index, int64_t bytes, int copies, int k, int reps);
+
 // One attention kernel instantiation (attention_instantiations in
 // attention_plan.cuh; paged_sdpa.cu and sdpa_contiguous.cu list theirs).
 struct AttnInstance {

@@ -254,7 +254,8 @@ std::string CudaOp::describe() const {
            " tile(s), " +
            (!a.tensor_cores ? std::string("SIMT, ")
             : std::string("tensor cores (") +
-                  (a.stages ? "cp.async, " + std::to_string(a.stages) + " stages"
+                  (a.stages ? std::string(a.bulk ? "bulk copies, " : "cp.async, ") +
+                                  std::to_string(a.stages) + " stages"
                             : std::string("register loads")) +
                   (a.prefetch ? ", L2 prefetch " + std::to_string(a.prefetch) + " B), " : "), ")) +
            (a.strided ? "strided path (D not innermost)" : "16-byte path") +

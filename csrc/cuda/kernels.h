@@ -100,7 +100,8 @@ struct AttnPlan {
   int blocks_per_sm = 0;  // occupancy of the split kernel
   bool strided = false;   // generic (non D-innermost) path
   bool tensor_cores = false;  // mma kernels (16-bit dtypes, D innermost, head_dim 64/96/128)
-  int stages = 0;             // tensor cores: cp.async pipeline depth; 0 = register loads
+  int stages = 0;             // tensor cores: pipeline depth (cp.async or bulk); 0 = register loads
+  bool bulk = false;          // tensor cores: the bulk-copy pipeline (kernel=bulk, sm_90+)
   int prefetch = 0;           // register loads: L2 prefetch hint in bytes (0, 128, 256)
   int smem_bytes = 0;         // dynamic shared memory of the split kernel
   bool spread = false;        // smem_bytes padded so that blocks_per_sm is one even wave

@@ -267,9 +267,11 @@ class NativeCudaBackend(_NativeBackend):
     #: the planner's knobs (docs/cuda.md); defaults are what the planner does unasked
     OPTIONS: ClassVar[dict[str, Option]] = {
         "priority": PRIORITY_OPTION,
-        "kernel": Option("choice", "auto", ("auto", "simt", "mma", "async"),
+        "kernel": Option("choice", "auto", ("auto", "simt", "mma", "async", "bulk"),
                          help="attention kernel: auto (the planner's rule), simt, mma (tensor "
-                              "cores, register loads), async (tensor cores, cp.async pipeline)"),
+                              "cores, register loads), async (tensor cores, cp.async pipeline), "
+                              "bulk (tensor cores, bulk-copy pipeline; sm_90+, "
+                              "combine=separate)"),
         "splits": Option("int", 0, minimum=0, maximum=512,
                          help="context splits of the attention kernel (0: the planner's choice)"),
         "min_chunk": Option("int", 64, minimum=1, maximum=2**31 - 1,
@@ -277,7 +279,7 @@ class NativeCudaBackend(_NativeBackend):
         "blocks_per_sm": Option("int", 2, minimum=1, maximum=64,
                                 help="thread blocks per SM the tensor-core split rule aims at"),
         "stages": Option("int", 2, minimum=2, maximum=3,
-                         help="cp.async pipeline depth of the async kernel"),
+                         help="pipeline depth of the async and bulk kernels"),
         "l2_prefetch": Option("choice", "128", ("0", "128"),
                               help="L2 prefetch hint (bytes) of the mma kernel's loads"),
         "pdl": Option("bool", True,
