@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kvmicro import oracle
-from kvmicro.check import compare, tolerance
+from kvmicro.check import compare, score_rounding_bound, tolerance
 from kvmicro.workload import ALL_LAYOUTS, PLACEMENTS, Case, materialize
 
 
@@ -129,3 +129,27 @@ def test_compare_reports_nan_and_shape_mismatch():
     nan[0, 0, 0, 0] = np.nan
     assert "NaN" in compare(case, a, nan, ref).detail
     assert "shape" in compare(case, a, ref[:, :4], ref).detail
+
+
+def test_the_tolerance_widens_only_where_float32_scores_are_coarser_than_it():
+    # At the default scale the dtype's tolerance applies; at a scale whose scores run into the
+    # thousands, float32 rounding of one score can move an output by more than 1e-4, so the
+    # tolerance is the score-rounding bound, which grows with |scale|. A wrong key block still
+    # fails there by far.
+    case = case_for(placement="contiguous")
+    a = materialize(case)
+    assert tolerance(case, a) == tolerance(case) == 1e-4
+    assert score_rounding_bound(case, a) < 1e-4
+    large = case.with_(scale=48.0)
+    assert tolerance(large, a) == score_rounding_bound(large, a) > 1e-4
+    assert score_rounding_bound(large.with_(scale=-96.0), a) == pytest.approx(
+        2 * score_rounding_bound(large, a))
+    good = oracle.run(large, a)
+    assert compare(large, a, good).passed
+    wrong = a["block_table"].copy()
+    used = wrong >= 0
+    wrong[used] = wrong[used] + used.sum()
+    result = compare(large, {**a, "block_table": wrong}, good)
+    assert not result.passed and result.max_abs_err > 10 * result.tolerance
+    inf_keys = {**a, "k_pool": np.full_like(a["k_pool"], np.inf)}
+    assert score_rounding_bound(large, inf_keys) == 0.0  # no tolerance from non-finite inputs
