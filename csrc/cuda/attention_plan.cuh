@@ -197,8 +197,8 @@ SplitFn<Src> pick_bulk(int d, int stages) {
 }
 
 // One split kernel by what plan_attention chose: family, dtype, head_dim, then the family's
-// knob (SIMT: heads per block and path; mma: L2 prefetch; async and bulk: stages). Null where no kernel is
-// instantiated. The combine=last and combine=cluster instantiations of the two sources are
+// knob (SIMT: heads per block and path; mma: L2 prefetch; async and bulk: stages). Null where no
+// kernel is instantiated. The combine=last and combine=cluster instantiations of the two sources are
 // compiled in translation units of their own (paged_sdpa_last.cu, paged_sdpa_cluster.cu and their
 // sdpa_contiguous twins), so the sets build in parallel; pick_split_last() and
 // pick_split_cluster() are their entries.
