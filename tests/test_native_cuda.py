@@ -809,7 +809,7 @@ def test_the_bulk_kernel_is_refused_under_a_one_launch_combine() -> None:
         bad = case.with_(options=(("combine", combine), ("kernel", "bulk")))
         with pytest.raises(Unsupported, match=f"option kernel=bulk runs under combine=separate "
                                               f"only, not combine={combine}"):
-            NativeCudaBackend().prepare(bad, kv.materialize(bad))
+            kernel_of(bad)
 
 
 @needs_gpu
