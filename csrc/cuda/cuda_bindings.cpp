@@ -82,8 +82,15 @@ void register_cuda(py::module_& m) {
   m.def(
       "cuda_read_floor",
       [](int index, int64_t bytes, int copies, int k, int reps) {
-        py::gil_scoped_release release;
-        return cuda::read_floor_us(index, bytes, copies, k, reps);
+        std::vector<double> samples;
+        {
+          py::gil_scoped_release release;
+          samples = cuda::read_floor_us(index, bytes, copies, k, reps);
+        }
+        // A list built here: this file does without pybind11/stl.h's casters.
+        py::list out;
+        for (double us : samples) out.append(us);
+        return out;
       },
       py::arg("index"), py::arg("bytes"), py::arg("copies"), py::arg("k"), py::arg("reps"),
       "µs per op of `reps` replays of a CUDA graph of k streaming-read kernels over `bytes` "
