@@ -12,7 +12,8 @@
 #   test   the native CUDA tests of B (those matching TEST_FIRST, a pytest -k expression, first
 #          when it is set; then the whole files in what is left of the stage's time);
 #   ab     scripts/ab_builds.py: alternating A/B `kvmicro sweep` processes over paged_sdpa
-#          (graph timer, hot), paired verdicts;
+#          (graph timer, hot), paired verdicts; AB_CTX, AB_BATCH, AB_CACHE (e.g. hot,cold) and
+#          AB_LIMIT (seconds, default 150) replace the defaults;
 #   floor  one sweep of build A's paged_sdpa variants at small contexts (one launch, splits, PDL,
 #          combine=last) to place the fixed cost per op; FLOOR_SIDE=b sweeps build B instead,
 #          FLOOR_SPECS, FLOOR_CTX, FLOOR_BATCH and FLOOR_LIMIT (seconds) replace the defaults;
@@ -69,13 +70,14 @@ if want test && (( $(limit 130) > 0 )); then
     tests/test_native_cuda.py tests/test_native_capabilities.py
 fi
 
-if want ab && (( $(limit 150) > 0 )); then
-  step "A/B: alternating sweep processes, paged_sdpa graph/hot"
-  timeout "$(limit 150)" python3 scripts/ab_builds.py --a "$AB/a/src" --b "$AB/b/src" \
+ab_limit=${AB_LIMIT:-150}
+if want ab && (( $(limit "$ab_limit") > 0 )); then
+  step "A/B: alternating sweep processes, paged_sdpa graph/${AB_CACHE:-hot}"
+  timeout "$(limit "$ab_limit")" python3 scripts/ab_builds.py --a "$AB/a/src" --b "$AB/b/src" \
     --pairs "${PAIRS:-6}" --threshold 2 --out "$OUT/ab" -- --backend native:cuda \
-    --op paged_sdpa --ctx 1024,4096,16384 --batch 1,4 --heads 32:8 --head-dim 128 \
-    --dtype float16 --layout NSHD --block 16 --placement reverse --timer graph --cache hot \
-    --max-time 0.2 >"$OUT/ab.log" 2>&1
+    --op paged_sdpa --ctx "${AB_CTX:-1024,4096,16384}" --batch "${AB_BATCH:-1,4}" --heads 32:8 \
+    --head-dim 128 --dtype float16 --layout NSHD --block 16 --placement reverse --timer graph \
+    --cache "${AB_CACHE:-hot}" --max-time 0.2 >"$OUT/ab.log" 2>&1
   echo "ab rc=$?"; grep -A12 "^B against A" "$OUT/ab.log"
 fi
 
