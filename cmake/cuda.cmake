@@ -45,6 +45,13 @@ file(GLOB KVMICRO_CUDA_SOURCES CONFIGURE_DEPENDS
      ${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cpp)
 target_sources(_native PRIVATE ${KVMICRO_CUDA_SOURCES})
 target_compile_definitions(_native PRIVATE KVMICRO_WITH_CUDA=1)
+# The timeline probe (csrc/cuda/timeline.cuh, scripts/timeline.py): the attention kernels stamp
+# the global timer per block. A diagnostic build, never one to time with (build_info says so).
+option(KVMICRO_TIMELINE "Stamp the CUDA attention kernels' timeline (scripts/timeline.py)" OFF)
+if(KVMICRO_TIMELINE)
+  target_compile_definitions(_native PRIVATE KVMICRO_TIMELINE=1)
+  message(STATUS "kvmicro: the CUDA timeline probe is on (diagnostic build: do not time it)")
+endif()
 target_compile_options(_native PRIVATE
   $<$<COMPILE_LANGUAGE:CUDA>:-O3 -lineinfo>)
 # Static runtime: the module then loads wherever a driver is, whatever libcudart the Python

@@ -341,6 +341,12 @@ py::dict build_info() {
 #else
   b["metal"] = false;
 #endif
+  // The CUDA kernels stamp their timeline (timeline.cuh): timings of this build are perturbed.
+#if defined(KVMICRO_TIMELINE) && KVMICRO_TIMELINE
+  b["timeline"] = true;
+#else
+  b["timeline"] = false;
+#endif
   b["version"] = KVMICRO_VERSION;
   b["pybind11"] = std::to_string(PYBIND11_VERSION_MAJOR) + "." +
                   std::to_string(PYBIND11_VERSION_MINOR) + "." +

@@ -72,3 +72,56 @@ def test_the_combine_last_patches_apply_to_the_current_sources(tmp_path: Path, m
     else:
         minimum = "C == AttnCombine::kLast ? 2 : 0" if mode == "bounds_last" else "2"
         assert f"__launch_bounds__(kAttnThreads, {minimum})" in async_kernel
+
+
+def row(slot: int, entry: int, sliced: int, first: int, loop_end: int, exit_: int,
+        sm: int) -> tuple[int, ...]:
+    return (slot, entry, sliced, first, loop_end, exit_, sm)
+
+
+def test_the_timeline_summary_measures_each_phase_from_the_first_split_entry() -> None:
+    timeline = load("timeline")
+    base = 10_000_000  # global timer, ns
+    split = [row(0, base, base + 500, base + 1500, base + 9500, base + 10000, 3),
+             row(1, base + 200, base + 900, base + 2100, base + 9900, base + 10600, 3),
+             row(2, base + 400, 0, 0, 0, 0, 7)]  # past its sequence's end: it returned
+    combine = [row(0, base + 9000, base + 10900, 0, 0, base + 12000, 5)]
+    s = timeline.summarize(split, combine)
+    assert (s["split_blocks"], s["working_blocks"]) == (3, 2)
+    assert (s["sms"], s["most_blocks_per_sm"]) == (2, 2)
+    assert s["entry"] == {"min": 0.0, "median": 0.2, "max": 0.4}
+    assert s["to_slice"] == {"min": 0.5, "median": 0.6, "max": 0.7}  # only blocks with a slice
+    assert s["to_first_tile"]["median"] == pytest.approx(1.1)
+    assert s["main_loop"]["max"] == pytest.approx(8.0)
+    assert s["to_exit"]["max"] == pytest.approx(0.7)
+    assert s["split_exit"]["max"] == pytest.approx(10.6)
+    assert s["combine_released"]["min"] == pytest.approx(10.9)
+    assert s["span"] == pytest.approx(12.0)
+    text = timeline.report("case", 13.5, s)
+    assert "span of the last op 12.00 µs (the rest, 1.50 µs, lies between ops)" in text
+
+
+def test_the_timeline_summary_refuses_a_table_with_no_split_block() -> None:
+    with pytest.raises(ValueError, match="no split block stamped"):
+        load("timeline").summarize([], [])
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_the_timeline_build_stamps_every_tensor_core_split_kernel_and_the_combine(
+        tmp_path: Path) -> None:
+    # -DKVMICRO_TIMELINE=ON (scripts/timeline.py); the default build's KV_STAMP is empty.
+    import re
+    import subprocess
+
+    ptx = tmp_path / "paged_sdpa.ptx"
+    subprocess.run(["nvcc", "-O3", "-std=c++17", "-I", str(ROOT / "csrc"),
+                    "-DKVMICRO_WITH_CUDA=1", "-DKVMICRO_TIMELINE=1", "-arch=sm_90", "-ptx",
+                    str(ROOT / "csrc" / "cuda" / "paged_sdpa.cu"), "-o", str(ptx)], check=True)
+    text = ptx.read_text()
+    bodies = dict(re.findall(r"\.entry (\S+)\((.*?)\n}\n", text, flags=re.S))
+    stamped = {kind: [name for name in bodies if kind in name]
+               for kind in ("split_async", "split_mma", "combine")}
+    for kind, names in stamped.items():
+        assert names, kind
+        for name in names:
+            assert bodies[name].count("%globaltimer") >= (3 if kind == "combine" else 5), name

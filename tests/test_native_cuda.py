@@ -72,6 +72,35 @@ def test_cuda_build_loads_and_counts_devices() -> None:
         assert not availability and "no CUDA device" in availability.reason
 
 
+@pytest.mark.skipif(not HAS_CUDA_BUILD, reason="this kvmicro._native was built without CUDA")
+def test_the_timeline_probe_is_off_in_a_default_build_and_says_how_to_turn_it_on() -> None:
+    if NATIVE.build_info()["timeline"]:
+        pytest.skip("this is a KVMICRO_TIMELINE build (scripts/timeline.py)")
+    for call in (NATIVE.cuda_timeline, NATIVE.cuda_timeline_reset):
+        with pytest.raises(Unsupported,
+                           match=r"built without the timeline probe .*KVMICRO_TIMELINE=ON"):
+            call(0)
+
+
+def test_a_timeline_probe_build_is_unavailable_to_sweeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    class ProbeBuild:
+        @staticmethod
+        def build_info() -> dict[str, Any]:
+            return {"cuda": True, "timeline": True}
+
+        @staticmethod
+        def cuda_device_count() -> int:
+            return 1
+
+    monkeypatch.setattr("kvmicro.backends.native._import_problem", lambda: None)
+    monkeypatch.setattr("kvmicro.backends.native.load_native", lambda: ProbeBuild)
+    refused = NativeCudaBackend().availability()
+    assert not refused and "timeline probe's build" in refused.reason
+    reader = NativeCudaBackend()
+    reader.timeline_probe = True  # scripts/timeline.py
+    assert reader.availability()
+
+
 # ---- against the oracle --------------------------------------------------------------------------
 
 
@@ -810,6 +839,43 @@ def test_the_bulk_kernel_is_refused_under_a_one_launch_combine() -> None:
         with pytest.raises(Unsupported, match=f"option kernel=bulk runs under combine=separate "
                                               f"only, not combine={combine}"):
             kernel_of(bad)
+
+
+@needs_gpu
+@pytest.mark.parametrize("ctx", [1024, 16384])
+def test_the_timeline_probe_stamps_every_block_of_the_last_op_in_order(ctx: int) -> None:
+    # scripts/timeline.py, on a build with -DKVMICRO_TIMELINE=ON.
+    if not NATIVE.build_info()["timeline"]:
+        pytest.skip("built without the timeline probe (-DKVMICRO_TIMELINE=ON)")
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=2, q_heads=32, kv_heads=8,
+                head_dim=128, ctx=ctx, block_size=16, layout="NSHD", placement="reverse",
+                dtype="float16")
+    data = kv.materialize(case)
+    backend = NativeCudaBackend()
+    assert not backend.availability()  # no sweep times the stamped kernels
+    backend.timeline_probe = True
+    prepared = backend.prepare(case, data)
+    try:
+        NATIVE.cuda_timeline_reset(0)
+        prepared.graph_times(2, 5, rotate=False)
+        table = NATIVE.cuda_timeline(0)
+        assert compare(case, data, prepared.output()).passed
+    finally:
+        prepared.release()
+    split, combine = table["split"], table["combine"]
+    assert table["fields"] == ("slot", "entry", "sliced", "first", "loop_end", "exit", "sm")
+    assert split and len(combine) == case.batch * case.q_heads  # one combine block per head
+    for slot, entry, sliced, first, loop_end, exit_, sm in split:
+        if sliced == 0:  # a split past its sequence's end returns after reading the length
+            assert entry > 0 and first == loop_end == exit_ == 0, slot
+        else:
+            assert 0 < entry <= sliced <= first <= loop_end <= exit_, slot
+        assert 0 <= sm < NATIVE.cuda_device_info(0)["sm_count"]
+    assert any(r[2] for r in split)
+    last_split = max(r[5] for r in split)
+    for slot, _entry, released, first, loop_end, exit_, _sm in combine:
+        # griddepcontrol.wait returns once the whole split grid has completed
+        assert released >= last_split and exit_ >= released and first == loop_end == 0, slot
 
 
 @needs_gpu

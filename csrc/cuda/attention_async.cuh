@@ -59,8 +59,10 @@ __global__ void __launch_bounds__(kAttnThreads)
   __shared__ float s_m[NW][kMmaHeads];
   __shared__ float s_l[NW][kMmaHeads];
 
+  KV_STAMP(kTimelineSplit, kStampEntry);
   SplitSlice slice;
   if (!split_slice<kMmaHeads, C>(a, slice)) return;
+  KV_STAMP(kTimelineSplit, kStampSliced);
   const int split = slice.split, hk = slice.hk, g0 = slice.g0, b = slice.b;
   const int gcount = slice.gcount, start = slice.start, end = slice.end;
 
@@ -107,6 +109,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   for (int tile = 0; tile < tiles; ++tile) {
     cp_async_wait<S - 2>();  // this lane's copies of `tile` have landed
     __syncwarp();            // ... every lane's, and the stage refilled next was read by all
+    if (tile == 0) KV_STAMP(kTimelineSplit, kStampFirst);
     if (tile + S - 1 < tiles) issue(tile + S - 1);
     cp_async_commit();
     const T* sk = stages + (tile % S) * 2 * kTileElems;
@@ -127,9 +130,11 @@ __global__ void __launch_bounds__(kAttnThreads)
 
   allow_dependent_launch();
   __syncthreads();  // s_acc aliases every warp's stages
+  KV_STAMP(kTimelineSplit, kStampLoopEnd);
   st.store(s_acc, s_m, s_l, warp, gr, tq);
   __syncthreads();
   write_block_result<T, D, kMmaHeads, NW, C>(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);
+  KV_STAMP(kTimelineSplit, kStampExit);
 }
 
 }  // namespace cuda

@@ -14,10 +14,12 @@ namespace cuda {
 template <typename T, bool kAllowNextEarly>
 __global__ void __launch_bounds__(kCombineThreads)
     attention_combine_kernel(AttnArgs a, int head_dim) {
+  KV_STAMP(kTimelineCombine, kStampEntry);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched early under programmatic dependent launch: wait for the split kernel's writes.
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+  KV_STAMP(kTimelineCombine, kStampReleased);
   // pdl_entry=early: the next op's split kernel may be scheduled now (it waits for this grid
   // before its first read). Measured faster where that grid fits one block per SM and up to 19%
   // slower on the cp.async kernel without spread (docs/cuda.md), so it is its own instantiation,
@@ -109,6 +111,7 @@ __global__ void __launch_bounds__(kCombineThreads)
     out[2] = from_float<T>(t.z * inv);
     out[3] = from_float<T>(t.w * inv);
   }
+  KV_STAMP(kTimelineCombine, kStampExit);
 }
 
 }  // namespace cuda

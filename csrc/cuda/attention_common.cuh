@@ -20,6 +20,7 @@
 #include "common/variant.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/kernels.h"
+#include "cuda/timeline.cuh"
 
 namespace kvmicro {
 namespace cuda {

@@ -211,8 +211,10 @@ __global__ void __launch_bounds__(kAttnThreads)
   __shared__ float s_m[NW][kMmaHeads];
   __shared__ float s_l[NW][kMmaHeads];
 
+  KV_STAMP(kTimelineSplit, kStampEntry);
   SplitSlice slice;
   if (!split_slice<kMmaHeads, C>(a, slice)) return;
+  KV_STAMP(kTimelineSplit, kStampSliced);
   const int split = slice.split, hk = slice.hk, g0 = slice.g0, b = slice.b;
   const int gcount = slice.gcount, start = slice.start, end = slice.end;
 
@@ -244,13 +246,16 @@ __global__ void __launch_bounds__(kAttnThreads)
         rb = src.row_offset(b, hk, min(t0 + kStep + gr + 8, last));
       }
       st.consume(x, t0 + gr < end, t0 + gr + 8 < end, a.scale_log2);
+      if (t0 == start + warp * kMmaTileKeys) KV_STAMP(kTimelineSplit, kStampFirst);
     }
   }
 
   allow_dependent_launch();
   st.store(s_acc, s_m, s_l, warp, gr, tq);
   __syncthreads();
+  KV_STAMP(kTimelineSplit, kStampLoopEnd);
   write_block_result<T, D, kMmaHeads, NW, C>(a, s_acc, s_m, s_l, b, hk, g0, gcount, split);
+  KV_STAMP(kTimelineSplit, kStampExit);
 }
 
 }  // namespace cuda

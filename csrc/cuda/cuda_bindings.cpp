@@ -96,6 +96,50 @@ void register_cuda(py::module_& m) {
       "µs per op of `reps` replays of a CUDA graph of k streaming-read kernels over `bytes` "
       "each (op i reads copy i % copies): what one kernel that reads those bytes costs in the "
       "graph timer's arithmetic, hot (copies=1) or cold (copies totalling several L2s).");
+
+  m.def(
+      "cuda_timeline_reset",
+      [](int index) {
+        py::gil_scoped_release release;
+        cuda::timeline_reset(index);
+      },
+      py::arg("index") = 0,
+      "Zero the timeline probe's table (builds with -DKVMICRO_TIMELINE=ON; else Unsupported).");
+
+  m.def(
+      "cuda_timeline",
+      [](int index) {
+        std::vector<uint64_t> table;
+        {
+          py::gil_scoped_release release;
+          table = cuda::timeline_read(index);
+        }
+        // Rows that were stamped: (slot, entry, sliced or released, first, loop_end, exit, sm).
+        auto rows = [&](int kernel) {
+          py::list out;
+          for (int slot = 0; slot < cuda::kTimelineSlotsHost; ++slot) {
+            const uint64_t* f =
+                table.data() + ((size_t)kernel * cuda::kTimelineSlotsHost + slot) *
+                                   cuda::kTimelineFieldsHost;
+            if (f[0] == 0) continue;
+            py::tuple row(1 + cuda::kTimelineFieldsHost);
+            row[0] = slot;
+            for (int i = 0; i < cuda::kTimelineFieldsHost; ++i) row[1 + i] = f[i];
+            out.append(row);
+          }
+          return out;
+        };
+        py::dict d;
+        d["fields"] = py::make_tuple("slot", "entry", "sliced", "first", "loop_end", "exit", "sm");
+        d["slots"] = cuda::kTimelineSlotsHost;
+        d["split"] = rows(0);
+        d["combine"] = rows(1);
+        d["clock"] = "%globaltimer, ns";
+        return d;
+      },
+      py::arg("index") = 0,
+      "The timeline probe's table after the last run (timeline.cuh): per kernel the stamped "
+      "blocks' rows; combine rows carry `released` in the `sliced` field.");
 }
 
 }  // namespace kvmicro

@@ -53,6 +53,16 @@ Bandwidth measure_bandwidth(int index);
 // leaves the buffer in L2 where it fits (hot); copies totalling several L2s evict it (cold).
 std::vector<double> read_floor_us(int index, int64_t bytes, int copies, int k, int reps);
 
+// The timeline probe of the paged attention kernels (timeline.cuh; paged_sdpa.cu): whether this
+// build stamps them (-DKVMICRO_TIMELINE=ON), zero the table, copy it out (after a device sync) as
+// [kernel: split, combine][timeline_slots][timeline_fields] global-timer values, 0 where nothing
+// was stamped. Without the probe, reset and read raise UnsupportedError.
+bool timeline_built();
+constexpr int kTimelineSlotsHost = 8192;  // timeline.cuh's kTimelineSlots, checked there
+constexpr int kTimelineFieldsHost = 6;
+void timeline_reset(int index);
+std::vector<uint64_t> timeline_read(int index);
+
 // One attention kernel instantiation (attention_instantiations in
 // attention_plan.cuh; paged_sdpa.cu and sdpa_contiguous.cu list theirs).
 struct AttnInstance {

@@ -7,6 +7,8 @@
 //   prefetch hint 0 / 128 B) and cp.async (2 / 3 stages); here for combine=separate, in
 //   paged_sdpa_last.cu for combine=last
 #include "cuda/attention_plan.cuh"
+#include "cuda/cuda_device.cuh"
+#include "cuda/cuda_host.h"
 
 namespace kvmicro {
 namespace cuda {
@@ -27,6 +29,42 @@ void launch_paged_sdpa(const AttnPlan& plan, const AttnArgs& args, const PagedSr
 std::vector<AttnInstance> paged_sdpa_instantiations() {
   return attention_instantiations<PagedSrc>();
 }
+
+// ---- the timeline probe (timeline.cuh): the table this file's kernels stamp ----------------------
+
+#if defined(KVMICRO_TIMELINE) && KVMICRO_TIMELINE
+bool timeline_built() { return true; }
+
+void timeline_reset(int index) {
+  check_index(index, "cuda_timeline_reset");
+  use_device(index);
+  void* table = nullptr;
+  KV_CUDA_CHECK(cudaGetSymbolAddress(&table, g_kv_timeline));
+  KV_CUDA_CHECK(cudaMemset(table, 0, sizeof(g_kv_timeline)));
+  KV_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+std::vector<uint64_t> timeline_read(int index) {
+  check_index(index, "cuda_timeline");
+  use_device(index);
+  KV_CUDA_CHECK(cudaDeviceSynchronize());  // every stamping kernel has finished
+  std::vector<uint64_t> out(sizeof(g_kv_timeline) / sizeof(uint64_t));
+  KV_CUDA_CHECK(cudaMemcpyFromSymbol(out.data(), g_kv_timeline, sizeof(g_kv_timeline)));
+  return out;
+}
+#else
+bool timeline_built() { return false; }
+
+static const char* kNoTimeline =
+    "this extension was built without the timeline probe (build it with -DKVMICRO_TIMELINE=ON, "
+    "scripts/timeline.py)";
+
+void timeline_reset(int) { throw UnsupportedError(std::string("[cuda_timeline_reset] ") + kNoTimeline); }
+
+std::vector<uint64_t> timeline_read(int) {
+  throw UnsupportedError(std::string("[cuda_timeline] ") + kNoTimeline);
+}
+#endif
 
 }  // namespace cuda
 }  // namespace kvmicro

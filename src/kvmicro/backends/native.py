@@ -306,15 +306,26 @@ class NativeCudaBackend(_NativeBackend):
                                "kernels, at most 16 splits)"),
     }
     timers = ("host", "batched", "device", "graph")
+    #: A build of the timeline probe (``build_info()["timeline"]``, -DKVMICRO_TIMELINE=ON) stamps
+    #: the global timer in its kernels, so its timings are not native:cuda's: there this backend
+    #: is unavailable, and no sweep records them, unless an instance says it is the probe's
+    #: reader (scripts/timeline.py and its test set this).
+    timeline_probe = False
 
     def availability(self) -> Availability:
         problem = _import_problem()
         if problem:
             return Availability(False, problem)
         native = load_native()
-        if not native.build_info()["cuda"]:
+        build = native.build_info()
+        if not build["cuda"]:
             return Availability(False, "kvmicro._native was built without CUDA (no nvcc at build "
                                        "time, or KVMICRO_CUDA=OFF)")
+        if build.get("timeline") and not self.timeline_probe:
+            return Availability(False, "kvmicro._native is the timeline probe's build "
+                                       "(-DKVMICRO_TIMELINE=ON): its kernels stamp the global "
+                                       "timer, so its timings are not native:cuda's; rebuild "
+                                       "without it to measure")
         count_fn = getattr(native, "cuda_device_count", None)
         if count_fn is None:
             return Availability(False, "kvmicro._native has CUDA but no cuda_device_count()")

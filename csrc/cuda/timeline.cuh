@@ -1,0 +1,68 @@
+// The timeline probe of the attention kernels (issue 21: where the split kernel's time beyond a
+// plain read of its bytes goes). Off unless the extension is built with -DKVMICRO_TIMELINE=ON:
+// then thread 0 of every split and combine block writes the device's global timer (ns, the same
+// clock on every SM) at fixed points of its life into a per-translation-unit table, and
+// cuda_timeline_read() hands the table to Python (scripts/timeline.py). Each run overwrites its
+// blocks' rows, so after a graph replay the table holds the last op's. In the default build
+// KV_STAMP expands to nothing: no kernel carries a trace of the probe.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/cuda_host.h"
+
+namespace kvmicro {
+namespace cuda {
+
+constexpr int kTimelineSlots = 8192;  // blocks per kernel recorded (by linear block index)
+constexpr int kTimelineFields = 6;
+
+// Row of a split block: entry (before waiting for any earlier grid), sliced (its context length
+// read and its slice known; 0 for a block past its sequence's end, which returns there), first
+// (warp 0's first tile in shared memory or registers), loop_end (every warp's last tile
+// consumed), exit (its output or partial state written), sm (the SM it ran on, not a time).
+// Row of a combine block: entry, released (after griddepcontrol.wait: the split grid complete
+// and flushed), exit, sm; the other fields 0.
+enum TimelineField : int {
+  kStampEntry = 0,
+  kStampSliced = 1,
+  kStampFirst = 2,
+  kStampLoopEnd = 3,
+  kStampExit = 4,
+  kStampSm = 5,
+  kStampReleased = kStampSliced,  // the combine block's second field
+};
+enum TimelineKernel : int { kTimelineSplit = 0, kTimelineCombine = 1 };
+static_assert(kTimelineSlots == kTimelineSlotsHost && kTimelineFields == kTimelineFieldsHost,
+              "cuda_host.h describes the table to the bindings");
+
+#if defined(KVMICRO_TIMELINE) && KVMICRO_TIMELINE
+
+// static: one table per translation unit (no relocatable device code); the host functions of
+// paged_sdpa.cu read the one its kernels write.
+static __device__ unsigned long long g_kv_timeline[2][kTimelineSlots][kTimelineFields];
+
+__device__ __forceinline__ void timeline_stamp(int kernel, int field) {
+  if (threadIdx.x != 0) return;
+  const unsigned slot = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  if (slot >= (unsigned)kTimelineSlots) return;
+  unsigned long long now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)::"memory");
+  g_kv_timeline[kernel][slot][field] = now;
+  if (field == kStampEntry) {
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    g_kv_timeline[kernel][slot][kStampSm] = sm;
+  }
+}
+
+#define KV_STAMP(kernel, field) ::kvmicro::cuda::timeline_stamp((kernel), (field))
+
+#else
+
+#define KV_STAMP(kernel, field) ((void)0)
+
+#endif
+
+}  // namespace cuda
+}  // namespace kvmicro

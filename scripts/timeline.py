@@ -1,0 +1,177 @@
+"""Where a native:cuda paged decode op's time goes, block by block (issue 21), from the timeline
+probe: a diagnostic build whose split and combine blocks stamp the GPU's global timer at fixed
+points (csrc/cuda/timeline.cuh). Never time with that build: its stamps cost a little, and its
+build_info() says `timeline: True` so its records say so too.
+
+    KVMICRO_CUDA=ON scripts/dev-build.sh "$PWD/build/timeline" -DKVMICRO_TIMELINE=ON \\
+        -DCMAKE_CUDA_ARCHITECTURES=90
+    python3 scripts/timeline.py [--shape CTX/BATCH ...] [--spec SPEC ...] [--cache hot,cold]
+
+Each case (Hq 32 / Hkv 8 / D 128 fp16, NSHD block 16, reverse placement unless given) is checked
+against the float64 oracle, then timed as the graph timer does (k ops in a CUDA graph, `--reps`
+replays; cold: copies totalling 5 L2s in rotation), and the table read after the last replay
+holds the last op's stamps. Printed per case, in µs from the first split block's entry: when the
+split blocks entered (dispatch), how long a block took from entry to its slice (the context
+length read), to warp 0's first tile, through its main loop and to its exit (median and max over
+blocks), when the last split block ended, when the combine blocks entered and were released
+(after griddepcontrol.wait: the split grid complete and flushed) and when the last one ended;
+beside them the graph timer's µs per op, whose excess over the span is the gap between ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from typing import Any
+
+FIELDS = ("slot", "entry", "sliced", "first", "loop_end", "exit", "sm")
+
+
+def _us(ns: float) -> float:
+    return ns / 1000.0
+
+
+def summarize(split: list[tuple[int, ...]], combine: list[tuple[int, ...]]) -> dict[str, Any]:
+    """The phases of one op from the probe's rows (FIELDS order; timer values in ns, 0 where a
+    point was not stamped). Times are µs from the earliest split entry; phase lengths are per
+    block (median and max over the blocks that reached both ends)."""
+    if not split:
+        raise ValueError("no split block stamped: is this a KVMICRO_TIMELINE build, and "
+                         "native:cuda?")
+    col = {name: i for i, name in enumerate(FIELDS)}
+    t0 = min(r[col["entry"]] for r in split)
+
+    def spread(values: list[float]) -> dict[str, float] | None:
+        if not values:
+            return None
+        return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+    def phase(rows: list[tuple[int, ...]], start: str, end: str) -> dict[str, float] | None:
+        return spread([_us(r[col[end]] - r[col[start]]) for r in rows
+                       if r[col[start]] and r[col[end]]])
+
+    def at(rows: list[tuple[int, ...]], field: str) -> dict[str, float] | None:
+        return spread([_us(r[col[field]] - t0) for r in rows if r[col[field]]])
+
+    working = [r for r in split if r[col["sliced"]]]
+    per_sm: dict[int, int] = {}
+    for r in split:
+        per_sm[r[col["sm"]]] = per_sm.get(r[col["sm"]], 0) + 1
+    out: dict[str, Any] = {
+        "split_blocks": len(split),
+        "working_blocks": len(working),
+        "sms": len(per_sm),
+        "most_blocks_per_sm": max(per_sm.values()),
+        "entry": at(split, "entry"),
+        "to_slice": phase(working, "entry", "sliced"),
+        "to_first_tile": phase(working, "sliced", "first"),
+        "main_loop": phase(working, "first", "loop_end"),
+        "to_exit": phase(working, "loop_end", "exit"),
+        "split_exit": at(split, "exit"),
+        "combine_blocks": len(combine),
+    }
+    ends = [r[col["exit"]] for r in split if r[col["exit"]]]
+    if combine:
+        out["combine_entry"] = at(combine, "entry")
+        # The combine rows carry `released` (after griddepcontrol.wait) in the `sliced` field.
+        out["combine_released"] = at(combine, "sliced")
+        out["combine_exit"] = at(combine, "exit")
+        ends += [r[col["exit"]] for r in combine if r[col["exit"]]]
+    out["span"] = _us(max(ends) - t0) if ends else math.nan
+    return out
+
+
+def _cell(s: dict[str, float] | None, keys: tuple[str, ...] = ("median", "max")) -> str:
+    return "-" if s is None else " / ".join(f"{s[k]:.2f}" for k in keys)
+
+
+def report(title: str, graph_us: float, s: dict[str, Any]) -> str:
+    lines = [f"{title}: graph timer {graph_us:.2f} µs/op; span of the last op {s['span']:.2f} µs "
+             f"(the rest, {graph_us - s['span']:.2f} µs, lies between ops); "
+             f"{s['split_blocks']} split blocks ({s['working_blocks']} with tokens) on "
+             f"{s['sms']} SMs, at most {s['most_blocks_per_sm']} per SM; "
+             f"{s['combine_blocks']} combine blocks",
+             "  split blocks entered (min / median / max)   " +
+             _cell(s["entry"], ("min", "median", "max")),
+             "  entry -> slice (context length read)       " + _cell(s["to_slice"]),
+             "  slice -> warp 0's first tile               " + _cell(s["to_first_tile"]),
+             "  first tile -> main loop's end (all warps)  " + _cell(s["main_loop"]),
+             "  loop end -> exit (merge, partial written)  " + _cell(s["to_exit"]),
+             "  split blocks ended (min / median / max)    " +
+             _cell(s["split_exit"], ("min", "median", "max"))]
+    if s["combine_blocks"]:
+        lines += ["  combine blocks entered (min / max)         " +
+                  _cell(s["combine_entry"], ("min", "max")),
+                  "  combine blocks released (min / max)        " +
+                  _cell(s["combine_released"], ("min", "max")),
+                  "  combine blocks ended (min / max)           " +
+                  _cell(s["combine_exit"], ("min", "max"))]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", action="append", default=[], metavar="CTX/BATCH")
+    parser.add_argument("--spec", action="append", default=[], metavar="SPEC")
+    parser.add_argument("--cache", default="hot", help="hot, cold or hot,cold")
+    parser.add_argument("--layout", default="NSHD")
+    parser.add_argument("--block", type=int, default=16)
+    parser.add_argument("--placement", default="reverse")
+    parser.add_argument("--k", type=int, default=50, help="ops per graph")
+    parser.add_argument("--reps", type=int, default=5, help="graph replays")
+    args = parser.parse_args(argv)
+
+    from kvmicro.backends.native import load_native
+    from kvmicro.backends.registry import get_backend
+    from kvmicro.check import compare
+    from kvmicro.workload import Case, materialize
+
+    native = load_native()
+    info = native.build_info()
+    if not info.get("cuda") or not info.get("timeline") or native.cuda_device_count() == 0:
+        print("timeline: needs a CUDA GPU and an extension built with -DKVMICRO_TIMELINE=ON "
+              f"(this one: cuda={info.get('cuda')}, timeline={info.get('timeline')})",
+              file=sys.stderr)
+        return 2
+    l2 = int(native.cuda_device_info(0)["l2_bytes"])
+    caches = [c.strip() for c in args.cache.split(",") if c.strip()]
+    for c in caches:
+        if c not in ("hot", "cold"):
+            parser.error(f"--cache {c!r}: hot or cold")
+    for shape in args.shape or ["1024/1", "16384/1", "32768/4"]:
+        ctx, sep, batch = shape.partition("/")
+        if not sep or not ctx.isdigit() or not batch.isdigit():
+            parser.error(f"--shape {shape!r} is not CTX/BATCH")
+        for spec in args.spec or ["native:cuda"]:
+            case = Case(op="paged_sdpa", backend=spec, batch=int(batch), q_heads=32, kv_heads=8,
+                        head_dim=128, ctx=int(ctx), block_size=args.block, layout=args.layout,
+                        placement=args.placement, dtype="float16")
+            data = materialize(case)
+            kv_bytes = int(batch) * int(ctx) * 8 * 128 * 2 * 2
+            for cache in caches:
+                copies = 1 if cache == "hot" else max(2, math.ceil(5 * l2 / kv_bytes))
+                backend = get_backend(spec)
+                backend.timeline_probe = True  # this build is unavailable to everything else
+                prepared = backend.prepare(case, data, copies=copies)
+                try:
+                    prepared.run()
+                    prepared.sync()
+                    checked = compare(case, data, prepared.output())
+                    if not checked.passed:
+                        sys.exit(f"{spec} {shape}: the oracle check failed ({checked})")
+                    kernel = prepared.kernel
+                    native.cuda_timeline_reset(0)
+                    times = prepared.graph_times(args.reps, args.k, rotate=cache == "cold")
+                    table = native.cuda_timeline(0)
+                finally:
+                    prepared.release()
+                s = summarize(table["split"], table["combine"])
+                print(report(f"{spec} {shape} {case.layout} block {case.block_size} {cache} "
+                             f"({kernel})", statistics.median(times), s), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
