@@ -9,13 +9,14 @@ build_info() says `timeline: True` so its records say so too.
 
 Each case (Hq 32 / Hkv 8 / D 128 fp16, NSHD block 16, reverse placement unless given) is checked
 against the float64 oracle, then timed as the graph timer does (k ops in a CUDA graph, `--reps`
-replays; cold: copies totalling 5 L2s in rotation), and the table read after the last replay
-holds the last op's stamps. Printed per case, in µs from the first split block's entry: when the
-split blocks entered (dispatch), how long a block took from entry to its slice (the context
-length read), to warp 0's first tile, through its main loop and to its exit (median and max over
-blocks), when the last split block ended, when the combine blocks entered and were released
-(after griddepcontrol.wait: the split grid complete and flushed) and when the last one ended;
-beside them the graph timer's µs per op, whose excess over the span is the gap between ops.
+replays; cold: the copies cold:rotate would take, at least one op per copy), and the table read
+after the last replay holds the last op's stamps. Printed per case, in µs from the first split
+block's entry: when the split blocks entered (dispatch), how long a block took from entry to its
+slice (the context length read), to warp 0's first tile, through its main loop and to its exit
+(median and max over blocks), when the last split block ended, when the combine blocks entered
+and were released (after griddepcontrol.wait: the split grid complete and flushed) and when the
+last one ended; beside them the graph timer's µs per op, whose excess over the span is the gap
+between ops.
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     from kvmicro.backends.native import load_native
     from kvmicro.backends.registry import get_backend
     from kvmicro.check import compare
+    from kvmicro.derived import working_set_bytes
+    from kvmicro.harness.cache import ColdRotate
     from kvmicro.workload import Case, materialize
 
     native = load_native()
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(this one: cuda={info.get('cuda')}, timeline={info.get('timeline')})",
               file=sys.stderr)
         return 2
-    l2 = int(native.cuda_device_info(0)["l2_bytes"])
+    cold = ColdRotate(int(native.cuda_device_info(0)["l2_bytes"]))  # the harness's rotation
     caches = [c.strip() for c in args.cache.split(",") if c.strip()]
     for c in caches:
         if c not in ("hot", "cold"):
@@ -149,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                         head_dim=128, ctx=int(ctx), block_size=args.block, layout=args.layout,
                         placement=args.placement, dtype="float16")
             data = materialize(case)
-            kv_bytes = int(batch) * int(ctx) * 8 * 128 * 2 * 2
             for cache in caches:
-                copies = 1 if cache == "hot" else max(2, math.ceil(5 * l2 / kv_bytes))
+                copies = 1 if cache == "hot" else cold.copies_needed(working_set_bytes(case))
+                # a graph of k ops replays copies 0 .. k-1: k >= copies keeps every op cold
+                k = max(args.k, copies)
                 backend = get_backend(spec)
                 backend.timeline_probe = True  # this build is unavailable to everything else
                 prepared = backend.prepare(case, data, copies=copies)
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                         sys.exit(f"{spec} {shape}: the oracle check failed ({checked})")
                     kernel = prepared.kernel
                     native.cuda_timeline_reset(0)
-                    times = prepared.graph_times(args.reps, args.k, rotate=cache == "cold")
+                    times = prepared.graph_times(args.reps, k, rotate=cache == "cold")
                     table = native.cuda_timeline(0)
                 finally:
                     prepared.release()
