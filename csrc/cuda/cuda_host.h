@@ -53,11 +53,10 @@ Bandwidth measure_bandwidth(int index);
 // leaves the buffer in L2 where it fits (hot); copies totalling several L2s evict it (cold).
 std::vector<double> read_floor_us(int index, int64_t bytes, int copies, int k, int reps);
 
-// The timeline probe of the paged attention kernels (timeline.cuh; paged_sdpa.cu): whether this
-// build stamps them (-DKVMICRO_TIMELINE=ON), zero the table, copy it out (after a device sync) as
-// [kernel: split, combine][timeline_slots][timeline_fields] global-timer values, 0 where nothing
-// was stamped. Without the probe, reset and read raise UnsupportedError.
-bool timeline_built();
+// The timeline probe of the paged attention kernels (timeline.cuh; paged_sdpa.cu), in a build
+// with -DKVMICRO_TIMELINE=ON: zero the table; copy it out (after a device sync) as
+// [kernel: split, combine][kTimelineSlotsHost][kTimelineFieldsHost] global-timer values, 0 where
+// nothing was stamped. Without the probe both raise UnsupportedError.
 constexpr int kTimelineSlotsHost = 8192;  // timeline.cuh's kTimelineSlots, checked there
 constexpr int kTimelineFieldsHost = 6;
 void timeline_reset(int index);

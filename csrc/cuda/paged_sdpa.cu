@@ -33,8 +33,6 @@ std::vector<AttnInstance> paged_sdpa_instantiations() {
 // ---- the timeline probe (timeline.cuh): the table this file's kernels stamp ----------------------
 
 #if defined(KVMICRO_TIMELINE) && KVMICRO_TIMELINE
-bool timeline_built() { return true; }
-
 void timeline_reset(int index) {
   check_index(index, "cuda_timeline_reset");
   use_device(index);
@@ -53,13 +51,13 @@ std::vector<uint64_t> timeline_read(int index) {
   return out;
 }
 #else
-bool timeline_built() { return false; }
-
 static const char* kNoTimeline =
     "this extension was built without the timeline probe (build it with -DKVMICRO_TIMELINE=ON, "
     "scripts/timeline.py)";
 
-void timeline_reset(int) { throw UnsupportedError(std::string("[cuda_timeline_reset] ") + kNoTimeline); }
+void timeline_reset(int) {
+  throw UnsupportedError(std::string("[cuda_timeline_reset] ") + kNoTimeline);
+}
 
 std::vector<uint64_t> timeline_read(int) {
   throw UnsupportedError(std::string("[cuda_timeline] ") + kNoTimeline);

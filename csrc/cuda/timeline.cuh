@@ -2,7 +2,7 @@
 // plain read of its bytes goes). Off unless the extension is built with -DKVMICRO_TIMELINE=ON:
 // then thread 0 of every split and combine block writes the device's global timer (ns, the same
 // clock on every SM) at fixed points of its life into a per-translation-unit table, and
-// cuda_timeline_read() hands the table to Python (scripts/timeline.py). Each run overwrites its
+// cuda_timeline() hands the table to Python (scripts/timeline.py). Each run overwrites its
 // blocks' rows, so after a graph replay the table holds the last op's. In the default build
 // KV_STAMP expands to nothing: no kernel carries a trace of the probe.
 #pragma once
