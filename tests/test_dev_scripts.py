@@ -107,7 +107,7 @@ def test_the_timeline_summary_refuses_a_table_with_no_split_block() -> None:
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
-def test_the_timeline_build_stamps_every_tensor_core_split_kernel_and_the_combine(
+def test_the_timeline_build_stamps_the_register_load_and_cp_async_split_kernels_and_the_combine(
         tmp_path: Path) -> None:
     # -DKVMICRO_TIMELINE=ON (scripts/timeline.py); the default build's KV_STAMP is empty.
     import re

@@ -1,7 +1,9 @@
 // The timeline probe of the attention kernels (issue 21: where the split kernel's time beyond a
 // plain read of its bytes goes). Off unless the extension is built with -DKVMICRO_TIMELINE=ON:
-// then thread 0 of every split and combine block writes the device's global timer (ns, the same
-// clock on every SM) at fixed points of its life into a per-translation-unit table, and
+// then thread 0 of every block of the tensor-core split kernels with register loads and with
+// cp.async (the kernels the planner picks for 16-bit dtypes; not the SIMT or bulk-copy kernels)
+// and of the combine kernel writes the device's global timer (ns, the same clock on every SM) at
+// fixed points of its life into a per-translation-unit table, and
 // cuda_timeline() hands the table to Python (scripts/timeline.py). Each run overwrites its
 // blocks' rows, so after a graph replay the table holds the last op's. In the default build
 // KV_STAMP expands to nothing: no kernel carries a trace of the probe.
