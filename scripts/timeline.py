@@ -22,12 +22,16 @@ between ops.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import sys
 from typing import Any
 
-FIELDS = ("slot", "entry", "sliced", "first", "loop_end", "exit", "sm")
+POINTS = ("entry", "sliced", "first", "loop_end", "exit")
+#: the rows of cuda_timeline(): the slot, the points in the global timer (ns), the SM, the points
+#: in the SM's cycle counter
+FIELDS = ("slot", *POINTS, "sm", *(f"{p}_cycles" for p in POINTS))
 
 
 def _us(ns: float) -> float:
@@ -35,9 +39,11 @@ def _us(ns: float) -> float:
 
 
 def summarize(split: list[tuple[int, ...]], combine: list[tuple[int, ...]]) -> dict[str, Any]:
-    """The phases of one op from the probe's rows (FIELDS order; timer values in ns, 0 where a
-    point was not stamped). Times are µs from the earliest split entry; phase lengths are per
-    block (median and max over the blocks that reached both ends)."""
+    """The phases of one op from the probe's rows (FIELDS order; 0 where a point was not
+    stamped). Positions (when blocks entered and ended) are µs of the global timer from the
+    earliest split entry; phase lengths are per block, from its SM's cycle counter at the clock
+    both counters agree on over the blocks that ran to their exit (median and max over the blocks
+    that reached both ends of the phase)."""
     if not split:
         raise ValueError("no split block stamped: is this a KVMICRO_TIMELINE build, and "
                          "native:cuda?")
@@ -49,9 +55,14 @@ def summarize(split: list[tuple[int, ...]], combine: list[tuple[int, ...]]) -> d
             return None
         return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
+    whole = [r for r in split if r[col["exit"]]]
+    timer_ns = sum(r[col["exit"]] - r[col["entry"]] for r in whole)
+    cycles = sum(r[col["exit_cycles"]] - r[col["entry_cycles"]] for r in whole)
+    per_ns = cycles / timer_ns if timer_ns > 0 else math.nan
+
     def phase(rows: list[tuple[int, ...]], start: str, end: str) -> dict[str, float] | None:
-        return spread([_us(r[col[end]] - r[col[start]]) for r in rows
-                       if r[col[start]] and r[col[end]]])
+        return spread([_us((r[col[f"{end}_cycles"]] - r[col[f"{start}_cycles"]]) / per_ns)
+                       for r in rows if r[col[start]] and r[col[end]]])
 
     def at(rows: list[tuple[int, ...]], field: str) -> dict[str, float] | None:
         return spread([_us(r[col[field]] - t0) for r in rows if r[col[field]]])
@@ -60,11 +71,15 @@ def summarize(split: list[tuple[int, ...]], combine: list[tuple[int, ...]]) -> d
     per_sm: dict[int, int] = {}
     for r in split:
         per_sm[r[col["sm"]]] = per_sm.get(r[col["sm"]], 0) + 1
+    stamps = sorted({r[col[p]] for r in split + combine for p in POINTS if r[col[p]]})
+    ticks = [b - a for a, b in itertools.pairwise(stamps)]
     out: dict[str, Any] = {
         "split_blocks": len(split),
         "working_blocks": len(working),
         "sms": len(per_sm),
         "most_blocks_per_sm": max(per_sm.values()),
+        "clock_ghz": per_ns,  # SM cycles per ns
+        "timer_step_ns": min(ticks) if ticks else math.nan,  # the finest step the stamps show
         "entry": at(split, "entry"),
         "to_slice": phase(working, "entry", "sliced"),
         "to_first_tile": phase(working, "sliced", "first"),
@@ -73,7 +88,7 @@ def summarize(split: list[tuple[int, ...]], combine: list[tuple[int, ...]]) -> d
         "split_exit": at(split, "exit"),
         "combine_blocks": len(combine),
     }
-    ends = [r[col["exit"]] for r in split if r[col["exit"]]]
+    ends = [r[col["exit"]] for r in whole]
     if combine:
         out["combine_entry"] = at(combine, "entry")
         # The combine rows carry `released` (after griddepcontrol.wait) in the `sliced` field.
@@ -93,7 +108,9 @@ def report(title: str, graph_us: float, s: dict[str, Any]) -> str:
              f"(the rest, {graph_us - s['span']:.2f} µs, lies between ops); "
              f"{s['split_blocks']} split blocks ({s['working_blocks']} with tokens) on "
              f"{s['sms']} SMs, at most {s['most_blocks_per_sm']} per SM; "
-             f"{s['combine_blocks']} combine blocks",
+             f"{s['combine_blocks']} combine blocks; phases at {s['clock_ghz']:.3f} GHz (SM "
+             f"cycles per global-timer ns), the timer's finest step here "
+             f"{s['timer_step_ns']:.0f} ns",
              "  split blocks entered (min / median / max)   " +
              _cell(s["entry"], ("min", "median", "max")),
              "  entry -> slice (context length read)       " + _cell(s["to_slice"]),

@@ -74,21 +74,25 @@ def test_the_combine_last_patches_apply_to_the_current_sources(tmp_path: Path, m
         assert f"__launch_bounds__(kAttnThreads, {minimum})" in async_kernel
 
 
-def row(slot: int, entry: int, sliced: int, first: int, loop_end: int, exit_: int,
-        sm: int) -> tuple[int, ...]:
-    return (slot, entry, sliced, first, loop_end, exit_, sm)
+def row(slot: int, points: tuple[int, ...], sm: int, cycle_base: int) -> tuple[int, ...]:
+    """A probe row: the five points in the global timer (ns, 0: not stamped), the SM, and the
+    points in an SM cycle counter at 2 GHz that started at cycle_base."""
+    cycles = tuple(cycle_base + 2 * (p - points[0]) if p else 0 for p in points)
+    return (slot, *points, sm, *cycles)
 
 
-def test_the_timeline_summary_measures_each_phase_from_the_first_split_entry() -> None:
+def test_the_timeline_summary_places_blocks_by_the_timer_and_times_phases_in_cycles() -> None:
     timeline = load("timeline")
-    base = 10_000_000  # global timer, ns
-    split = [row(0, base, base + 500, base + 1500, base + 9500, base + 10000, 3),
-             row(1, base + 200, base + 900, base + 2100, base + 9900, base + 10600, 3),
-             row(2, base + 400, 0, 0, 0, 0, 7)]  # past its sequence's end: it returned
-    combine = [row(0, base + 9000, base + 10900, 0, 0, base + 12000, 5)]
+    b = 10_000_000  # global timer, ns
+    split = [row(0, (b, b + 500, b + 1500, b + 9500, b + 10000), 3, 7_000),
+             row(1, (b + 200, b + 900, b + 2100, b + 9900, b + 10600), 3, 123_456),
+             row(2, (b + 400, 0, 0, 0, 0), 7, 55)]  # past its sequence's end: it returned
+    combine = [row(0, (b + 9000, b + 10900, 0, 0, b + 12000), 5, 99)]
     s = timeline.summarize(split, combine)
     assert (s["split_blocks"], s["working_blocks"]) == (3, 2)
     assert (s["sms"], s["most_blocks_per_sm"]) == (2, 2)
+    assert s["clock_ghz"] == pytest.approx(2.0)
+    assert s["timer_step_ns"] == 100  # b + 400 .. b + 500, the closest two stamps
     assert s["entry"] == {"min": 0.0, "median": 0.2, "max": 0.4}
     assert s["to_slice"] == {"min": 0.5, "median": 0.6, "max": 0.7}  # only blocks with a slice
     assert s["to_first_tile"]["median"] == pytest.approx(1.1)
@@ -99,6 +103,7 @@ def test_the_timeline_summary_measures_each_phase_from_the_first_split_entry() -
     assert s["span"] == pytest.approx(12.0)
     text = timeline.report("case", 13.5, s)
     assert "span of the last op 12.00 µs (the rest, 1.50 µs, lies between ops)" in text
+    assert "phases at 2.000 GHz" in text
 
 
 def test_the_timeline_summary_refuses_a_table_with_no_split_block() -> None:

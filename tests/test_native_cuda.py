@@ -863,17 +863,19 @@ def test_the_timeline_probe_stamps_every_block_of_the_last_op_in_order(ctx: int)
     finally:
         prepared.release()
     split, combine = table["split"], table["combine"]
-    assert table["fields"] == ("slot", "entry", "sliced", "first", "loop_end", "exit", "sm")
+    points = ("entry", "sliced", "first", "loop_end", "exit")
+    assert table["fields"] == ("slot", *points, "sm", *(f"{p}_cycles" for p in points))
     assert split and len(combine) == case.batch * case.q_heads  # one combine block per head
-    for slot, entry, sliced, first, loop_end, exit_, sm in split:
+    for slot, entry, sliced, first, loop_end, exit_, sm, *cycles in split:
         if sliced == 0:  # a split past its sequence's end returns after reading the length
             assert entry > 0 and first == loop_end == exit_ == 0, slot
-        else:
+        else:  # both clocks see the points in order
             assert 0 < entry <= sliced <= first <= loop_end <= exit_, slot
+            assert cycles == sorted(cycles) and cycles[0] < cycles[-1], slot
         assert 0 <= sm < NATIVE.cuda_device_info(0)["sm_count"]
     assert any(r[2] for r in split)
     last_split = max(r[5] for r in split)
-    for slot, _entry, released, first, loop_end, exit_, _sm in combine:
+    for slot, _entry, released, first, loop_end, exit_, *_rest in combine:
         # griddepcontrol.wait returns once the whole split grid has completed
         assert released >= last_split and exit_ >= released and first == loop_end == 0, slot
 

@@ -114,7 +114,7 @@ void register_cuda(py::module_& m) {
           py::gil_scoped_release release;
           table = cuda::timeline_read(index);
         }
-        // Rows that were stamped: (slot, entry, sliced or released, first, loop_end, exit, sm).
+        // Rows that were stamped: (slot, then timeline.cuh's fields).
         auto rows = [&](int kernel) {
           py::list out;
           for (int slot = 0; slot < cuda::kTimelineSlotsHost; ++slot) {
@@ -130,11 +130,13 @@ void register_cuda(py::module_& m) {
           return out;
         };
         py::dict d;
-        d["fields"] = py::make_tuple("slot", "entry", "sliced", "first", "loop_end", "exit", "sm");
+        d["fields"] = py::make_tuple("slot", "entry", "sliced", "first", "loop_end", "exit", "sm",
+                                     "entry_cycles", "sliced_cycles", "first_cycles",
+                                     "loop_end_cycles", "exit_cycles");
         d["slots"] = cuda::kTimelineSlotsHost;
         d["split"] = rows(0);
         d["combine"] = rows(1);
-        d["clock"] = "%globaltimer, ns";
+        d["clock"] = "%globaltimer (ns) and %clock64 (SM cycles)";
         return d;
       },
       py::arg("index") = 0,

@@ -58,7 +58,7 @@ std::vector<double> read_floor_us(int index, int64_t bytes, int copies, int k, i
 // [kernel: split, combine][kTimelineSlotsHost][kTimelineFieldsHost] global-timer values, 0 where
 // nothing was stamped. Without the probe both raise UnsupportedError.
 constexpr int kTimelineSlotsHost = 8192;  // timeline.cuh's kTimelineSlots, checked there
-constexpr int kTimelineFieldsHost = 6;
+constexpr int kTimelineFieldsHost = 11;
 void timeline_reset(int index);
 std::vector<uint64_t> timeline_read(int index);
 

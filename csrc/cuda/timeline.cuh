@@ -17,22 +17,27 @@ namespace kvmicro {
 namespace cuda {
 
 constexpr int kTimelineSlots = 8192;  // blocks per kernel recorded (by linear block index)
-constexpr int kTimelineFields = 6;
+constexpr int kTimelineStamps = 5;
+constexpr int kTimelineFields = 2 * kTimelineStamps + 1;
 
 // Row of a split block: entry (before waiting for any earlier grid), sliced (its context length
 // read and its slice known; 0 for a block past its sequence's end, which returns there), first
 // (warp 0's first tile in shared memory or registers), loop_end (every warp's last tile
-// consumed), exit (its output or partial state written), sm (the SM it ran on, not a time).
-// Row of a combine block: entry, released (after griddepcontrol.wait: the split grid complete
-// and flushed), exit, sm; the other fields 0.
+// consumed), exit (its output or partial state written), as global-timer values (ns, one clock
+// for every SM: where blocks sit against each other; its tick may be coarser than 1 ns); then sm
+// (the SM it ran on); then the same five points in the SM's cycle counter (clock64: exact
+// within the block, so the script takes phase lengths from it). Row of a combine block: entry,
+// released (after griddepcontrol.wait: the split grid complete and flushed), exit; the other
+// points 0.
 enum TimelineField : int {
   kStampEntry = 0,
   kStampSliced = 1,
   kStampFirst = 2,
   kStampLoopEnd = 3,
   kStampExit = 4,
-  kStampSm = 5,
-  kStampReleased = kStampSliced,  // the combine block's second field
+  kStampReleased = kStampSliced,  // the combine block's second point
+  kFieldSm = kTimelineStamps,
+  kFieldCycles = kTimelineStamps + 1,  // + point: the cycle counter at that point
 };
 enum TimelineKernel : int { kTimelineSplit = 0, kTimelineCombine = 1 };
 static_assert(kTimelineSlots == kTimelineSlotsHost && kTimelineFields == kTimelineFieldsHost,
@@ -48,13 +53,16 @@ __device__ __forceinline__ void timeline_stamp(int kernel, int field) {
   if (threadIdx.x != 0) return;
   const unsigned slot = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
   if (slot >= (unsigned)kTimelineSlots) return;
-  unsigned long long now;
+  unsigned long long now, cycles;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)::"memory");
-  g_kv_timeline[kernel][slot][field] = now;
+  asm volatile("mov.u64 %0, %%clock64;" : "=l"(cycles)::"memory");
+  unsigned long long* row = g_kv_timeline[kernel][slot];
+  row[field] = now;
+  row[kFieldCycles + field] = cycles;
   if (field == kStampEntry) {
     unsigned sm;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    g_kv_timeline[kernel][slot][kStampSm] = sm;
+    row[kFieldSm] = sm;
   }
 }
 
