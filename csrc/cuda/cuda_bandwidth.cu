@@ -130,20 +130,7 @@ std::vector<double> read_floor_us(int index, int64_t bytes, int copies, int k, i
   const cudaError_t made = cudaGraphInstantiate(&graph_exec.exec, graph, 0);
   (void)cudaGraphDestroy(graph);
   KV_CUDA_CHECK(made);
-  KV_CUDA_CHECK(cudaGraphLaunch(graph_exec.exec, s));  // warm replay: the graph's first upload
-  KV_CUDA_CHECK(cudaStreamSynchronize(s));
-  std::vector<double> out;
-  out.reserve((size_t)reps);
-  for (int i = 0; i < reps; ++i) {
-    KV_CUDA_CHECK(cudaEventRecord(e0.e, s));
-    KV_CUDA_CHECK(cudaGraphLaunch(graph_exec.exec, s));
-    KV_CUDA_CHECK(cudaEventRecord(e1.e, s));
-    KV_CUDA_CHECK(cudaEventSynchronize(e1.e));
-    float ms = 0.f;
-    KV_CUDA_CHECK(cudaEventElapsedTime(&ms, e0.e, e1.e));
-    out.push_back(ms * 1000.0 / k);
-  }
-  return out;
+  return graph_replay_us_per_op(graph_exec.exec, s, e0.e, e1.e, reps, k);
 }
 
 Bandwidth measure_bandwidth(int index) {

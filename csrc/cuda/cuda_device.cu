@@ -41,6 +41,24 @@ void check_index(int index, const char* what) {
                           " outside [0, " + std::to_string(n) + ")");
 }
 
+std::vector<double> graph_replay_us_per_op(cudaGraphExec_t graph, cudaStream_t stream,
+                                           cudaEvent_t start, cudaEvent_t stop, int reps, int k) {
+  KV_CUDA_CHECK(cudaGraphLaunch(graph, stream));  // warm replay: the graph's first upload
+  KV_CUDA_CHECK(cudaStreamSynchronize(stream));
+  std::vector<double> out;
+  out.reserve((size_t)reps);
+  for (int i = 0; i < reps; ++i) {
+    KV_CUDA_CHECK(cudaEventRecord(start, stream));
+    KV_CUDA_CHECK(cudaGraphLaunch(graph, stream));
+    KV_CUDA_CHECK(cudaEventRecord(stop, stream));
+    KV_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.f;
+    KV_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    out.push_back(ms * 1000.0 / k);
+  }
+  return out;
+}
+
 void use_device(int index) {
   int current = -1;
   KV_CUDA_CHECK(cudaGetDevice(&current));

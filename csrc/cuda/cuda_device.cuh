@@ -24,6 +24,12 @@ int device_attr(cudaDeviceAttr a, int index);
 // What the plans need to know of device `index` (kernels.h DeviceProps).
 DeviceProps query_props(int index);
 
+// The graph timer's arithmetic (docs/methodology.md), for an op's graph (CudaOp::graph_times_us)
+// and the read floor's (read_floor_us): one warm replay of `graph` (its first upload) and a sync,
+// then `reps` samples of (event, replay, event, sync), each the elapsed µs / k, the graph's ops.
+std::vector<double> graph_replay_us_per_op(cudaGraphExec_t graph, cudaStream_t stream,
+                                           cudaEvent_t start, cudaEvent_t stop, int reps, int k);
+
 // Device memory owned by one object; freed on every path out (a failed prepare included).
 class DeviceBuffer {
  public:

@@ -73,20 +73,7 @@ std::vector<double> CudaOp::graph_times_us(int reps, int k, bool rotate) {
   use_device(device_);
   sync();
   if (!graph_ || graph_k_ != k || graph_copy_ != (rotate ? -1 : current_)) build_graph(k, rotate);
-  KV_CUDA_CHECK(cudaGraphLaunch(graph_, stream_));  // warm replay: first upload of the graph
-  sync();
-  std::vector<double> out;
-  out.reserve((size_t)reps);
-  for (int i = 0; i < reps; ++i) {
-    KV_CUDA_CHECK(cudaEventRecord(start_, stream_));
-    KV_CUDA_CHECK(cudaGraphLaunch(graph_, stream_));
-    KV_CUDA_CHECK(cudaEventRecord(stop_, stream_));
-    KV_CUDA_CHECK(cudaEventSynchronize(stop_));
-    float ms = 0.f;
-    KV_CUDA_CHECK(cudaEventElapsedTime(&ms, start_, stop_));
-    out.push_back(ms * 1000.0 / k);
-  }
-  return out;
+  return graph_replay_us_per_op(graph_, stream_, start_, stop_, reps, k);
 }
 
 }  // namespace cuda
