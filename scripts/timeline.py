@@ -1,7 +1,8 @@
 """Where a native:cuda paged decode op's time goes, block by block (issue 21), from the timeline
-probe: a diagnostic build whose split and combine blocks stamp the GPU's global timer at fixed
-points (csrc/cuda/timeline.cuh). Never time with that build: its stamps cost a little, and its
-build_info() says `timeline: True` so its records say so too.
+probe: a diagnostic build whose split and combine blocks stamp the GPU's global timer and their
+SM's cycle counter at fixed points (csrc/cuda/timeline.cuh). Never time with that build: its
+stamps cost a little, so native:cuda is unavailable to sweeps there (build_info() says
+`timeline: True`); only this script's backend instance reads it.
 
     KVMICRO_CUDA=ON scripts/dev-build.sh "$PWD/build/timeline" -DKVMICRO_TIMELINE=ON \\
         -DCMAKE_CUDA_ARCHITECTURES=90
@@ -143,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from kvmicro.backends.native import load_native
     from kvmicro.backends.registry import get_backend
-    from kvmicro.check import compare
-    from kvmicro.derived import working_set_bytes
-    from kvmicro.harness.cache import ColdRotate
-    from kvmicro.workload import Case, materialize
+    from kvmicro.derived import footprint_bytes, working_set_bytes
+    from kvmicro.points import Point
+    from kvmicro.runner import Runner
+    from kvmicro.workload import Case
 
     native = load_native()
     info = native.build_info()
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(this one: cuda={info.get('cuda')}, timeline={info.get('timeline')})",
               file=sys.stderr)
         return 2
-    cold = ColdRotate(int(native.cuda_device_info(0)["l2_bytes"]))  # the harness's rotation
+    runner = Runner()  # the sweep's cache policies and its checked prepare
     caches = [c.strip() for c in args.cache.split(",") if c.strip()]
     for c in caches:
         if c not in ("hot", "cold"):
@@ -168,18 +169,15 @@ def main(argv: list[str] | None = None) -> int:
             case = Case(op="paged_sdpa", backend=spec, batch=int(batch), q_heads=32, kv_heads=8,
                         head_dim=128, ctx=int(ctx), block_size=args.block, layout=args.layout,
                         placement=args.placement, dtype="float16")
-            data = materialize(case)
+            get_backend(spec).timeline_probe = True  # unavailable to everything else
             for cache in caches:
-                copies = 1 if cache == "hot" else cold.copies_needed(working_set_bytes(case))
+                policy = runner.cache_policy(Point(case, "graph", cache))  # cold: cold:rotate
+                copies = max(1, policy.copies_needed(working_set_bytes(case),
+                                                     footprint_bytes(case)))
                 # a graph of k ops replays copies 0 .. k-1: k >= copies keeps every op cold
                 k = max(args.k, copies)
-                backend = get_backend(spec)
-                backend.timeline_probe = True  # this build is unavailable to everything else
-                prepared = backend.prepare(case, data, copies=copies)
+                prepared, checked = runner.prepare_checked(case, copies)
                 try:
-                    prepared.run()
-                    prepared.sync()
-                    checked = compare(case, data, prepared.output())
                     if not checked.passed:
                         sys.exit(f"{spec} {shape}: the oracle check failed ({checked})")
                     kernel = prepared.kernel
