@@ -18,21 +18,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvmicro.backends.registry import get_backend
-from kvmicro.check import compare
-from kvmicro.workload import Case, materialize
+from kvmicro.runner import Runner
+from kvmicro.workload import Case
 
 
-def profile(spec: str, ctx: int, batch: int, runs: int) -> None:
+def profile(runner: Runner, spec: str, ctx: int, batch: int, runs: int) -> None:
     case = Case(op="paged_sdpa", backend=spec, batch=batch, q_heads=32, kv_heads=8,
                 head_dim=128, ctx=ctx, block_size=16, layout="NSHD", placement="reverse",
                 dtype="float16")
-    data = materialize(case)
-    prepared = get_backend(spec).prepare(case, data)
+    prepared, checked = runner.prepare_checked(case)  # the sweep's prepare, run and oracle check
     try:
-        prepared.run()
-        prepared.sync()
-        checked = compare(case, data, prepared.output())
         if not checked.passed:
             sys.exit(f"{spec} {ctx}/{batch}: the oracle check failed ({checked}), nothing to "
                      f"profile")
@@ -64,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not ctx.isdigit() or not batch.isdigit():
             parser.error(f"--shape {shape!r} is not CTX/BATCH")
         shapes.append((int(ctx), int(batch)))
+    runner = Runner()
     for ctx, batch in shapes:
         for spec in args.spec or ["native:cuda"]:
-            profile(spec, ctx, batch, args.runs)
+            profile(runner, spec, ctx, batch, args.runs)
     return 0
 
 
