@@ -25,7 +25,7 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" -k timeline \
   tests/test_native_cuda.py >"$OUT/logs/tests.log" 2>&1
 echo "timeline tests rc=$?: $(tail -1 "$OUT/logs/tests.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/logs/tests.log" | head
-args=(--cache hot,cold)
+args=(--cache hot,cold --raw "$OUT/timeline-rows.jsonl")
 for shape in ${SHAPES:-1024/1 4096/1 4096/4 16384/1 16384/4 32768/1 32768/4}; do
   args+=(--shape "$shape")
 done

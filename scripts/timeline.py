@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
+import re
 import statistics
 import sys
 from typing import Any
@@ -39,12 +41,14 @@ def _us(ns: float) -> float:
     return ns / 1000.0
 
 
-def summarize(split: list[tuple[int, ...]], combine: list[tuple[int, ...]]) -> dict[str, Any]:
+def summarize(split: list[tuple[int, ...]], combine: list[tuple[int, ...]],
+              splits: int = 1) -> dict[str, Any]:
     """The phases of one op from the probe's rows (FIELDS order; 0 where a point was not
-    stamped). Positions (when blocks entered and ended) are µs of the global timer from the
-    earliest split entry; phase lengths are per block, from its SM's cycle counter at the clock
-    both counters agree on over the blocks that ran to their exit (median and max over the blocks
-    that reached both ends of the phase)."""
+    stamped); ``splits``: the split grid's x extent, so that rows with one slot // splits belong
+    to one (batch entry, kv head x head tile). Positions (when blocks entered and ended) are µs
+    of the global timer from the earliest split entry; phase lengths are per block, from its SM's
+    cycle counter at the clock both counters agree on over the blocks that ran to their exit
+    (median and max over the blocks that reached both ends of the phase)."""
     if not split:
         raise ValueError("no split block stamped: is this a KVMICRO_TIMELINE build, and "
                          "native:cuda?")
@@ -89,6 +93,15 @@ def summarize(split: list[tuple[int, ...]], combine: list[tuple[int, ...]]) -> d
         "split_exit": at(split, "exit"),
         "combine_blocks": len(combine),
     }
+    # The tail: how much earlier the last split block would end if the blocks' work were
+    # balanced within each (batch entry, kv head x head tile) (the latest unit mean of exits),
+    # and across the whole grid (the mean exit).
+    units: dict[int, list[int]] = {}
+    for r in whole:
+        units.setdefault(r[col["slot"]] // max(splits, 1), []).append(r[col["exit"]])
+    if whole:
+        out["balanced_in_unit_exit"] = _us(max(statistics.fmean(v) for v in units.values()) - t0)
+        out["balanced_exit"] = _us(statistics.fmean(r[col["exit"]] for r in whole) - t0)
     ends = [r[col["exit"]] for r in whole]
     if combine:
         out["combine_entry"] = at(combine, "entry")
@@ -120,6 +133,9 @@ def report(title: str, graph_us: float, s: dict[str, Any]) -> str:
              "  loop end -> exit (merge, partial written)  " + _cell(s["to_exit"]),
              "  split blocks ended (min / median / max)    " +
              _cell(s["split_exit"], ("min", "median", "max"))]
+    if "balanced_exit" in s:
+        lines.append("  last split end if balanced in each unit / in the grid   "
+                     f"{s['balanced_in_unit_exit']:.2f} / {s['balanced_exit']:.2f}")
     if s["combine_blocks"]:
         lines += ["  combine blocks entered (min / max)         " +
                   _cell(s["combine_entry"], ("min", "max")),
@@ -140,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--placement", default="reverse")
     parser.add_argument("--k", type=int, default=50, help="ops per graph")
     parser.add_argument("--reps", type=int, default=5, help="graph replays")
+    parser.add_argument("--raw", metavar="PATH",
+                        help="also write each case's rows (FIELDS order) here, one JSON line each")
     args = parser.parse_args(argv)
 
     from kvmicro.backends.native import load_native
@@ -186,7 +204,14 @@ def main(argv: list[str] | None = None) -> int:
                     table = native.cuda_timeline(0)
                 finally:
                     prepared.release()
-                s = summarize(table["split"], table["combine"])
+                found = re.search(r"splits (\d+) x", kernel)
+                s = summarize(table["split"], table["combine"], int(found.group(1)) if found else 1)
+                if args.raw:
+                    with open(args.raw, "a") as f:
+                        f.write(json.dumps({"spec": spec, "shape": shape, "cache": cache,
+                                            "kernel": kernel, "graph_us": times,
+                                            "fields": FIELDS, "split": table["split"],
+                                            "combine": table["combine"]}) + "\n")
                 print(report(f"{spec} {shape} {case.layout} block {case.block_size} {cache} "
                              f"({kernel})", statistics.median(times), s), flush=True)
     return 0

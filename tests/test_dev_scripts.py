@@ -104,6 +104,13 @@ def test_the_timeline_summary_places_blocks_by_the_timer_and_times_phases_in_cyc
     text = timeline.report("case", 13.5, s)
     assert "span of the last op 12.00 µs (the rest, 1.50 µs, lies between ops)" in text
     assert "phases at 2.000 GHz" in text
+    # Blocks 0 and 1 as two units (one split each): the later unit ends where it ends; balanced
+    # over the grid, at their mean exit. As the two splits of one unit, both at the mean.
+    assert s["balanced_in_unit_exit"] == pytest.approx(10.6)
+    assert s["balanced_exit"] == pytest.approx(10.3)
+    assert timeline.summarize(split, combine, splits=2)["balanced_in_unit_exit"] == \
+        pytest.approx(10.3)
+    assert "balanced in each unit / in the grid   10.60 / 10.30" in text
 
 
 def test_the_timeline_summary_refuses_a_table_with_no_split_block() -> None:
