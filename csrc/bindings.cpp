@@ -427,7 +427,8 @@ PYBIND11_MODULE(_native, m) {
         "Validate the arrays (16-bit dtypes as uint16 bit patterns, float32 as float32, table and "
         "ctx int32; None where the op does not read an array) and prepare `op` on `device`. "
         "`options`: the kernel variant knobs as text (cuda: kernel, splits, min_chunk, "
-        "blocks_per_sm, stages, l2_prefetch, pdl, pdl_entry, spread, combine; cpu: simd), validated here.");
+        "blocks_per_sm, stages, l2_prefetch, pdl, pdl_entry, spread, combine, schedule; cpu: "
+        "simd), validated here.");
   m.def("pool_strides", &pool_strides, py::arg("layout"), py::arg("N"), py::arg("S"),
         py::arg("H"), py::arg("D"),
         "Element strides of the logical axes N, S, H, D in a pool of this layout (layout.h).");

@@ -11,7 +11,9 @@ chooses early or off per plan) at exit, early and off,
 and early under each one-launch combine mode, gather_sdpa included; spread (the split kernel's
 shared memory padded to one even wave) alone, under pdl_entry=early and on the cp.async and SIMT
 kernels; the bulk-copy kernel (kernel=bulk, sm_90+) at 2 and 3 stages, with one split and under
-pdl_entry=off. Exit 1 on a mismatch.
+pdl_entry=off; schedule=steal (the cp.async kernel's warps claim tiles from a counter per
+sequence and head group) with the planner's split count, 48 and 3 (pdl_entry=off). Exit 1 on a
+mismatch.
 
     compute-sanitizer --tool memcheck --error-exitcode 3 python scripts/sanitize_cuda.py
     compute-sanitizer --tool racecheck --error-exitcode 3 python scripts/sanitize_cuda.py \
@@ -72,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         (("kernel", "async"), ("spread", "true")),
         (("kernel", "simt"), ("splits", "8"), ("spread", "true")),
         (("kernel", "bulk"),), (("kernel", "bulk"), ("splits", "1"), ("stages", "3")),
-        (("kernel", "bulk"), ("pdl_entry", "off")))
+        (("kernel", "bulk"), ("pdl_entry", "off")),
+        (("kernel", "async"), ("schedule", "steal")),
+        (("kernel", "async"), ("schedule", "steal"), ("splits", "48")),
+        (("kernel", "async"), ("pdl_entry", "off"), ("schedule", "steal"), ("splits", "3")))
     if args.only == "default":
         variants = ((),)
     elif only is not None:

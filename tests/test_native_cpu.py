@@ -414,9 +414,10 @@ def test_bad_scalars(base: Any) -> None:
      "option combine='foo' is not one of separate, last, cluster"),
     ("cuda", {"pdl_entry": "true"}, "option pdl_entry='true' is not one of off, exit, early, auto"),
     ("cuda", {"spread": "even"}, "option spread='even' is not a boolean"),
+    ("cuda", {"schedule": "dynamic"}, "option schedule='dynamic' is not one of static, steal"),
     ("cuda", {"simd": "1"}, "unknown option 'simd' for device cuda; expected one of kernel, "
                             "splits, min_chunk, blocks_per_sm, stages, l2_prefetch, pdl, "
-                            "pdl_entry, spread, combine"),
+                            "pdl_entry, spread, combine, schedule"),
 ])
 def test_bad_variant_options_are_refused_naming_the_value(base: Any, device: str,
                                                           options: dict[str, str],
@@ -441,7 +442,8 @@ def test_options_of_the_native_backends() -> None:
     cuda = NativeCudaBackend.parse_options({"kernel": "mma", "splits": "8", "pdl": "false"})
     assert cuda == {"priority": "normal", "kernel": "mma", "splits": 8, "min_chunk": 64,
                     "blocks_per_sm": 2, "stages": 2, "l2_prefetch": "128", "pdl": False,
-                    "pdl_entry": "auto", "spread": False, "combine": "separate"}
+                    "pdl_entry": "auto", "spread": False, "combine": "separate",
+                    "schedule": "static"}
     assert NativeCudaBackend.parse_options({"combine": "last"})["combine"] == "last"
     with pytest.raises(InvalidCase, match="unknown option 'kernel'; valid options: simd"):
         NativeCpuBackend.parse_options({"kernel": "simt"})

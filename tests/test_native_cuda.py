@@ -841,6 +841,93 @@ def test_the_bulk_kernel_is_refused_under_a_one_launch_combine() -> None:
             kernel_of(bad)
 
 
+# ---- schedule=steal: the cp.async kernel's warps claim tiles past their first ------------------
+#
+# Head dims 64/96/128, GQA 1/4/7/16 (two head tiles), ragged contexts that do not fill their last
+# block, a sequence of 1 and of 9 tokens beside longer ones (a unit whose blocks all get only
+# fixed tiles), block size 1, three layouts and both 16-bit dtypes, at the planner's split count
+# and 2, 8 and 48 forced: a tile claimed twice or never, or a key past the end read as real,
+# gives a wrong answer.
+STEAL = [
+    Case(op=op, backend="native:cuda", batch=b, q_heads=hq, kv_heads=hkv, head_dim=d, ctx=ctx,
+         block_size=bs, layout=layout, placement=placement, dtype=dtype, seed=seed,
+         options=(("kernel", "async"), ("schedule", "steal"), ("splits", splits)))
+    for op in ATTENTION_OPS
+    for (b, hq, hkv, d, ctx, bs, layout, placement, dtype, seed) in [
+        (3, 8, 2, 128, (37, 130, 5), 16, "NSHD", "random", "float16", 41),
+        (3, 4, 4, 64, (9, 230, 1), 1, "HNSD", "fragmented", "bfloat16", 42),
+        (2, 28, 4, 128, (2000, 333), 16, "NHSD", "reverse", "float16", 43),
+        (2, 48, 3, 96, (300, 2222), 32, "NSHD", "random", "bfloat16", 44),
+        (1, 7, 1, 128, 20000, 64, "NSHD", "random", "float16", 45),
+    ]
+    for splits in ("0", "2", "8", "48")
+]
+
+
+def steal_id(case: Case) -> str:
+    return f"{case_id(case)}-{dict(case.options)['splits']}"
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", STEAL, ids=steal_id)
+def test_tiles_claimed_from_a_counter_match_the_oracle(case: Case) -> None:
+    assert "(schedule=steal)" in kernel_of(case)
+    assert_matches(case)
+
+
+@needs_gpu
+@pytest.mark.parametrize("pdl_entry", ["off", "exit", "early", "auto"])
+@pytest.mark.parametrize("splits", ["0", "3", "48"])
+def test_claim_counters_are_back_at_zero_for_every_run_and_graph_replay(pdl_entry: str,
+                                                                         splits: str) -> None:
+    # The counters are zeroed once at prepare and by each op's combine kernel after: one left
+    # past zero makes the next op's warps skip tiles (a wrong answer), whether the next op
+    # follows in stream order or under PDL, in a run or a graph over two copies.
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=4, q_heads=28, kv_heads=4,
+                head_dim=128, ctx=(2000, 33, 700, 1), block_size=16, placement="random",
+                dtype="float16", seed=51,
+                options=(("kernel", "async"), ("pdl_entry", pdl_entry), ("schedule", "steal"),
+                         ("splits", splits)))
+    arrays = kv.materialize(case)
+    prepared = NativeCudaBackend().prepare(case, arrays, copies=2)
+    try:
+        assert "(schedule=steal)" in prepared.kernel
+        assert_runs_and_a_graph_keep_the_answer(case, arrays, prepared, runs=4)
+        prepared.select(0)
+        prepared.poison_outputs()
+        prepared.run()  # after the graph
+        assert compare(case, arrays, prepared.output()).passed
+    finally:
+        prepared.release()
+
+
+@needs_gpu
+def test_schedule_steal_runs_by_default_plan_at_long_contexts_and_is_refused_elsewhere() -> None:
+    case = Case(op="paged_sdpa", backend="native:cuda", batch=1, q_heads=32, kv_heads=8,
+                head_dim=128, ctx=16384, dtype="float16", options=(("schedule", "steal"),))
+    described = kernel_of(case)  # kernel=auto picks the cp.async kernel here
+    assert "tensor cores (cp.async, 2 stages" in described and "(schedule=steal)" in described
+    assert "schedule=steal" not in kernel_of(case.with_(options=()))
+    refused = [
+        (case.with_(ctx=1024), "runs on the cp.async kernel only.*the register-load kernel"),
+        (case.with_(options=(("kernel", "simt"), ("schedule", "steal"))),
+         "runs on the cp.async kernel only.*the SIMT kernel"),
+        (case.with_(options=(("kernel", "bulk"), ("schedule", "steal"))),
+         "runs on the cp.async kernel only.*the bulk-copy kernel"),
+        (case.with_(options=(("combine", "last"), ("schedule", "steal"))),
+         "runs under combine=separate only .*not combine=last"),
+        (case.with_(options=(("combine", "cluster"), ("schedule", "steal"))),
+         "runs under combine=separate only .*not combine=cluster"),
+        (case.with_(options=(("schedule", "steal"), ("stages", "3"))),
+         "runs with stages=2 only, not stages=3"),
+        (case.with_(options=(("kernel", "async"), ("schedule", "steal"), ("splits", "1"))),
+         "needs more than one split"),
+    ]
+    for bad, why in refused:
+        with pytest.raises(Unsupported, match=f"option schedule=steal {why}"):
+            kernel_of(bad)
+
+
 @needs_gpu
 @pytest.mark.parametrize("ctx", [1024, 16384])
 def test_the_timeline_probe_stamps_every_block_of_the_last_op_in_order(ctx: int) -> None:

@@ -496,6 +496,9 @@ inline Variant parse_variant(const char* op, const std::string& device,
       v.combine = detail::parse_choice_option(
           op, key, text, {AttnCombine::kSeparate, AttnCombine::kLast, AttnCombine::kCluster},
           attn_combine_name);
+    } else if (key == "schedule") {
+      v.schedule = detail::parse_choice_option(
+          op, key, text, {AttnSchedule::kStatic, AttnSchedule::kSteal}, attn_schedule_name);
     } else if (key == "simd") {
       v.simd = detail::parse_bool_option(op, key, text);
     }

@@ -71,6 +71,22 @@ inline const char* pdl_entry_name(PdlEntry e) {
   return "unknown";
 }
 
+// Which tokens of its sequence a split kernel's thread block reads (docs/cuda.md).
+enum class AttnSchedule : int32_t {
+  kStatic = 0,  // its split's fixed range of chunk tokens
+  kSteal = 1,   // its warps' first tiles fixed, the rest claimed one 16-key tile at a time from a
+                // counter per (sequence, kv head x head tile): the split blocks of a sequence end
+                // together however fast their SMs stream (cp.async kernel, combine=separate)
+};
+
+inline const char* attn_schedule_name(AttnSchedule s) {
+  switch (s) {
+    case AttnSchedule::kStatic: return "static";
+    case AttnSchedule::kSteal: return "steal";
+  }
+  return "unknown";
+}
+
 // The most context splits a plan may use (the combine kernel's shared-memory bound).
 constexpr int kVariantMaxSplits = 512;
 
@@ -87,6 +103,7 @@ struct Variant {
   // at most ceil(blocks / SMs) split blocks resident per SM (its shared memory padded)
   bool spread = false;
   AttnCombine combine = AttnCombine::kSeparate;  // combine kernel, last block, or cluster
+  AttnSchedule schedule = AttnSchedule::kStatic;  // fixed split ranges, or tiles claimed
   // ---- CPU ----
   bool simd = true;           // AVX2/F16C/FMA kernels where the CPU has them (else portable)
 };
@@ -95,7 +112,7 @@ struct Variant {
 inline const std::vector<std::string>& variant_keys(const std::string& device) {
   static const std::vector<std::string> cuda{"kernel", "splits",      "min_chunk", "blocks_per_sm",
                                              "stages", "l2_prefetch", "pdl",       "pdl_entry",
-                                             "spread", "combine"};
+                                             "spread", "combine",     "schedule"};
   static const std::vector<std::string> cpu{"simd"};
   static const std::vector<std::string> none;
   if (device == "cuda") return cuda;

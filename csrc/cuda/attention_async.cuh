@@ -41,7 +41,21 @@ __host__ __device__ constexpr int async_smem_bytes(int d, int stages, int esize)
 // of 128 bytes, odd rows store their 16-byte chunks XOR 4, so the fragment reads (rows gr and
 // gr+1 in one phase) hit distinct banks. Every warp syncs only itself (__syncwarp): a stage is
 // private to its warp. C: the combine mode (write_block_result).
-template <typename T, int D, int S, class Src, AttnCombine C>
+//
+// kSteal (schedule=steal; combine=separate, more than one split): a warp's tiles are not its
+// split's. The sequence's 16-key tiles are numbered 0, 1, ...; of the W warps of the n blocks
+// that hold tokens (splits_with_tokens), warp w = split * NW + warp takes tiles w, W + w, ...
+// for its first S - 1 (a fixed start, so the first copies go out as soon as without it), then
+// claims each next one from the (batch entry, kv head x head tile) counter (AttnArgs::arrivals:
+// tile (S - 1) * W + the counter's old value), two claims in flight while its tiles land. A
+// warp's tiles only grow, so it stops at its first tile past the sequence's end; every claim
+// below the end is consumed by the warp that made it (see the loop). Each counter has a
+// 128-byte line of its own (kClaimCounterStride): on one line, every warp's claims of every
+// sequence and head meet at one L2 slice. Online softmax does not care which
+// keys a warp saw or in what order, so the split's partial state is still the merge of its
+// warps; which keys each split holds changes from run to run, so the sums' rounding does too.
+// The combine kernel zeroes the counters (attention_combine_kernel, kResetClaims).
+template <typename T, int D, int S, class Src, AttnCombine C, bool kSteal = false>
 __global__ void __launch_bounds__(kAttnThreads)
     attention_split_async_kernel(AttnArgs a, Src src) {
   static_assert(D % 32 == 0, "16-byte fragment loads cover 32 elements of d per lane quad");
@@ -72,15 +86,16 @@ __global__ void __launch_bounds__(kAttnThreads)
   const T* vp = static_cast<const T*>(src.v);
   T* stages = reinterpret_cast<T*>(smem_raw) + warp * S * 2 * kTileElems;  // [S][K, V][TK][D]
 
-  const int last = end - 1;
+  // Keys past `last` (the split's; under kSteal the sequence's) read `last`'s row instead.
+  const int last = (kSteal ? slice.ctx : end) - 1;
   constexpr int kStep = NW * TK;
   const int t_first = start + warp * TK;
   const int tiles = t_first < end ? (end - t_first + kStep - 1) / kStep : 0;  // warp-uniform
 
-  auto issue = [&](int tile) {
-    const int t = t_first + tile * kStep;
+  // The copies of the tile of keys t .. t+TK-1 into stage `stage`.
+  auto issue_at = [&](int t, int stage) {
     const int64_t mine = src.row_offset(b, hk, min(t + (lane & 15), last));  // key t + lane%16
-    T* sk = stages + (tile % S) * 2 * kTileElems;
+    T* sk = stages + stage * 2 * kTileElems;
     T* sv = sk + kTileElems;
 #pragma unroll
     for (int i = 0; i < TK / 4; ++i) {
@@ -98,21 +113,14 @@ __global__ void __launch_bounds__(kAttnThreads)
     }
   };
 
+  auto issue = [&](int tile) { issue_at(t_first + tile * kStep, tile % S); };
+
   MmaWarpState<T, D> st;
   st.init(a, b, hk, g0, gcount, gr, tq);
-#pragma unroll
-  for (int s = 0; s < S - 1; ++s) {
-    if (s < tiles) issue(s);
-    cp_async_commit();  // empty groups too: the wait count below stays S - 2
-  }
   const int swz = kSwz * (gr & 1);  // rows gr and gr + 8 share their parity
-  for (int tile = 0; tile < tiles; ++tile) {
-    cp_async_wait<S - 2>();  // this lane's copies of `tile` have landed
-    __syncwarp();            // ... every lane's, and the stage refilled next was read by all
-    if (tile == 0) KV_STAMP(kTimelineSplit, kStampFirst);
-    if (tile + S - 1 < tiles) issue(tile + S - 1);
-    cp_async_commit();
-    const T* sk = stages + (tile % S) * 2 * kTileElems;
+  // The tile in stage `stage`, keys t0 .. t0+TK-1 of which those below `stop` are real.
+  auto consume = [&](int stage, int t0, int stop) {
+    const T* sk = stages + stage * 2 * kTileElems;
     const T* sv = sk + kTileElems;
     MmaRows<D> x;
 #pragma unroll
@@ -123,8 +131,63 @@ __global__ void __launch_bounds__(kAttnThreads)
       x.va[j] = lds16(sv + gr * D + off);
       x.vb[j] = lds16(sv + (gr + 8) * D + off);
     }
-    const int t0 = t_first + tile * kStep;
-    st.consume(x, t0 + gr < end, t0 + gr + 8 < end, a.scale_log2);
+    st.consume(x, t0 + gr < stop, t0 + gr + 8 < stop, a.scale_log2);
+  };
+  if constexpr (kSteal) {
+    const int ctx = slice.ctx;
+    const int warps = min(a.splits, (ctx + a.chunk - 1) / a.chunk) * NW;  // W: splits_with_tokens
+    const int warp_id = split * NW + warp;  // w
+    int32_t* counter =
+        a.arrivals + ((int64_t)blockIdx.z * gridDim.y + blockIdx.y) * kClaimCounterStride;
+    int pending[S - 1];  // first keys of the tiles in flight, oldest first (increasing)
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+      pending[s] = (s * warps + warp_id) * TK;
+      if (pending[s] < ctx) issue_at(pending[s], s);
+      cp_async_commit();  // empty groups too: the wait count below stays S - 2
+    }
+    // Two claims in flight (lane 0's registers), the older read first: a claim's round trip
+    // to L2, queued behind the K/V stream, has two tiles' time to come back. A warp whose
+    // fixed tiles run past the end claims too, but then every tile from (S - 1) * W on is past
+    // the end as well, so what it drops holds no key; and the claims a warp drops when it stops
+    // were made after one that came back past the end (one thread's atomics on one address
+    // take effect in program order), so they are past it too.
+    int claim = 0, claim_next = 0;
+    if (lane == 0) {
+      claim = atomicAdd(counter, 1);
+      claim_next = atomicAdd(counter, 1);
+    }
+    for (int tile = 0; pending[0] < ctx; ++tile) {
+      cp_async_wait<S - 2>();  // this lane's copies of the oldest tile have landed
+      __syncwarp();            // ... every lane's, and the stage refilled next was read by all
+      if (tile == 0) KV_STAMP(kTimelineSplit, kStampFirst);
+      const int t0 = pending[0];
+#pragma unroll
+      for (int s = 0; s + 1 < S - 1; ++s) pending[s] = pending[s + 1];
+      const int next = ((S - 1) * warps + __shfl_sync(0xffffffffu, claim, 0)) * TK;
+      pending[S - 2] = next;
+      claim = claim_next;
+      if (next < ctx) {
+        issue_at(next, (tile + S - 1) % S);
+        if (lane == 0) claim_next = atomicAdd(counter, 1);
+      }
+      cp_async_commit();
+      consume(tile % S, t0, ctx);
+    }
+  } else {
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+      if (s < tiles) issue(s);
+      cp_async_commit();  // empty groups too: the wait count below stays S - 2
+    }
+    for (int tile = 0; tile < tiles; ++tile) {
+      cp_async_wait<S - 2>();  // this lane's copies of `tile` have landed
+      __syncwarp();            // ... every lane's, and the stage refilled next was read by all
+      if (tile == 0) KV_STAMP(kTimelineSplit, kStampFirst);
+      if (tile + S - 1 < tiles) issue(tile + S - 1);
+      cp_async_commit();
+      consume(tile % S, t_first + tile * kStep, end);
+    }
   }
   cp_async_wait<0>();
 

@@ -11,7 +11,12 @@ namespace cuda {
 // (V = head_dim / 4) for splits t / V, t / V + P, ... (P = threads / V phases), and the phases are
 // summed in shared memory at the end. Its first kPre partial rows are loaded before the softmax
 // statistics are reduced, so that latency overlaps the reductions.
-template <typename T, bool kAllowNextEarly>
+//
+// kResetClaims (schedule=steal): the block of query head 0 of each batch entry zeroes that
+// entry's claim counters (AttnArgs::arrivals, one per kv head x head tile) once the split grid
+// is complete, so the next op's split kernel, which runs after this grid (stream order, or
+// griddepcontrol.wait under pdl_entry), finds them at 0.
+template <typename T, bool kAllowNextEarly, bool kResetClaims = false>
 __global__ void __launch_bounds__(kCombineThreads)
     attention_combine_kernel(AttnArgs a, int head_dim) {
   KV_STAMP(kTimelineCombine, kStampEntry);
@@ -33,6 +38,12 @@ __global__ void __launch_bounds__(kCombineThreads)
 
   const int64_t head = blockIdx.x;
   const int b = (int)(head / a.q_heads);
+  if constexpr (kResetClaims) {
+    const int units = a.q_heads / a.group * a.head_tiles;
+    if (head % a.q_heads == 0)
+      for (int u = threadIdx.x; u < units; u += kCombineThreads)
+        a.arrivals[((int64_t)b * units + u) * kClaimCounterStride] = 0;
+  }
   const int n = min(a.splits, (a.ctx[b] + a.chunk - 1) / a.chunk);
   const float* ml = a.part_ml + head * a.splits * 2;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

@@ -46,7 +46,7 @@ __device__ __forceinline__ void wait_for_prior_grids() {
 // head tile, batch entry): query heads g0 .. g0+gcount-1 of kv head hk, tokens [start, end) of
 // sequence b.
 struct SplitSlice {
-  int split, hk, g0, b, gcount, start, end;
+  int split, hk, g0, b, gcount, start, end, ctx;  // ctx: the sequence's length
 };
 
 // The block's slice; false for a split that starts past its (short) sequence's end: that block
@@ -62,6 +62,7 @@ __device__ __forceinline__ bool split_slice(const AttnArgs& a, SplitSlice& w) {
   w.gcount = min(GT, a.group - w.g0);
   wait_for_prior_grids();  // before the first read: the kernel before may have written any input
   const int ctx_b = a.ctx[w.b];
+  w.ctx = ctx_b;
   w.start = w.split * a.chunk;
   if (w.start >= ctx_b) {
     if constexpr (C != AttnCombine::kCluster) return false;

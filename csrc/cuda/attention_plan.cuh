@@ -34,8 +34,12 @@ using CombineFn = void (*)(AttnArgs, int);
 
 // The combine kernel for pdl_entry: only under early does it allow the next op's split kernel to
 // be scheduled before its blocks exit (so the default combine is unchanged).
+// schedule=steal: its own instantiation, which also zeroes the claim counters.
 template <typename T>
-CombineFn combine_kernel(PdlEntry entry) {
+CombineFn combine_kernel(PdlEntry entry, bool steal) {
+  if (steal)
+    return entry == PdlEntry::kEarly ? &attention_combine_kernel<T, true, true>
+                                     : &attention_combine_kernel<T, false, true>;
   return entry == PdlEntry::kEarly ? &attention_combine_kernel<T, true>
                                    : &attention_combine_kernel<T, false>;
 }
@@ -51,11 +55,11 @@ inline void allow_dynamic_smem(const void* fn, int bytes) {
     KV_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
-inline CombineFn combine_for(DType dt, PdlEntry entry) {
+inline CombineFn combine_for(DType dt, PdlEntry entry, bool steal) {
   switch (dt) {
-    case DType::kFloat16: return combine_kernel<__half>(entry);
-    case DType::kBFloat16: return combine_kernel<__nv_bfloat16>(entry);
-    default: return combine_kernel<float>(entry);
+    case DType::kFloat16: return combine_kernel<__half>(entry, steal);
+    case DType::kBFloat16: return combine_kernel<__nv_bfloat16>(entry, steal);
+    default: return combine_kernel<float>(entry, false);  // no tensor cores: no steal
   }
 }
 
@@ -175,7 +179,22 @@ SplitFn<Src> pick_async_d(int d) {
 }
 
 template <class Src, typename T, AttnCombine C>
-SplitFn<Src> pick_async(int d, int stages) {
+SplitFn<Src> pick_async(int d, int stages, bool steal) {
+  if constexpr (C == AttnCombine::kSeparate) {
+    // schedule=steal: two stages only (the default; three never more than 0.4% faster on the
+    // H200, docs/cuda.md), so its instantiations stay few
+    if (steal) {
+      if (stages != 2) return nullptr;
+      switch (d) {
+        case 64: return &attention_split_async_kernel<T, 64, 2, Src, C, true>;
+        case 96: return &attention_split_async_kernel<T, 96, 2, Src, C, true>;
+        case 128: return &attention_split_async_kernel<T, 128, 2, Src, C, true>;
+        default: return nullptr;
+      }
+    }
+  } else {
+    if (steal) return nullptr;
+  }
   return stages == 2 ? pick_async_d<Src, T, 2, C>(d) : pick_async_d<Src, T, 3, C>(d);
 }
 
@@ -211,6 +230,7 @@ struct SplitKey {
   bool strided;         // SIMT
   int prefetch;         // mma
   int stages;           // async, bulk
+  bool steal = false;   // async: schedule=steal
 };
 
 template <class Src, AttnCombine C>
@@ -236,8 +256,9 @@ SplitFn<Src> pick_split_kernel(const SplitKey& k) {
       if (k.dtype == DType::kBFloat16) return pick_mma<Src, __nv_bfloat16, C>(d, k.prefetch);
       return nullptr;
     case SplitFamily::kAsync:
-      if (k.dtype == DType::kFloat16) return pick_async<Src, __half, C>(d, k.stages);
-      if (k.dtype == DType::kBFloat16) return pick_async<Src, __nv_bfloat16, C>(d, k.stages);
+      if (k.dtype == DType::kFloat16) return pick_async<Src, __half, C>(d, k.stages, k.steal);
+      if (k.dtype == DType::kBFloat16)
+        return pick_async<Src, __nv_bfloat16, C>(d, k.stages, k.steal);
       return nullptr;
     case SplitFamily::kBulk:
       if constexpr (C != AttnCombine::kSeparate) {
@@ -408,6 +429,14 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
                                         kMaxClusterBlocks, " blocks a cluster holds "
                                         "(combine=cluster)"));
   }
+  const bool steal = var.schedule == AttnSchedule::kSteal;
+  if (steal && plan.combine_mode != AttnCombine::kSeparate)
+    throw UnsupportedError(op_message(op, "option schedule=steal runs under combine=separate "
+                                      "only (the combine kernel resets its counters), not "
+                                      "combine=", attn_combine_name(plan.combine_mode)));
+  if (steal && var.stages != 2)
+    throw UnsupportedError(op_message(op, "option schedule=steal runs with stages=2 only, not ",
+                                      "stages=", var.stages));
   SplitKey key{SplitFamily::kSimt, dt, D, plan.heads_per_block, strided, 0, 0};
   if (!plan.tensor_cores) switch (dt) {
     case DType::kFloat16:
@@ -466,6 +495,7 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
       plan.prefetch = 128;  // cp_async16's hint
       key.family = SplitFamily::kAsync;
       key.stages = plan.stages;
+      key.steal = plan.steal = steal;
       split = pick_split<Src>(key, plan.combine_mode);
       plan.smem_bytes = async_smem_bytes(D, plan.stages, 2);
     } else {
@@ -487,6 +517,16 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
   const int64_t chunk = chunk_for(splits);
   splits = ceil_div(p.max_ctx, chunk);
   plan.splits = splits;
+  // schedule=steal is the cp.async kernel's, and needs splits to balance: never dropped silently
+  if (steal && !plan.steal)
+    throw UnsupportedError(op_message(
+        op, "option schedule=steal runs on the cp.async kernel only (kernel=async, or auto where "
+        "it picks it); this case's plan is the ",
+        !plan.tensor_cores ? "SIMT" : plan.bulk ? "bulk-copy" : "register-load", " kernel"));
+  if (plan.steal && splits == 1)
+    throw UnsupportedError(op_message(op, "option schedule=steal needs more than one split to "
+                                      "balance; this plan has one (max context ", p.max_ctx,
+                                      ", ", chunk, " tokens per split)"));
   plan.chunk = (int)chunk;
   plan.grid = dim3((unsigned)splits, (unsigned)(p.pool.kv_heads * plan.head_tiles), (unsigned)p.batch);
   plan.combine_blocks = p.batch * p.q_heads;
@@ -495,7 +535,7 @@ AttnPlan plan_attention(const char* op, const OpParams& p, const DeviceProps& de
   plan.pdl_entry = dev.cc_major < 9                   ? PdlEntry::kOff
                   : var.pdl_entry == PdlEntry::kAuto ? auto_pdl_entry(plan, dev)
                                                      : var.pdl_entry;
-  plan.combine = reinterpret_cast<const void*>(combine_for(dt, plan.pdl_entry));
+  plan.combine = reinterpret_cast<const void*>(combine_for(dt, plan.pdl_entry, plan.steal));
   const bool auto_spread = var.pdl_entry == PdlEntry::kAuto &&
                            plan.pdl_entry == PdlEntry::kEarly && plan.stages > 0;
   if (var.spread || auto_spread) spread_blocks(plan, split, dev);

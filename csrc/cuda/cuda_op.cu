@@ -115,10 +115,13 @@ CudaOp::CudaOp(const OpInputs& in, const DeviceOptions& opt)
     const int64_t heads = (int64_t)p_.batch * p_.q_heads * attn_plan_.splits;
     part_o_.allocate((size_t)(heads * p_.pool.head_dim * sizeof(float)));
     part_ml_.allocate((size_t)(heads * 2 * sizeof(float)));
-    if (attn_plan_.combine_mode == AttnCombine::kLast) {
+    if (attn_plan_.combine_mode == AttnCombine::kLast || attn_plan_.steal) {
       // One counter per split-kernel (batch entry, kv head x head tile); zero from here on: the
-      // last block of each launch resets its own (attention_common.cuh, arrive_last).
-      const int64_t counters = (int64_t)p_.batch * attn_plan_.grid.y;
+      // last block of each launch resets its own (attention_common.cuh, arrive_last), or under
+      // schedule=steal the combine kernel does (attention_combine.cuh).
+      // (steal: a 128-byte line per counter, kClaimCounterStride)
+      const int64_t counters = (int64_t)p_.batch * attn_plan_.grid.y *
+                               (attn_plan_.steal ? kClaimCounterStride : 1);
       arrivals_.allocate((size_t)(counters * sizeof(int32_t)));
       KV_CUDA_CHECK(cudaMemset(arrivals_.get(), 0, (size_t)(counters * sizeof(int32_t))));
     }
@@ -140,7 +143,8 @@ void CudaOp::build_args(Set& s) {
     a.out = ptr(kBufOut);
     a.part_o = static_cast<float*>(part_o_.get());
     a.part_ml = static_cast<float*>(part_ml_.get());
-    a.arrivals = static_cast<int32_t*>(arrivals_.get());  // null unless combine=last, splits > 1
+    // null unless splits > 1 under combine=last or schedule=steal
+    a.arrivals = static_cast<int32_t*>(arrivals_.get());
     a.ctx = static_cast<const int32_t*>(ptr(kBufCtx));
     a.q_heads = p_.q_heads;
     a.group = p_.group;
@@ -269,6 +273,8 @@ std::string CudaOp::describe() const {
                  ? ", combine in a cluster of " + std::to_string(a.splits) + " blocks (one launch)"
              : a.pdl ? ", combine with PDL"
                      : ", combine";
+    if (a.steal) out += ", tiles past each warp's first claimed from a counter per sequence and "
+                        "head group (schedule=steal)";
   }
   if (attn_plan_.split && attn_plan_.pdl_entry != PdlEntry::kOff)
     out += std::string(", split kernel under PDL after the previous kernel (waits for it; ") +

@@ -71,13 +71,19 @@ struct PagedSrc {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+// schedule=steal: int32 slots from one claim counter (AttnArgs::arrivals) to the next, a 128-byte
+// line each (attention_async.cuh).
+constexpr int kClaimCounterStride = 32;
+
 struct AttnArgs {
   const void* q;     // [B, Hq, 1, D]
   void* out;         // [B, Hq, 1, D]
   float* part_o;     // [B, Hq, splits, D] unnormalised partial outputs (only when splits > 1)
   float* part_ml;    // [B, Hq, splits, 2] partial (max in the log2 domain, sum of exp2)
-  // combine=last only (else null): one arrival counter per (batch entry, kv head x head tile),
-  // [B, Hkv * head_tiles], zero between launches (the last block to arrive resets its own).
+  // One counter per (batch entry, kv head x head tile), [B, Hkv * head_tiles], zero between
+  // launches; null unless combine=last (arrivals; the last block to arrive resets its own) or
+  // schedule=steal (tiles claimed past the fixed ones, kClaimCounterStride apart; the combine
+  // kernel resets them).
   int32_t* arrivals;
   const int32_t* ctx;  // [B]
   int32_t q_heads;
@@ -112,12 +118,16 @@ struct AttnPlan {
   // separate: a second kernel merges the splits; last: the last split block does (one launch,
   // AttnArgs::arrivals); cluster: the splits are one thread block cluster (one launch, sm_90+)
   AttnCombine combine_mode = AttnCombine::kSeparate;
+  // schedule=steal: the split kernel claims tiles from AttnArgs::arrivals past its warps' first
+  // ones (cp.async kernel, combine=separate, splits > 1), and the combine kernel resets them
+  bool steal = false;
   int combine_blocks = 0;
   int head_dim = 0;
 };
 
 // `var`: the case's variant options (common/variant.h, docs/cuda.md): kernel, splits, min_chunk,
-// blocks_per_sm, stages, l2_prefetch, pdl, pdl_entry, spread, combine. The plans read no environment.
+// blocks_per_sm, stages, l2_prefetch, pdl, pdl_entry, spread, combine,
+// schedule. The plans read no environment.
 AttnPlan plan_paged_sdpa(const char* op, const OpParams& p, const DeviceProps& dev,
                          const Variant& var);
 void launch_paged_sdpa(const AttnPlan& plan, const AttnArgs& args, const PagedSrc& src,

@@ -304,6 +304,13 @@ class NativeCudaBackend(_NativeBackend):
                                "splits of a sequence and head group form a thread block cluster "
                                "and merge through distributed shared memory; tensor-core "
                                "kernels, at most 16 splits)"),
+        "schedule": Option("choice", "static", ("static", "steal"),
+                           help="which tokens a split block reads: static (its split's fixed "
+                                "range) or steal (its warps' first tiles fixed, the rest claimed "
+                                "16 keys at a time from a counter per sequence and head group, "
+                                "so the splits of a sequence end together; the cp.async kernel "
+                                "under combine=separate with more than one split, and not "
+                                "bitwise repeatable run to run)"),
     }
     timers = ("host", "batched", "device", "graph")
     #: A build of the timeline probe (``build_info()["timeline"]``, -DKVMICRO_TIMELINE=ON) stamps
