@@ -33,15 +33,13 @@ using SplitFn = void (*)(AttnArgs, Src);
 using CombineFn = void (*)(AttnArgs, int);
 
 // The combine kernel for pdl_entry: only under early does it allow the next op's split kernel to
-// be scheduled before its blocks exit (so the default combine is unchanged).
-// schedule=steal: its own instantiation, which also zeroes the claim counters.
-template <typename T>
-CombineFn combine_kernel(PdlEntry entry, bool steal) {
-  if (steal)
-    return entry == PdlEntry::kEarly ? &attention_combine_kernel<T, true, true>
-                                     : &attention_combine_kernel<T, false, true>;
-  return entry == PdlEntry::kEarly ? &attention_combine_kernel<T, true>
-                                   : &attention_combine_kernel<T, false>;
+// be scheduled before its blocks exit (so the default combine is unchanged). kSteal
+// (schedule=steal, 16-bit dtypes only): its own instantiation, which also zeroes the claim
+// counters.
+template <typename T, bool kSteal = false>
+CombineFn combine_kernel(PdlEntry entry) {
+  return entry == PdlEntry::kEarly ? &attention_combine_kernel<T, true, kSteal>
+                                   : &attention_combine_kernel<T, false, kSteal>;
 }
 
 // A kernel's dynamic shared-memory limit is process-wide state that every live plan of it shares:
@@ -57,9 +55,12 @@ inline void allow_dynamic_smem(const void* fn, int bytes) {
 
 inline CombineFn combine_for(DType dt, PdlEntry entry, bool steal) {
   switch (dt) {
-    case DType::kFloat16: return combine_kernel<__half>(entry, steal);
-    case DType::kBFloat16: return combine_kernel<__nv_bfloat16>(entry, steal);
-    default: return combine_kernel<float>(entry, false);  // no tensor cores: no steal
+    case DType::kFloat16:
+      return steal ? combine_kernel<__half, true>(entry) : combine_kernel<__half>(entry);
+    case DType::kBFloat16:
+      return steal ? combine_kernel<__nv_bfloat16, true>(entry)
+                   : combine_kernel<__nv_bfloat16>(entry);
+    default: return combine_kernel<float>(entry);  // no tensor cores, so never schedule=steal
   }
 }
 
