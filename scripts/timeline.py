@@ -6,7 +6,9 @@ stamps cost a little, so native:cuda is unavailable to sweeps there (build_info(
 
     KVMICRO_CUDA=ON scripts/dev-build.sh "$PWD/build/timeline" -DKVMICRO_TIMELINE=ON \\
         -DCMAKE_CUDA_ARCHITECTURES=90
-    python3 scripts/timeline.py [--shape CTX/BATCH ...] [--spec SPEC ...] [--cache hot,cold]
+    python3 scripts/timeline.py [--shape CTX/BATCH ...] [--spec SPEC ...] [--cache hot,cold] \
+        [--raw ROWS.jsonl]
+    python3 scripts/timeline.py --from-rows ROWS.jsonl[.gz]   # the same report, no GPU
 
 Each case (Hq 32 / Hkv 8 / D 128 fp16, NSHD block 16, reverse placement unless given) is checked
 against the float64 oracle, then timed as the graph timer does (k ops in a CUDA graph, `--reps`
@@ -23,6 +25,7 @@ between ops.
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import json
 import math
@@ -96,12 +99,23 @@ def summarize(split: list[tuple[int, ...]], combine: list[tuple[int, ...]],
     # The tail: how much earlier the last split block would end if the blocks' work were
     # balanced within each (batch entry, kv head x head tile) (the latest unit mean of exits),
     # and across the whole grid (the mean exit).
+    # Means of offsets from t0, not of the timer's values: those are ns since an epoch, past the
+    # 2**53 a float holds exactly, and their mean would be off by a few hundred ns.
     units: dict[int, list[int]] = {}
     for r in whole:
-        units.setdefault(r[col["slot"]] // max(splits, 1), []).append(r[col["exit"]])
+        units.setdefault(r[col["slot"]] // max(splits, 1), []).append(r[col["exit"]] - t0)
     if whole:
-        out["balanced_in_unit_exit"] = _us(max(statistics.fmean(v) for v in units.values()) - t0)
-        out["balanced_exit"] = _us(statistics.fmean(r[col["exit"]] for r in whole) - t0)
+        out["balanced_in_unit_exit"] = _us(max(statistics.fmean(v) for v in units.values()))
+        out["balanced_exit"] = _us(statistics.fmean(r[col["exit"]] - t0 for r in whole))
+    # A block's speed is its SM's: the blocks of one SM end close together (the median over SMs
+    # of each SM's latest minus earliest exit), while the SMs' mean exits spread.
+    by_sm: dict[int, list[int]] = {}
+    for r in whole:
+        by_sm.setdefault(r[col["sm"]], []).append(r[col["exit"]] - t0)
+    gaps = [max(v) - min(v) for v in by_sm.values() if len(v) > 1]
+    means = [statistics.fmean(v) for v in by_sm.values()]
+    out["sm_exit_gap"] = _us(statistics.median(gaps)) if gaps else math.nan
+    out["sm_mean_exit_spread"] = _us(max(means) - min(means)) if means else math.nan
     ends = [r[col["exit"]] for r in whole]
     if combine:
         out["combine_entry"] = at(combine, "entry")
@@ -136,6 +150,8 @@ def report(title: str, graph_us: float, s: dict[str, Any]) -> str:
     if "balanced_exit" in s:
         lines.append("  last split end if balanced in each unit / in the grid   "
                      f"{s['balanced_in_unit_exit']:.2f} / {s['balanced_exit']:.2f}")
+    lines.append(f"  split blocks of one SM end {s['sm_exit_gap']:.2f} µs apart (median over SMs); "
+                 f"the SMs' mean ends spread over {s['sm_mean_exit_spread']:.2f} µs")
     if s["combine_blocks"]:
         lines += ["  combine blocks entered (min / max)         " +
                   _cell(s["combine_entry"], ("min", "max")),
@@ -158,7 +174,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="graph replays")
     parser.add_argument("--raw", metavar="PATH",
                         help="also write each case's rows (FIELDS order) here, one JSON line each")
+    parser.add_argument("--from-rows", metavar="PATH",
+                        help="no GPU: summarize the rows a --raw run wrote (.jsonl or .jsonl.gz)")
     args = parser.parse_args(argv)
+    if args.from_rows:
+        opener = gzip.open if args.from_rows.endswith(".gz") else open
+        with opener(args.from_rows, "rt") as f:
+            for line in f:
+                d = json.loads(line)
+                found = re.search(r"splits (\d+) x", d["kernel"])
+                s = summarize([tuple(r) for r in d["split"]], [tuple(r) for r in d["combine"]],
+                              int(found.group(1)) if found else 1)
+                print(report(f"{d['spec']} {d['shape']} {d['cache']} ({d['kernel']})",
+                             statistics.median(d["graph_us"]), s))
+        return 0
 
     from kvmicro.backends.native import load_native
     from kvmicro.backends.registry import get_backend

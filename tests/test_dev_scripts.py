@@ -3,7 +3,9 @@ sources they patch (a source change that breaks a patch fails here, not on the G
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 from types import ModuleType
@@ -83,7 +85,7 @@ def row(slot: int, points: tuple[int, ...], sm: int, cycle_base: int) -> tuple[i
 
 def test_the_timeline_summary_places_blocks_by_the_timer_and_times_phases_in_cycles() -> None:
     timeline = load("timeline")
-    b = 10_000_000  # global timer, ns
+    b = 1_764_000_000_000_000_000  # global timer, ns since 1970: past the 2**53 a float holds
     split = [row(0, (b, b + 500, b + 1500, b + 9500, b + 10000), 3, 7_000),
              row(1, (b + 200, b + 900, b + 2100, b + 9900, b + 10600), 3, 123_456),
              row(2, (b + 400, 0, 0, 0, 0), 7, 55)]  # past its sequence's end: it returned
@@ -111,6 +113,36 @@ def test_the_timeline_summary_places_blocks_by_the_timer_and_times_phases_in_cyc
     assert timeline.summarize(split, combine, splits=2)["balanced_in_unit_exit"] == \
         pytest.approx(10.3)
     assert "balanced in each unit / in the grid   10.60 / 10.30" in text
+    # Blocks 0 and 1 share SM 3 and end 0.6 µs apart; a block on SM 8 ending at 12 µs puts the
+    # SMs' mean ends (10.3 and 12.0 µs) 1.7 µs apart.
+    assert s["sm_exit_gap"] == pytest.approx(0.6)
+    assert s["sm_mean_exit_spread"] == pytest.approx(0.0)
+    other_sm = row(3, (b + 100, b + 600, b + 1600, b + 9000, b + 12000), 8, 0)
+    assert timeline.summarize([*split, other_sm], combine)["sm_mean_exit_spread"] == \
+        pytest.approx(1.7)
+
+
+def test_the_timeline_report_is_rebuilt_from_the_rows_a_raw_run_wrote(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    timeline = load("timeline")
+    b = 1_764_000_000_000_000_000
+    split = [row(0, (b, b + 500, b + 1500, b + 9500, b + 10000), 3, 7_000),
+             row(1, (b + 200, b + 900, b + 2100, b + 9900, b + 10600), 4, 0)]
+    combine = [row(0, (b + 9000, b + 10900, 0, 0, b + 12000), 5, 99)]
+    record = {"spec": "native:cuda", "shape": "64/1", "cache": "hot",
+              "graph_us": [13.0, 14.0, 99.0],
+              "kernel": "cuda:0 paged_sdpa; ..., splits 2 x 32 tokens (tile 64)",
+              "fields": timeline.FIELDS, "split": split, "combine": combine}
+    rows = tmp_path / "rows.jsonl.gz"
+    with gzip.open(rows, "wt") as f:
+        f.write(json.dumps(record) + "\n")
+    assert timeline.main(["--from-rows", str(rows)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("native:cuda 64/1 hot (cuda:0 paged_sdpa; ..., splits 2 x 32 tokens")
+    assert "graph timer 14.00 µs/op" in text  # the median of the replays
+    # the two blocks are one unit's two splits: balanced, both end at their mean
+    assert "balanced in each unit / in the grid   10.30 / 10.30" in text
+    assert "the SMs' mean ends spread over 0.60 µs" in text
 
 
 def test_the_timeline_summary_refuses_a_table_with_no_split_block() -> None:
