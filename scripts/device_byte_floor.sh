@@ -20,6 +20,7 @@
 # stage then skips.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/device_common.sh  # gpu_facts, build_native
 OUT=${OUT:-/tmp/kvmicro-byte-floor}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -35,8 +36,7 @@ limit() {
 }
 
 step "gpu"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,pstate \
-  --format=csv,noheader 2>&1
+gpu_facts
 if [ "${PEERS:-1}" = 1 ] && [ -d .whl ]; then
   source scripts/device_site.sh  # exits the script if the carried wheels do not install
 else
@@ -49,8 +49,7 @@ if [ "${BUILD:-1}" = 0 ]; then  # a dry run elsewhere: the extension already in 
 else
   step "build (sm_90)"
   start=$SECONDS
-  KVMICRO_CUDA=ON scripts/dev-build.sh "$PWD/build/device" -DCMAKE_CUDA_ARCHITECTURES=90 \
-    >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+  build_native "$PWD/build/device" "$OUT/build.log"
   echo "built in $((SECONDS - start)) s"
 fi
 python3 -c "import kvmicro._native as n; print(n.build_info()['cuda'], 'devices', n.cuda_device_count())"

@@ -5,6 +5,7 @@
 #   scripts/device_cuda.sh [all|test|bench|sanitize|ncu]...   (default: all; the build always runs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/device_common.sh  # gpu_facts, build_native
 OUT=${OUT:-/tmp/kvmicro-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src
@@ -16,15 +17,11 @@ step() { echo; echo "=== $* ($(date +%T), $((deadline - SECONDS)) s left)"; }
 limit() { local left=$((deadline - SECONDS - 5)); ((left > $1)) && left=$1; ((left < 20)) && left=0; echo $left; }
 
 step "gpu"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,pstate \
-  --format=csv 2>&1
+gpu_facts clocks.mem,power.draw
 
 step "build (sm_90 only here)"
 start=$SECONDS
-if ! KVMICRO_CUDA=ON scripts/dev-build.sh "$PWD/build/device" -DCMAKE_CUDA_ARCHITECTURES=90 \
-    >"$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
-fi
+build_native "$PWD/build/device" "$OUT/build.log"
 echo "built in $((SECONDS - start)) s"
 python3 -c "import kvmicro._native as n; print(n.build_info(), n.cuda_device_count())"
 

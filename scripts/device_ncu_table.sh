@@ -17,6 +17,7 @@
 # the raw CSV go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/device_common.sh  # gpu_facts, build_native
 OUT=${OUT:-/tmp/kvmicro-ncu-table}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -25,13 +26,11 @@ step() { echo "=== $* ($(date +%T), $((deadline - SECONDS)) s left)"; }
 left() { echo $((deadline - SECONDS - ${1:-10})); }
 
 step "gpu"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,pstate \
-  --format=csv,noheader 2>&1
+gpu_facts
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/src"
 if [ "${BUILD:-1}" = 1 ]; then
   step "build (sm_90)"
-  KVMICRO_CUDA=ON scripts/dev-build.sh "$PWD/build/device" -DCMAKE_CUDA_ARCHITECTURES=90 \
-    >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+  build_native "$PWD/build/device" "$OUT/build.log"
 fi
 ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /usr/local/cuda-*/bin/ncu 2>/dev/null | head -1)
 [ -n "$ncu" ] || { echo "ncu not found"; exit 1; }

@@ -11,12 +11,12 @@
 # BENCH_ONLY the bench rows (a substring of "backend op"), TEST_TIMEOUT / BENCH_TIMEOUT bound them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/device_common.sh  # gpu_facts, build_native
 what=${1:-all}
 OUT=${OUT:-/tmp/kvmicro-peers}
 mkdir -p "$OUT"
 source scripts/device_site.sh
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu \
-    --format=csv,noheader
+gpu_facts clocks.mem
 python3 -c "import torch, cudnn, flashinfer.decode as d; from flashinfer.version import \
 __version__ as v; print('torch', torch.__version__, 'cudnn', cudnn.backend_version(), \
 'frontend', cudnn.__version__, 'flashinfer', v)"

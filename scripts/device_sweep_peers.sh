@@ -6,11 +6,11 @@
 # --new-backend native:cuda against the fastest peer per case) and prints the report last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/device_common.sh  # gpu_facts, build_native
 OUT=${OUT:-/tmp/kvmicro-sweep}
 mkdir -p "$OUT"
 source scripts/device_site.sh
-KVMICRO_CUDA=ON scripts/dev-build.sh "$PWD/build/device" -DCMAKE_CUDA_ARCHITECTURES=90 \
-    >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+build_native "$PWD/build/device" "$OUT/build.log"
 
 if [ "${PEER_TESTS:-1}" = 1 ]; then
   timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \

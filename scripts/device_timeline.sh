@@ -11,15 +11,13 @@
 # go to $OUT (timeline.txt, build and test logs in timeline-logs.tgz).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/device_common.sh  # gpu_facts, build_native
 OUT=${OUT:-/tmp/kvmicro-timeline}
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,pstate \
-  --format=csv,noheader 2>&1
+gpu_facts
 start=$SECONDS
-KVMICRO_CUDA=ON scripts/dev-build.sh "$PWD/build/timeline" -DKVMICRO_TIMELINE=ON \
-  -DCMAKE_CUDA_ARCHITECTURES=90 >"$OUT/logs/build.log" 2>&1 ||
-  { tail -30 "$OUT/logs/build.log"; echo "BUILD FAILED"; exit 1; }
+build_native "$PWD/build/timeline" "$OUT/logs/build.log" -DKVMICRO_TIMELINE=ON
 echo "built in $((SECONDS - start)) s"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" -k timeline \
   tests/test_native_cuda.py >"$OUT/logs/tests.log" 2>&1

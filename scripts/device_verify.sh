@@ -20,6 +20,7 @@
 # mlxpart.ab and mlxpart.ac (split -b 26000000 of the tarball). Logs and results go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/device_common.sh  # gpu_facts, build_native
 OUT=${OUT:-/tmp/kvmicro-verify}
 mkdir -p "$OUT"
 stage=${1:-1}
@@ -30,11 +31,9 @@ if [ "$stage" = 1 ]; then
   cp .carry/mlx1/* /tmp/ 2>/dev/null
   source scripts/device_site.sh
   step "gpu"
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,pstate \
-    --format=csv,noheader
+  gpu_facts
   step "build (sm_90)"
-  KVMICRO_CUDA=ON scripts/dev-build.sh "$PWD/build/device" -DCMAKE_CUDA_ARCHITECTURES=90 \
-    >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+  build_native "$PWD/build/device" "$OUT/build.log"
   step "native CUDA tests"
   timeout 170 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/test_native_cuda.py tests/test_native_capabilities.py >"$OUT/tests.log" 2>&1

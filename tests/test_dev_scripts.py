@@ -6,7 +6,9 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 from types import ModuleType
 
@@ -169,3 +171,43 @@ def test_the_timeline_build_stamps_the_register_load_and_cp_async_split_kernels_
         assert names, kind
         for name in names:
             assert bodies[name].count("%globaltimer") >= (3 if kind == "combine" else 5), name
+
+
+# ---- scripts/device_common.sh: the device scripts' shared steps ----------------------------------
+
+
+def _bash(script: str, cwd: Path, path_dir: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if path_dir is not None:
+        env["PATH"] = f"{path_dir}:{env['PATH']}"
+    return subprocess.run(["bash", "-c", f"source {ROOT}/scripts/device_common.sh; {script}"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_gpu_facts_queries_nvidia_smi_for_one_line_with_the_extra_fields(tmp_path: Path) -> None:
+    stub = tmp_path / "nvidia-smi"
+    stub.write_text('#!/usr/bin/env bash\necho "$@"\n')
+    stub.chmod(0o755)
+    plain = _bash("gpu_facts", tmp_path, tmp_path).stdout.strip()
+    assert plain == ("--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,"
+                     "pstate --format=csv,noheader")
+    extra = _bash("gpu_facts clocks.mem,power.draw", tmp_path, tmp_path).stdout.strip()
+    assert extra.startswith("--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,"
+                            "power.draw,temperature.gpu,pstate ")
+
+
+def test_build_native_builds_cuda_for_sm_90_and_stops_the_script_when_the_build_fails(
+        tmp_path: Path) -> None:
+    (tmp_path / "scripts").mkdir()
+    build = tmp_path / "scripts" / "dev-build.sh"
+    build.write_text('#!/usr/bin/env bash\necho "KVMICRO_CUDA=$KVMICRO_CUDA $*"\n'
+                     'for i in $(seq 40); do echo "line $i"; done\nexit "${FAIL:-0}"\n')
+    build.chmod(0o755)
+    ok = _bash("build_native DIR build.log -DKVMICRO_TIMELINE=ON; echo after", tmp_path)
+    assert ok.returncode == 0 and ok.stdout.strip() == "after"  # the build's output is in the log
+    log = (tmp_path / "build.log").read_text()
+    assert log.startswith("KVMICRO_CUDA=ON DIR -DCMAKE_CUDA_ARCHITECTURES=90 -DKVMICRO_TIMELINE=ON")
+    failed = _bash("FAIL=2 build_native DIR build.log; echo after", tmp_path)
+    assert failed.returncode == 1 and "after" not in failed.stdout
+    lines = failed.stdout.strip().splitlines()
+    assert lines[-1] == "BUILD FAILED" and lines[-2] == "line 40" and len(lines) == 31
