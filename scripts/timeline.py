@@ -127,6 +127,13 @@ def summarize(split: list[tuple[int, ...]], combine: list[tuple[int, ...]],
     return out
 
 
+def summarize_case(split: list[tuple[int, ...]], combine: list[tuple[int, ...]],
+                   kernel: str) -> dict[str, Any]:
+    """summarize() with the split count the kernel's description (PreparedOp.kernel) names."""
+    found = re.search(r"splits (\d+) x", kernel)
+    return summarize(split, combine, int(found.group(1)) if found else 1)
+
+
 def _cell(s: dict[str, float] | None, keys: tuple[str, ...] = ("median", "max")) -> str:
     return "-" if s is None else " / ".join(f"{s[k]:.2f}" for k in keys)
 
@@ -182,9 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         with opener(args.from_rows, "rt") as f:
             for line in f:
                 d = json.loads(line)
-                found = re.search(r"splits (\d+) x", d["kernel"])
-                s = summarize([tuple(r) for r in d["split"]], [tuple(r) for r in d["combine"]],
-                              int(found.group(1)) if found else 1)
+                s = summarize_case([tuple(r) for r in d["split"]],
+                                   [tuple(r) for r in d["combine"]], d["kernel"])
                 print(report(f"{d['spec']} {d['shape']} {d['cache']} ({d['kernel']})",
                              statistics.median(d["graph_us"]), s))
         return 0
@@ -233,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                     table = native.cuda_timeline(0)
                 finally:
                     prepared.release()
-                found = re.search(r"splits (\d+) x", kernel)
-                s = summarize(table["split"], table["combine"], int(found.group(1)) if found else 1)
+                s = summarize_case(table["split"], table["combine"], kernel)
                 if args.raw:
                     with open(args.raw, "a") as f:
                         f.write(json.dumps({"spec": spec, "shape": shape, "cache": cache,
