@@ -17,8 +17,9 @@ after the last replay holds the last op's stamps. Printed per case, in µs from 
 block's entry: when the split blocks entered (dispatch), how long a block took from entry to its
 slice (the context length read), to warp 0's first tile, through its main loop and to its exit
 (median and max over blocks), when the last split block ended, when the combine blocks entered
-and were released (after griddepcontrol.wait: the split grid complete and flushed) and when the
-last one ended; beside them the graph timer's µs per op, whose excess over the span is the gap
+and were released (after griddepcontrol.wait: the split grid complete and flushed), how long
+they took from there to their statistics, their weighted sum and their exit, and when the last
+one ended; beside them the graph timer's µs per op, whose excess over the span is the gap
 between ops.
 """
 
@@ -122,6 +123,11 @@ def summarize(split: list[tuple[int, ...]], combine: list[tuple[int, ...]],
         # The combine rows carry `released` (after griddepcontrol.wait) in the `sliced` field.
         out["combine_released"] = at(combine, "sliced")
         out["combine_exit"] = at(combine, "exit")
+        # ... and `stats` (the splits' max and sum reduced) and `summed` (the weighted rows summed)
+        # in `first` and `loop_end`: phase lengths in its SM's cycles, as the split blocks'
+        out["combine_to_stats"] = phase(combine, "sliced", "first")
+        out["combine_to_sum"] = phase(combine, "first", "loop_end")
+        out["combine_to_exit"] = phase(combine, "loop_end", "exit")
         ends += [r[col["exit"]] for r in combine if r[col["exit"]]]
     out["span"] = _us(max(ends) - t0) if ends else math.nan
     return out
@@ -164,6 +170,9 @@ def report(title: str, graph_us: float, s: dict[str, Any]) -> str:
                   _cell(s["combine_entry"], ("min", "max")),
                   "  combine blocks released (min / max)        " +
                   _cell(s["combine_released"], ("min", "max")),
+                  "  released -> statistics reduced             " + _cell(s["combine_to_stats"]),
+                  "  statistics -> weighted rows summed         " + _cell(s["combine_to_sum"]),
+                  "  summed -> exit (output written)            " + _cell(s["combine_to_exit"]),
                   "  combine blocks ended (min / max)           " +
                   _cell(s["combine_exit"], ("min", "max"))]
     return "\n".join(lines)

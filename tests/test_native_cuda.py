@@ -962,9 +962,11 @@ def test_the_timeline_probe_stamps_every_block_of_the_last_op_in_order(ctx: int)
         assert 0 <= sm < NATIVE.cuda_device_info(0)["sm_count"]
     assert any(r[2] for r in split)
     last_split = max(r[5] for r in split)
-    for slot, _entry, released, first, loop_end, exit_, *_rest in combine:
-        # griddepcontrol.wait returns once the whole split grid has completed
-        assert released >= last_split and exit_ >= released and first == loop_end == 0, slot
+    for slot, _entry, released, stats, summed, exit_, _sm, *cycles in combine:
+        # griddepcontrol.wait returns once the whole split grid has completed; then the
+        # statistics, the weighted sum and the exit, in order on both clocks
+        assert released >= last_split and released <= stats <= summed <= exit_, slot
+        assert cycles == sorted(cycles) and cycles[0] < cycles[-1], slot
 
 
 @needs_gpu

@@ -90,6 +90,7 @@ __global__ void __launch_bounds__(kCombineThreads)
   }
   __syncthreads();
   const float inv = s_bcast;
+  KV_STAMP(kTimelineCombine, kStampStats);
 
   float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
   auto add = [&](const float4& x, float w) {
@@ -107,6 +108,7 @@ __global__ void __launch_bounds__(kCombineThreads)
   for (int s = phase + kPre * P; active && s < n; s += P) add(po[(int64_t)s * V + col], s_w[s]);
   s_sum[threadIdx.x] = o;
   __syncthreads();
+  KV_STAMP(kTimelineCombine, kStampSummed);
   if (threadIdx.x < V) {
     float4 t = s_sum[threadIdx.x];
     for (int p = 1; p < P; ++p) {

@@ -27,15 +27,17 @@ constexpr int kTimelineFields = 2 * kTimelineStamps + 1;
 // for every SM: where blocks sit against each other; its tick may be coarser than 1 ns); then sm
 // (the SM it ran on); then the same five points in the SM's cycle counter (clock64: exact
 // within the block, so the script takes phase lengths from it). Row of a combine block: entry,
-// released (after griddepcontrol.wait: the split grid complete and flushed), exit; the other
-// points 0.
+// released (after griddepcontrol.wait: the split grid complete and flushed), stats (the splits'
+// max and sum reduced), summed (the weighted partial rows summed in shared memory), exit.
 enum TimelineField : int {
   kStampEntry = 0,
   kStampSliced = 1,
   kStampFirst = 2,
   kStampLoopEnd = 3,
   kStampExit = 4,
-  kStampReleased = kStampSliced,  // the combine block's second point
+  kStampReleased = kStampSliced,  // the combine block's points 2-4
+  kStampStats = kStampFirst,
+  kStampSummed = kStampLoopEnd,
   kFieldSm = kTimelineStamps,
   kFieldCycles = kTimelineStamps + 1,  // + point: the cycle counter at that point
 };
