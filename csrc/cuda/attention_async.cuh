@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   };
   if constexpr (kSteal) {
     const int ctx = slice.ctx;
-    const int warps = min(a.splits, (ctx + a.chunk - 1) / a.chunk) * NW;  // W: splits_with_tokens
+    const int warps = splits_with_tokens(a, ctx) * NW;  // W
     const int warp_id = split * NW + warp;  // w
     int32_t* counter =
         a.arrivals + ((int64_t)blockIdx.z * gridDim.y + blockIdx.y) * kClaimCounterStride;

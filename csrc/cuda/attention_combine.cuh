@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kCombineThreads)
       for (int u = threadIdx.x; u < units; u += kCombineThreads)
         a.arrivals[((int64_t)b * units + u) * kClaimCounterStride] = 0;
   }
-  const int n = min(a.splits, (a.ctx[b] + a.chunk - 1) / a.chunk);
+  const int n = splits_with_tokens(a, a.ctx[b]);
   const float* ml = a.part_ml + head * a.splits * 2;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int V = head_dim / 4;  // every supported head_dim is a multiple of 16

@@ -95,10 +95,11 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// Splits of sequence b that hold tokens: splits 0 .. n-1 (split_slice returns false for the rest,
-// so exactly these n blocks of a (b, kv head, head tile) reach write_block_result).
-__device__ __forceinline__ int splits_with_tokens(const AttnArgs& a, int b) {
-  return min(a.splits, (a.ctx[b] + a.chunk - 1) / a.chunk);
+// Splits that hold tokens of a sequence of ctx tokens: splits 0 .. n-1 (split_slice returns
+// false for the rest, so exactly these n blocks of a (b, kv head, head tile) reach
+// write_block_result).
+__device__ __forceinline__ int splits_with_tokens(const AttnArgs& a, int ctx) {
+  return min(a.splits, (ctx + a.chunk - 1) / a.chunk);
 }
 
 // combine=last: after this block's partial state is in global memory, count its arrival on the
@@ -318,7 +319,7 @@ __device__ __forceinline__ void write_block_result(const AttnArgs& a, float (&s_
   }
   constexpr bool kLast = C == AttnCombine::kLast;
   // Under kLast, a.arrivals is null only with one split (then no block counts).
-  const int n = kLast ? splits_with_tokens(a, b) : a.splits;
+  const int n = kLast ? splits_with_tokens(a, a.ctx[b]) : a.splits;
   const bool direct = a.splits == 1 || (kLast && n == 1);  // uniform across the block
   for (int i = threadIdx.x; i < GT * D; i += kAttnThreads) {
     const int g = i / D, d = i % D;
